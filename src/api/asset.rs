@@ -1,0 +1,464 @@
+//! `SlurmAsset`: one Dagster asset's compute, and the status a Dagster sensor reads.
+
+use super::common::{Condition, ConfigMapKeyRef, EnvironmentSettings, Resources, SecretKeyRef};
+use crate::quantity::Interval;
+use jiff::Timestamp;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Desired compute of one Dagster asset.
+#[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "dagster-slurm.io",
+    version = "v1alpha1",
+    kind = "SlurmAsset",
+    namespaced,
+    status = "SlurmAssetStatus",
+    shortname = "sasset",
+    category = "dagster-slurm",
+    printcolumn = r#"{"name":"Asset","type":"string","jsonPath":".spec.assetKey"}"#,
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Job","type":"string","jsonPath":".status.jobId"}"#,
+    printcolumn = r#"{"name":"CPU-Eff","type":"number","jsonPath":".status.metrics.cpuEfficiency"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SlurmAssetSpec {
+    /// Dagster asset key, path segments joined by `/`, e.g. `analytics/train_model`.
+    pub asset_key: String,
+    /// Name of the `SlurmCluster` in the same namespace. Absent: an implicit local cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_ref: Option<String>,
+    /// Changing this value starts a new run, e.g. the Dagster run ID.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_key: Option<String>,
+    /// What to run.
+    pub payload: Payload,
+    /// How to launch the payload inside the allocation.
+    #[serde(default)]
+    pub launcher: Launcher,
+    /// Overrides of the cluster's queue defaults.
+    #[serde(default)]
+    pub resources: Resources,
+    /// Environment variables for the payload.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<EnvVar>,
+    /// Free JSON handed to the payload as the Dagster Pipes context `extras`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "free_json")]
+    pub extras: Option<serde_json::Value>,
+    /// Overrides of the cluster's environment settings.
+    #[serde(default)]
+    pub environment: EnvironmentSettings,
+    /// Name of a `SlurmSession` to run inside.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_ref: Option<String>,
+    /// Resubmission after infrastructure failures.
+    #[serde(default)]
+    pub retry: Retry,
+    /// Remove the run directory when the run fails (it is always removed after success unless `debug`).
+    #[serde(default)]
+    pub cleanup_on_failure: bool,
+    /// Keep run directories and artefacts, whatever the outcome.
+    #[serde(default)]
+    pub debug: bool,
+    /// Do not start new runs while true.
+    #[serde(default)]
+    pub suspend: bool,
+}
+
+fn free_json(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "object",
+        "x-kubernetes-preserve-unknown-fields": true,
+        "description": "Free JSON handed to the payload as the Dagster Pipes context `extras`."
+    })
+}
+
+/// The payload: exactly one of `path`, `inline`, `configMapRef`, `remotePath`, `command`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Payload {
+    /// A script file; in standalone mode relative to the manifest's directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// The script's text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inline: Option<String>,
+    /// A script held in a ConfigMap key (Kubernetes mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_map_ref: Option<ConfigMapKeyRef>,
+    /// A script already on the cluster (absolute path).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote_path: Option<String>,
+    /// A command to run (argv form), e.g. `["python", "-m", "train.entrypoint"]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<Vec<String>>,
+    /// Arguments appended to the script or command.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
+    /// Interpreter for a script payload (argv form). Default: `python3` for `*.py`, else `bash`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interpreter: Option<Vec<String>>,
+}
+
+/// The launcher that turns the payload into a job script.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Launcher {
+    /// `bash` (default), `ray` or `spark`.
+    #[serde(default, rename = "type")]
+    pub type_: LauncherType,
+}
+
+/// Launcher kinds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum LauncherType {
+    /// Run the payload directly in the batch script.
+    #[default]
+    Bash,
+    /// Start a Ray cluster over the allocation first.
+    Ray,
+    /// Start a Spark cluster over the allocation first.
+    Spark,
+}
+
+/// One environment variable for the payload.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EnvVar {
+    /// Variable name: letters, digits and `_`, not starting with a digit.
+    pub name: String,
+    /// Literal value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+    /// Value taken from a Secret (Kubernetes mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value_from: Option<EnvVarSource>,
+}
+
+/// Source of an environment variable's value.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EnvVarSource {
+    /// A key of a Secret in the asset's namespace.
+    pub secret_key_ref: SecretKeyRef,
+}
+
+/// Resubmission policy for infrastructure failures (NODE_FAIL, BOOT_FAIL, PREEMPTED, lost transport).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Retry {
+    /// Resubmissions allowed per run (0: none).
+    #[serde(default)]
+    pub limit: u32,
+    /// Wait before each resubmission, e.g. `30s`.
+    #[serde(default = "default_backoff")]
+    pub backoff: Interval,
+    /// Also resubmit when the payload itself exits non-zero.
+    #[serde(default)]
+    pub on_payload_failure: bool,
+}
+
+fn default_backoff() -> Interval {
+    Interval::parse("10s").expect("valid literal")
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        Retry {
+            limit: 0,
+            backoff: default_backoff(),
+            on_payload_failure: false,
+        }
+    }
+}
+
+/// Lifecycle phase of the current run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum Phase {
+    /// Accepted, waiting to start.
+    #[default]
+    Pending,
+    /// Packing the environment.
+    Packing,
+    /// Uploading the environment and payload.
+    Uploading,
+    /// Submitting the job (or adopting one already submitted).
+    Submitting,
+    /// Waiting in the scheduler's queue.
+    Queued,
+    /// Running.
+    Running,
+    /// Finished with exit code 0.
+    Succeeded,
+    /// Finished unsuccessfully, or the spec is invalid.
+    Failed,
+    /// Cancelled by deletion or by a newer run.
+    Cancelled,
+}
+
+impl Phase {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Phase::Succeeded | Phase::Failed | Phase::Cancelled)
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Pending => "Pending",
+            Phase::Packing => "Packing",
+            Phase::Uploading => "Uploading",
+            Phase::Submitting => "Submitting",
+            Phase::Queued => "Queued",
+            Phase::Running => "Running",
+            Phase::Succeeded => "Succeeded",
+            Phase::Failed => "Failed",
+            Phase::Cancelled => "Cancelled",
+        }
+    }
+}
+
+/// Observed state of a `SlurmAsset`: the contract the Dagster sensor reads.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SlurmAssetStatus {
+    /// Phase of the current run.
+    #[serde(default)]
+    pub phase: Phase,
+    /// The spec generation the current run was started for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// The `spec.runKey` of the current run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_key: Option<String>,
+    /// Number of runs started so far; the current run's number.
+    #[serde(default)]
+    pub run: u64,
+    /// Submissions of the current run (1 + resubmissions after infrastructure failures).
+    #[serde(default)]
+    pub attempts: u32,
+    /// Scheduler job ID of the current attempt (the process-group ID in local mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_id: Option<String>,
+    /// Raw scheduler state, e.g. `RUNNING`, `TIMEOUT`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slurm_state: Option<String>,
+    /// Machine-readable reason of the phase, e.g. `NonZeroExit`, `TIMEOUT`, `InvalidSpec`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Human-readable detail of the phase.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// Exit code of the payload.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// When the job was submitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub submit_time: Option<Timestamp>,
+    /// When the job started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<Timestamp>,
+    /// When the job ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end_time: Option<Timestamp>,
+    /// Nodes the job ran on.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<String>,
+    /// Efficiency metrics of the finished job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<Metrics>,
+    /// Environment cache facts of the current run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env: Option<EnvStatus>,
+    /// What the payload reported through Dagster Pipes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pipes: Option<PipesStatus>,
+    /// The last lines of the job's output (bounded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_tail: Option<LogTail>,
+    /// Run directory of the current attempt on the cluster (or the local host).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote_run_dir: Option<String>,
+    /// Earlier runs, newest first (bounded).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<RunSummary>,
+    /// Conditions: `Invalid`, `Running`, `Complete`, `Failed`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+/// seff-style efficiency figures.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Metrics {
+    /// Wall-clock seconds from start to end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub elapsed_seconds: Option<f64>,
+    /// CPU time over wall time × allocated CPUs, 0..1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_efficiency: Option<f64>,
+    /// User + system CPU seconds summed over all steps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_cpu_seconds: Option<f64>,
+    /// Allocated CPUs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alloc_cpus: Option<u32>,
+    /// Allocated nodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alloc_nodes: Option<u32>,
+    /// Maximum resident set size over all steps, in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_rss_bytes: Option<u64>,
+    /// `maxRssBytes` over the requested memory, 0..1 (absent when no memory was requested).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_efficiency: Option<f64>,
+    /// Elapsed × allocated nodes, in hours.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_hours: Option<f64>,
+    /// Elapsed × allocated CPUs, in hours.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_hours: Option<f64>,
+    /// Elapsed × allocated GPUs, in hours.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_hours: Option<f64>,
+}
+
+/// Environment cache facts.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EnvStatus {
+    /// Content hash of the environment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_key: Option<String>,
+    /// Whether the environment was already on the cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_hit: Option<bool>,
+    /// Bytes uploaded for this run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_uploaded: Option<u64>,
+}
+
+/// Dagster Pipes messages reported by the payload.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PipesStatus {
+    /// Messages read so far.
+    #[serde(default)]
+    pub message_count: u64,
+    /// Whether the payload opened and closed its Pipes session.
+    #[serde(default)]
+    pub opened: bool,
+    /// Whether the payload closed its Pipes session (a clean end).
+    #[serde(default)]
+    pub closed: bool,
+    /// Materializations, in the order reported (bounded to the last 100).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub materializations: Vec<PipesMaterialization>,
+    /// Asset-check results (bounded to the last 100).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub check_results: Vec<PipesCheckResult>,
+    /// Custom messages' payloads (bounded to the last 20).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "free_json_list")]
+    pub custom_messages: Vec<serde_json::Value>,
+}
+
+fn free_json_list(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "array",
+        "items": {"x-kubernetes-preserve-unknown-fields": true},
+        "description": "Custom messages' payloads (bounded to the last 20)."
+    })
+}
+
+fn free_metadata(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "object",
+        "x-kubernetes-preserve-unknown-fields": true,
+        "description": "Metadata in Pipes' wire form: name → {raw_value, type}."
+    })
+}
+
+/// A materialization reported through `report_asset_materialization`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PipesMaterialization {
+    /// Asset key (absent: the run's only asset).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub asset_key: Option<String>,
+    /// Data version, if reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_version: Option<String>,
+    /// Metadata in Pipes' wire form: name → `{raw_value, type}`.
+    #[serde(default)]
+    #[schemars(schema_with = "free_metadata")]
+    pub metadata: BTreeMap<String, serde_json::Value>,
+}
+
+/// An asset-check result reported through `report_asset_check`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PipesCheckResult {
+    /// Asset key (absent: the run's only asset).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub asset_key: Option<String>,
+    /// Name of the check.
+    pub check_name: String,
+    /// Whether the check passed.
+    pub passed: bool,
+    /// `ERROR` or `WARN`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub severity: Option<String>,
+    /// Metadata in Pipes' wire form.
+    #[serde(default)]
+    #[schemars(schema_with = "free_metadata")]
+    pub metadata: BTreeMap<String, serde_json::Value>,
+}
+
+/// The end of the job's output streams.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LogTail {
+    /// Last lines of standard output.
+    #[serde(default)]
+    pub stdout: String,
+    /// Last lines of standard error.
+    #[serde(default)]
+    pub stderr: String,
+}
+
+/// A finished (or superseded) earlier run.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RunSummary {
+    /// Run number.
+    pub run: u64,
+    /// Spec generation of that run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `spec.runKey` of that run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_key: Option<String>,
+    /// Final phase.
+    pub phase: Phase,
+    /// Reason of the final phase.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Job ID of the last attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_id: Option<String>,
+    /// Exit code.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// Attempts made.
+    #[serde(default)]
+    pub attempts: u32,
+    /// Start time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<Timestamp>,
+    /// End time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end_time: Option<Timestamp>,
+}

@@ -1,0 +1,373 @@
+//! The bash launcher: turns a resolved run into the job script and the submit command.
+//!
+//! The script is the same in local and Slurm mode; only the command that starts it differs
+//! (`sbatch --parsable ...` versus the local supervisor). Every manifest string reaches the
+//! script through [`shell::quote`] or as a file.
+
+use crate::api::{ClusterMode, Resources, SlurmAssetSpec, SlurmClusterSpec};
+use crate::shell::{join, quote};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+pub const JOB_SCRIPT: &str = "job.sh";
+pub const EXIT_FILE: &str = "exit";
+pub const STDOUT_FILE: &str = "stdout.log";
+pub const STDERR_FILE: &str = "stderr.log";
+
+/// Who is running: identifies one attempt of one run of one object.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RunId {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub run: u64,
+    pub attempt: u32,
+}
+
+impl RunId {
+    /// The operator's tag carried by every job, found again after a restart.
+    pub fn tag(&self) -> String {
+        format!("sao.{}.{}.{}", self.uid, self.run, self.attempt)
+    }
+}
+
+/// Everything needed to write and start one attempt.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RunPlan {
+    pub id: RunId,
+    pub mode: ClusterMode,
+    pub asset_key: String,
+    /// Dagster run ID handed to the payload: `spec.runKey`, else `<uid>-<run>`.
+    pub dagster_run_id: String,
+    pub run_dir: String,
+    /// A payload file to place in the run dir: (file name, content).
+    pub payload_file: Option<(String, Vec<u8>)>,
+    /// The payload's argv, as the job script runs it.
+    pub argv: Vec<String>,
+    pub env: Vec<(String, String)>,
+    /// A pre-deployed environment to activate first.
+    pub env_path: Option<String>,
+    pub resources: Resources,
+    pub extras: Option<Value>,
+}
+
+/// Where a standalone spec's relative paths are resolved.
+#[derive(Clone, Debug)]
+pub struct PlanContext<'a> {
+    pub asset_dir: &'a Path,
+    pub cluster: &'a SlurmClusterSpec,
+    pub cluster_dir: &'a Path,
+    /// Run-directory root used when the cluster sets no `remoteBase`.
+    pub default_base: PathBuf,
+}
+
+/// Resolves a spec against its cluster into a [`RunPlan`]. Errors name the field.
+pub fn plan(spec: &SlurmAssetSpec, id: RunId, ctx: &PlanContext) -> Result<RunPlan, String> {
+    let cluster = ctx.cluster;
+    let resources = spec.resources.merged_over(&cluster.queue);
+    let environment = spec.environment.merged_over(&cluster.environment);
+    let local = cluster.mode == ClusterMode::Local;
+    let resolve = |dir: &Path, p: &str| -> String {
+        if local {
+            absolutize(&dir.join(p))
+        } else {
+            p.to_string()
+        }
+    };
+    let base = match &cluster.remote_base {
+        Some(b) => resolve(ctx.cluster_dir, b),
+        None => absolutize(&ctx.default_base),
+    };
+    let run_dir = format!(
+        "{base}/runs/{}/{}/{}-{}",
+        id.namespace, id.name, id.run, id.attempt
+    );
+    let env_path = environment.pre_deployed_env_path.as_ref().map(|p| {
+        let dir = if spec.environment.pre_deployed_env_path.is_some() {
+            ctx.asset_dir
+        } else {
+            ctx.cluster_dir
+        };
+        resolve(dir, p)
+    });
+    let p = &spec.payload;
+    let script_name = |name: &str| -> String {
+        Path::new(name)
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .filter(|f| !f.starts_with('.') && !f.is_empty())
+            .map(|f| format!("payload-{f}"))
+            .unwrap_or_else(|| "payload.sh".into())
+    };
+    let interpreter = |file: &str| -> Vec<String> {
+        p.interpreter.clone().unwrap_or_else(|| {
+            if file.ends_with(".py") {
+                vec!["python3".into()]
+            } else {
+                vec!["bash".into()]
+            }
+        })
+    };
+    let skip_upload = environment.skip_payload_upload == Some(true);
+    let (payload_file, mut argv) = if let Some(cmd) = &p.command {
+        (None, cmd.clone())
+    } else if let Some(remote) = &p.remote_path {
+        (None, [interpreter(remote), vec![remote.clone()]].concat())
+    } else if let Some(path) = &p.path {
+        if skip_upload {
+            let remote = match (&environment.remote_payload_path, &env_path) {
+                (Some(r), _) => r.clone(),
+                (None, Some(env)) => format!("{env}/scripts/{}", script_name(path).trim_start_matches("payload-")),
+                (None, None) => return Err("spec.environment.skipPayloadUpload: needs preDeployedEnvPath or remotePayloadPath".into()),
+            };
+            (None, [interpreter(path), vec![remote]].concat())
+        } else {
+            let full = ctx.asset_dir.join(path);
+            let content = std::fs::read(&full)
+                .map_err(|e| format!("spec.payload.path: cannot read {}: {e}", full.display()))?;
+            let name = script_name(path);
+            let argv = [interpreter(path), vec![format!("{run_dir}/{name}")]].concat();
+            (Some((name, content)), argv)
+        }
+    } else if let Some(text) = &p.inline {
+        let name = "payload.sh".to_string();
+        let argv = [
+            p.interpreter.clone().unwrap_or_else(|| vec!["bash".into()]),
+            vec![format!("{run_dir}/{name}")],
+        ]
+        .concat();
+        (Some((name, text.clone().into_bytes())), argv)
+    } else {
+        return Err("spec.payload: no source to run (configMapRef must be resolved first)".into());
+    };
+    argv.extend(p.args.iter().cloned());
+    let env = spec
+        .env
+        .iter()
+        .map(|e| {
+            e.value
+                .clone()
+                .map(|v| (e.name.clone(), v))
+                .ok_or_else(|| format!("spec.env: {} has no resolved value", e.name))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(RunPlan {
+        dagster_run_id: spec
+            .run_key
+            .clone()
+            .unwrap_or_else(|| format!("{}-{}", id.uid, id.run)),
+        id,
+        mode: cluster.mode,
+        asset_key: spec.asset_key.clone(),
+        run_dir,
+        payload_file,
+        argv,
+        env,
+        env_path,
+        resources,
+        extras: spec.extras.clone(),
+    })
+}
+
+fn absolutize(p: &Path) -> String {
+    let abs = if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir().unwrap_or_default().join(p)
+    };
+    // Normalise `.` and `..` lexically so that run dirs print cleanly.
+    let mut out = PathBuf::new();
+    for c in abs.components() {
+        match c {
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            std::path::Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    out.display().to_string()
+}
+
+/// The job script. Writes the exit file (exit code, start and end time) as its last act, so
+/// that an operator that missed the end still learns the outcome.
+pub fn render_script(plan: &RunPlan) -> String {
+    let mut s = String::new();
+    s.push_str("#!/bin/bash\n");
+    s.push_str(&format!(
+        "# slurm-asset-operator job: {}/{} run {} attempt {} (tag {})\n",
+        plan.id.namespace,
+        plan.id.name,
+        plan.id.run,
+        plan.id.attempt,
+        plan.id.tag()
+    ));
+    s.push_str("# Generated: every value taken from the manifest is quoted. Do not edit.\n");
+    s.push_str("umask 077\n");
+    s.push_str(&format!("cd {} || exit 1\n", quote(&plan.run_dir)));
+    s.push_str("__sao_start=$(date +%s)\n");
+    for (k, v) in crate::pipes::bootstrap_env(&plan.run_dir) {
+        s.push_str(&format!("export {k}={}\n", quote(&v)));
+    }
+    s.push_str(&format!("export SAO_RUN_DIR={}\n", quote(&plan.run_dir)));
+    s.push_str(&format!("export SAO_ASSET_KEY={}\n", quote(&plan.asset_key)));
+    for (k, v) in &plan.env {
+        // Names are validated as identifiers; values are quoted.
+        s.push_str(&format!("export {k}={}\n", quote(v)));
+    }
+    s.push_str("__sao_payload() {\n");
+    if let Some(env) = &plan.env_path {
+        let q = |f: &str| quote(&format!("{env}/{f}"));
+        s.push_str(&format!(
+            "  if [ -f {a} ]; then . {a}; elif [ -f {b} ]; then . {b}; else echo {msg} >&2; return 127; fi\n",
+            a = q("activate.sh"),
+            b = q("bin/activate"),
+            msg = quote(&format!(
+                "slurm-asset-operator: no activate.sh or bin/activate in {env}"
+            )),
+        ));
+    }
+    s.push_str(&format!("  {} < /dev/null\n", join(&plan.argv)));
+    s.push_str("}\n");
+    s.push_str("__sao_payload\n");
+    s.push_str("__sao_rc=$?\n");
+    s.push_str(&format!(
+        "printf 'exit_code=%s\\nstart=%s\\nend=%s\\n' \"$__sao_rc\" \"$__sao_start\" \"$(date +%s)\" > {EXIT_FILE}.tmp && mv -f {EXIT_FILE}.tmp {EXIT_FILE}\n"
+    ));
+    s.push_str("exit \"$__sao_rc\"\n");
+    s
+}
+
+/// The exact `sbatch` argv for Slurm mode; every option is its own argument.
+pub fn sbatch_argv(plan: &RunPlan) -> Vec<String> {
+    let r = &plan.resources;
+    let dir = &plan.run_dir;
+    let mut a = vec![
+        "sbatch".to_string(),
+        "--parsable".into(),
+        format!("--job-name={}", plan.id.name),
+        format!("--comment={}", plan.id.tag()),
+        format!("--chdir={dir}"),
+        format!("--output={dir}/{STDOUT_FILE}"),
+        format!("--error={dir}/{STDERR_FILE}"),
+    ];
+    let mut opt = |name: &str, v: Option<String>| {
+        if let Some(v) = v {
+            a.push(format!("--{name}={v}"));
+        }
+    };
+    opt("partition", r.partition.clone());
+    opt("qos", r.qos.clone());
+    opt("account", r.account.clone());
+    opt("reservation", r.reservation.clone());
+    opt("time", r.time_limit.as_ref().map(|t| t.as_str().to_string()));
+    opt("nodes", r.nodes.map(|n| n.to_string()));
+    opt("ntasks", r.ntasks.map(|n| n.to_string()));
+    opt("cpus-per-task", r.cpus_per_task.map(|n| n.to_string()));
+    opt("mem", r.mem.as_ref().map(|m| m.as_str().to_string()));
+    opt("mem-per-cpu", r.mem_per_cpu.as_ref().map(|m| m.as_str().to_string()));
+    opt("gpus-per-node", r.gpus_per_node.map(|n| n.to_string()));
+    opt("constraint", r.constraint.clone());
+    a.extend(r.extra_sbatch_args.iter().cloned());
+    a.push(format!("{dir}/{JOB_SCRIPT}"));
+    a
+}
+
+/// The command that starts the job: `sbatch` in Slurm mode, the local supervisor in local mode.
+pub fn submit_argv(plan: &RunPlan, operator_exe: &str) -> Vec<String> {
+    match plan.mode {
+        ClusterMode::Slurm => sbatch_argv(plan),
+        ClusterMode::Local => vec![
+            operator_exe.to_string(),
+            "local-supervise".into(),
+            "--run-dir".into(),
+            plan.run_dir.clone(),
+        ],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{EnvVar, Payload};
+
+    fn spec(payload: Payload) -> SlurmAssetSpec {
+        serde_json::from_value(serde_json::json!({"assetKey": "a/b", "payload": {"inline": "x"}}))
+            .map(|mut s: SlurmAssetSpec| {
+                s.payload = payload;
+                s
+            })
+            .unwrap()
+    }
+
+    fn id() -> RunId {
+        RunId {
+            namespace: "default".into(),
+            name: "a".into(),
+            uid: "u1".into(),
+            run: 2,
+            attempt: 1,
+        }
+    }
+
+    #[test]
+    fn hostile_strings_are_quoted_in_script_and_sbatch() {
+        let mut s = spec(Payload {
+            command: Some(vec!["echo".into(), "$(id)".into()]),
+            args: vec!["a;b".into(), "it's".into()],
+            ..Default::default()
+        });
+        s.env = vec![EnvVar {
+            name: "X".into(),
+            value: Some("`rm -rf /`".into()),
+            value_from: None,
+        }];
+        s.resources.partition = Some("p; rm".into());
+        let cluster: SlurmClusterSpec = serde_json::from_value(serde_json::json!({"mode": "slurm", "remoteBase": "/base dir"})).unwrap();
+        let ctx = PlanContext {
+            asset_dir: Path::new("/m"),
+            cluster: &cluster,
+            cluster_dir: Path::new("/m"),
+            default_base: "/x".into(),
+        };
+        let p = plan(&s, id(), &ctx).unwrap();
+        assert_eq!(p.run_dir, "/base dir/runs/default/a/2-1");
+        let script = render_script(&p);
+        assert!(script.contains("cd '/base dir/runs/default/a/2-1' || exit 1"));
+        assert!(script.contains("export X='`rm -rf /`'"));
+        assert!(script.contains("echo '$(id)' 'a;b' 'it'\\''s' < /dev/null"));
+        let argv = sbatch_argv(&p);
+        assert!(argv.contains(&"--partition=p; rm".to_string()));
+        assert!(argv.contains(&"--comment=sao.u1.2.1".to_string()));
+        assert_eq!(argv.last().unwrap(), "/base dir/runs/default/a/2-1/job.sh");
+    }
+
+    #[test]
+    fn python_path_payload_uses_python3() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("t.py"), "print(1)").unwrap();
+        let s = spec(Payload {
+            path: Some("t.py".into()),
+            ..Default::default()
+        });
+        let cluster = SlurmClusterSpec {
+            mode: ClusterMode::Local,
+            ssh: None,
+            queue: Default::default(),
+            remote_base: None,
+            environment: Default::default(),
+            poll_interval: None,
+        };
+        let ctx = PlanContext {
+            asset_dir: dir.path(),
+            cluster: &cluster,
+            cluster_dir: dir.path(),
+            default_base: dir.path().join(".runs"),
+        };
+        let p = plan(&s, id(), &ctx).unwrap();
+        assert_eq!(p.argv[0], "python3");
+        assert!(p.argv[1].ends_with("/runs/default/a/2-1/payload-t.py"));
+        assert_eq!(p.payload_file.as_ref().unwrap().1, b"print(1)");
+        assert_eq!(p.dagster_run_id, "u1-2");
+    }
+}

@@ -1,0 +1,48 @@
+//! slurm-asset-operator: runs Dagster assets on Slurm clusters.
+//!
+//! The crate is split like `kube-rs/controller-rs`: the pure domain core ([`core`]) decides,
+//! thin adapters ([`executor`], [`standalone`]) perform I/O.
+
+pub mod api;
+pub mod conditions;
+pub mod core;
+pub mod crdgen;
+pub mod executor;
+pub mod jobscript;
+pub mod manifest;
+pub mod pipes;
+pub mod quantity;
+pub mod shell;
+pub mod standalone;
+pub mod status_table;
+
+/// Errors of the operator's library code.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Manifest(#[from] manifest::ManifestError),
+    #[error("serializing {what}: {reason}")]
+    Serialize { what: String, reason: String },
+    #[error("executor: {0}")]
+    Executor(String),
+    #[error("file watcher: {0}")]
+    Watch(#[from] notify::Error),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// Wraps an I/O error with the path it concerns, so every message names its file.
+    pub fn io(path: impl AsRef<std::path::Path>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.as_ref().display().to_string(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,612 @@
+//! Reading manifests: YAML documents → typed, validated `SlurmAsset` / `SlurmCluster` specs.
+//!
+//! Every error names the file, the document and the field path (`spec.resources.mem`) with the
+//! reason. A document whose kind and name can be read yields a [`Loaded`] object even when its
+//! spec is invalid, so that the error can be written into that object's status.
+
+use crate::api::{
+    API_VERSION, ClusterMode, EnvironmentSettings, LauncherType, Resources, SlurmAssetSpec,
+    SlurmClusterSpec,
+};
+use crate::shell::is_env_name;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// The kinds this operator serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    SlurmAsset,
+    SlurmCluster,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::SlurmAsset => "SlurmAsset",
+            Kind::SlurmCluster => "SlurmCluster",
+        }
+    }
+}
+
+/// Which store the manifest comes from; some fields exist in only one of them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreKind {
+    Standalone,
+    Kubernetes,
+}
+
+/// A problem with one field of a spec.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FieldError {
+    pub field: String,
+    pub reason: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.reason)
+    }
+}
+
+fn field_err(field: impl Into<String>, reason: impl Into<String>) -> FieldError {
+    FieldError {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+/// Joins field errors into one message, as shown in status and logs.
+pub fn describe(errors: &[FieldError]) -> String {
+    errors
+        .iter()
+        .map(|e| e.to_string())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// A document that cannot be attributed to an object (bad YAML, unknown kind, no name, ...).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{}{}: {reason}", file.display(), document.map(|d| format!(" (document {d})")).unwrap_or_default())]
+pub struct ManifestError {
+    pub file: PathBuf,
+    /// 1-based index of the YAML document, when known.
+    pub document: Option<usize>,
+    pub reason: String,
+}
+
+/// A typed spec.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Spec {
+    Asset(Box<SlurmAssetSpec>),
+    Cluster(Box<SlurmClusterSpec>),
+}
+
+/// One object read from a manifest.
+#[derive(Clone, Debug)]
+pub struct Loaded {
+    pub file: PathBuf,
+    pub document: usize,
+    pub kind: Kind,
+    pub namespace: String,
+    pub name: String,
+    /// Content hash of the spec as written (valid or not): a change starts a new generation.
+    pub spec_hash: String,
+    pub spec: Result<Spec, Vec<FieldError>>,
+}
+
+impl Loaded {
+    pub fn asset(&self) -> Option<&SlurmAssetSpec> {
+        match &self.spec {
+            Ok(Spec::Asset(a)) => Some(a),
+            _ => None,
+        }
+    }
+    pub fn cluster(&self) -> Option<&SlurmClusterSpec> {
+        match &self.spec {
+            Ok(Spec::Cluster(c)) => Some(c),
+            _ => None,
+        }
+    }
+}
+
+/// Parses every document of one manifest file.
+pub fn parse_file(
+    file: &Path,
+    text: &str,
+    store: StoreKind,
+) -> Vec<Result<Loaded, ManifestError>> {
+    let docs: Vec<Value> = match serde_saphyr::from_multiple(text) {
+        Ok(d) => d,
+        Err(e) => {
+            return vec![Err(ManifestError {
+                file: file.to_path_buf(),
+                document: None,
+                reason: format!("YAML does not parse: {e}"),
+            })];
+        }
+    };
+    docs.into_iter()
+        .enumerate()
+        .filter(|(_, v)| !v.is_null())
+        .map(|(i, v)| parse_document(file, i + 1, v, store))
+        .collect()
+}
+
+fn parse_document(
+    file: &Path,
+    document: usize,
+    doc: Value,
+    store: StoreKind,
+) -> Result<Loaded, ManifestError> {
+    let err = |reason: String| ManifestError {
+        file: file.to_path_buf(),
+        document: Some(document),
+        reason,
+    };
+    let Value::Object(mut map) = doc else {
+        return Err(err("a manifest must be a mapping with apiVersion, kind, metadata and spec".into()));
+    };
+    for key in map.keys() {
+        if !["apiVersion", "kind", "metadata", "spec", "status"].contains(&key.as_str()) {
+            return Err(err(format!(
+                "{key}: unknown field (expected apiVersion, kind, metadata, spec)"
+            )));
+        }
+    }
+    let kind = match map.get("kind").and_then(Value::as_str) {
+        Some("SlurmAsset") => Kind::SlurmAsset,
+        Some("SlurmCluster") => Kind::SlurmCluster,
+        Some(other) => {
+            return Err(err(format!(
+                "kind: unknown kind {other:?} (expected SlurmAsset or SlurmCluster)"
+            )));
+        }
+        None => return Err(err("kind: missing".into())),
+    };
+    match map.get("apiVersion").and_then(Value::as_str) {
+        Some(API_VERSION) => {}
+        other => {
+            return Err(err(format!(
+                "apiVersion: expected {API_VERSION:?}, found {}",
+                other.map(|s| format!("{s:?}")).unwrap_or("nothing".into())
+            )));
+        }
+    }
+    let meta: ObjectMeta = serde_json::from_value(map.remove("metadata").unwrap_or(Value::Null))
+        .map_err(|e| err(format!("metadata: {e}")))?;
+    let name = meta.name.clone().ok_or_else(|| err("metadata.name: missing".into()))?;
+    if let Some(reason) = dns_subdomain_problem(&name) {
+        return Err(err(format!("metadata.name: {reason}")));
+    }
+    let namespace = meta.namespace.clone().unwrap_or_else(|| "default".into());
+    if let Some(reason) = dns_label_problem(&namespace) {
+        return Err(err(format!("metadata.namespace: {reason}")));
+    }
+    let spec_value = map.remove("spec").unwrap_or(Value::Null);
+    let spec_hash = hash_value(&spec_value);
+    let manifest_dir = file.parent().unwrap_or(Path::new("."));
+    let spec = match kind {
+        Kind::SlurmAsset => typed::<SlurmAssetSpec>(spec_value).and_then(|s| {
+            let errors = validate_asset(&s, store, manifest_dir);
+            if errors.is_empty() {
+                Ok(Spec::Asset(Box::new(s)))
+            } else {
+                Err(errors)
+            }
+        }),
+        Kind::SlurmCluster => typed::<SlurmClusterSpec>(spec_value).and_then(|s| {
+            let errors = validate_cluster(&s, store);
+            if errors.is_empty() {
+                Ok(Spec::Cluster(Box::new(s)))
+            } else {
+                Err(errors)
+            }
+        }),
+    };
+    Ok(Loaded {
+        file: file.to_path_buf(),
+        document,
+        kind,
+        namespace,
+        name,
+        spec_hash,
+        spec,
+    })
+}
+
+/// Deserializes a spec and reports the failing field's full path.
+fn typed<T: DeserializeOwned>(value: Value) -> Result<T, Vec<FieldError>> {
+    if value.is_null() {
+        return Err(vec![field_err("spec", "missing")]);
+    }
+    if let Some(e) = find_nul(&value, "spec") {
+        return Err(vec![e]);
+    }
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let field = if path == "." {
+            "spec".to_string()
+        } else {
+            format!("spec.{path}")
+        };
+        vec![field_err(field, e.into_inner().to_string())]
+    })
+}
+
+/// NUL bytes cannot travel in argv, environment or files safely: reject them up front.
+fn find_nul(v: &Value, path: &str) -> Option<FieldError> {
+    match v {
+        Value::String(s) if s.contains('\0') => Some(field_err(path, "contains a NUL byte")),
+        Value::Array(a) => a
+            .iter()
+            .enumerate()
+            .find_map(|(i, x)| find_nul(x, &format!("{path}[{i}]"))),
+        Value::Object(m) => m.iter().find_map(|(k, x)| {
+            if k.contains('\0') {
+                Some(field_err(path, "a key contains a NUL byte"))
+            } else {
+                find_nul(x, &format!("{path}.{k}"))
+            }
+        }),
+        _ => None,
+    }
+}
+
+/// sha256 of the canonical JSON (serde_json maps are key-sorted).
+pub fn hash_value(v: &Value) -> String {
+    let bytes = serde_json::to_vec(v).expect("JSON values serialize");
+    hex::encode(Sha256::digest(&bytes))[..16].to_string()
+}
+
+fn dns_subdomain_problem(s: &str) -> Option<String> {
+    let ok_chars = s
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+    let ends_ok = s
+        .bytes()
+        .next()
+        .zip(s.bytes().last())
+        .is_some_and(|(a, z)| a.is_ascii_alphanumeric() && z.is_ascii_alphanumeric());
+    (!(ok_chars && ends_ok && s.len() <= 253)).then(|| {
+        format!("{s:?} is not a valid name (lowercase letters, digits, '-' and '.', starting and ending with a letter or digit, at most 253 characters)")
+    })
+}
+
+fn dns_label_problem(s: &str) -> Option<String> {
+    (dns_subdomain_problem(s).is_some() || s.contains('.') || s.len() > 63).then(|| {
+        format!("{s:?} is not a valid namespace (lowercase letters, digits and '-', at most 63 characters)")
+    })
+}
+
+/// Options the operator sets itself; a user's `extraSbatchArgs` must not override them.
+const RESERVED_SBATCH: &[&str] = &[
+    "job-name", "comment", "output", "error", "parsable", "chdir", "wrap", "export", "input",
+    "open-mode", "array", "hold", "dependency", "test-only", "wait", "signal",
+];
+
+/// Checks an `extraSbatchArgs` entry: one long option, never something a shell or sbatch could
+/// read as several arguments, never an option the operator owns.
+pub fn sbatch_arg_problem(arg: &str) -> Option<String> {
+    let Some(body) = arg.strip_prefix("--") else {
+        return Some(format!("{arg:?} must be a long option like --name=value"));
+    };
+    let name = body.split_once('=').map_or(body, |(n, _)| n);
+    if name.is_empty()
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
+        return Some(format!("{arg:?}: option name must be lowercase letters, digits and '-'"));
+    }
+    if RESERVED_SBATCH.contains(&name) {
+        return Some(format!("{arg:?}: --{name} is set by the operator and cannot be overridden"));
+    }
+    if arg.contains('\n') {
+        return Some(format!("{arg:?}: must not contain a newline"));
+    }
+    None
+}
+
+fn validate_resources(r: &Resources, at: &str, errors: &mut Vec<FieldError>) {
+    if r.mem.is_some() && r.mem_per_cpu.is_some() {
+        errors.push(field_err(
+            format!("{at}.mem"),
+            "mem and memPerCpu are mutually exclusive",
+        ));
+    }
+    for (i, a) in r.extra_sbatch_args.iter().enumerate() {
+        if let Some(reason) = sbatch_arg_problem(a) {
+            errors.push(field_err(format!("{at}.extraSbatchArgs[{i}]"), reason));
+        }
+    }
+    for (field, v) in [
+        ("partition", &r.partition),
+        ("qos", &r.qos),
+        ("account", &r.account),
+        ("reservation", &r.reservation),
+        ("constraint", &r.constraint),
+    ] {
+        if v.as_deref().is_some_and(|s| s.is_empty() || s.contains('\n')) {
+            errors.push(field_err(
+                format!("{at}.{field}"),
+                "must be non-empty and on one line",
+            ));
+        }
+    }
+}
+
+fn validate_environment(e: &EnvironmentSettings, at: &str, errors: &mut Vec<FieldError>) {
+    if e.pack_command.is_some() {
+        errors.push(field_err(
+            format!("{at}.packCommand"),
+            "environment packing is not available in this version; use preDeployedEnvPath",
+        ));
+    }
+    if e.skip_payload_upload == Some(true)
+        && e.pre_deployed_env_path.is_none()
+        && e.remote_payload_path.is_none()
+    {
+        errors.push(field_err(
+            format!("{at}.skipPayloadUpload"),
+            "needs preDeployedEnvPath or remotePayloadPath to find the payload",
+        ));
+    }
+}
+
+/// Semantic checks of a `SlurmAsset` spec that the type system cannot express.
+pub fn validate_asset(s: &SlurmAssetSpec, store: StoreKind, manifest_dir: &Path) -> Vec<FieldError> {
+    let mut errors = vec![];
+    if s.asset_key.is_empty()
+        || s.asset_key
+            .split('/')
+            .any(|seg| seg.is_empty() || seg.chars().any(|c| c.is_whitespace() || c.is_control()))
+    {
+        errors.push(field_err(
+            "spec.assetKey",
+            format!("{:?} is not a Dagster asset key (non-empty segments joined by '/', no whitespace)", s.asset_key),
+        ));
+    }
+    let p = &s.payload;
+    let sources: Vec<&str> = [
+        ("path", p.path.is_some()),
+        ("inline", p.inline.is_some()),
+        ("configMapRef", p.config_map_ref.is_some()),
+        ("remotePath", p.remote_path.is_some()),
+        ("command", p.command.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(n, set)| set.then_some(n))
+    .collect();
+    if sources.len() != 1 {
+        errors.push(field_err(
+            "spec.payload",
+            format!(
+                "exactly one of path, inline, configMapRef, remotePath, command must be set (found {})",
+                if sources.is_empty() { "none".to_string() } else { sources.join(", ") }
+            ),
+        ));
+    }
+    if p.command.as_ref().is_some_and(|c| c.is_empty() || c[0].is_empty()) {
+        errors.push(field_err("spec.payload.command", "must name a program"));
+    }
+    if p.command.is_some() && p.interpreter.is_some() {
+        errors.push(field_err(
+            "spec.payload.interpreter",
+            "applies to script payloads only, not to command",
+        ));
+    }
+    if p.interpreter.as_ref().is_some_and(|c| c.is_empty() || c[0].is_empty()) {
+        errors.push(field_err("spec.payload.interpreter", "must name a program"));
+    }
+    if let Some(path) = &p.path {
+        match store {
+            StoreKind::Kubernetes => errors.push(field_err(
+                "spec.payload.path",
+                "is for standalone mode; use inline or configMapRef in Kubernetes",
+            )),
+            StoreKind::Standalone => {
+                let full = manifest_dir.join(path);
+                if !full.is_file() {
+                    errors.push(field_err(
+                        "spec.payload.path",
+                        format!("{} is not a readable file", full.display()),
+                    ));
+                }
+            }
+        }
+    }
+    if p.config_map_ref.is_some() && store == StoreKind::Standalone {
+        errors.push(field_err(
+            "spec.payload.configMapRef",
+            "is for Kubernetes mode; use path or inline in standalone mode",
+        ));
+    }
+    if let Some(rp) = &p.remote_path
+        && !rp.starts_with('/')
+    {
+        errors.push(field_err("spec.payload.remotePath", "must be an absolute path"));
+    }
+    if s.launcher.type_ != LauncherType::Bash {
+        errors.push(field_err(
+            "spec.launcher.type",
+            "only the bash launcher is available in this version",
+        ));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for (i, e) in s.env.iter().enumerate() {
+        let at = format!("spec.env[{i}]");
+        if !is_env_name(&e.name) {
+            errors.push(field_err(
+                format!("{at}.name"),
+                format!("{:?} is not a valid variable name", e.name),
+            ));
+        } else if e.name.starts_with("DAGSTER_PIPES_") || e.name.starts_with("SAO_") {
+            errors.push(field_err(
+                format!("{at}.name"),
+                format!("{} is reserved by the operator", e.name),
+            ));
+        }
+        if !seen.insert(e.name.as_str()) {
+            errors.push(field_err(format!("{at}.name"), format!("{} is set twice", e.name)));
+        }
+        match (&e.value, &e.value_from) {
+            (Some(_), None) => {}
+            (None, Some(_)) if store == StoreKind::Kubernetes => {}
+            (None, Some(_)) => errors.push(field_err(
+                format!("{at}.valueFrom"),
+                "secretKeyRef is for Kubernetes mode; use value in standalone mode",
+            )),
+            _ => errors.push(field_err(&at, "exactly one of value, valueFrom must be set")),
+        }
+    }
+    if s.extras.as_ref().is_some_and(|x| !x.is_object()) {
+        errors.push(field_err("spec.extras", "must be a mapping"));
+    }
+    if s.session_ref.is_some() {
+        errors.push(field_err(
+            "spec.sessionRef",
+            "SlurmSession is not available in this version",
+        ));
+    }
+    if s.cluster_ref.as_deref().is_some_and(|c| dns_subdomain_problem(c).is_some()) {
+        errors.push(field_err("spec.clusterRef", "is not a valid object name"));
+    }
+    validate_resources(&s.resources, "spec.resources", &mut errors);
+    validate_environment(&s.environment, "spec.environment", &mut errors);
+    errors
+}
+
+/// Semantic checks of a `SlurmCluster` spec.
+pub fn validate_cluster(s: &SlurmClusterSpec, store: StoreKind) -> Vec<FieldError> {
+    let mut errors = vec![];
+    if let Some(ssh) = &s.ssh {
+        let auths: Vec<&str> = [
+            ("keySecretRef", ssh.key_secret_ref.is_some()),
+            ("keyPath", ssh.key_path.is_some()),
+            ("passwordSecretRef", ssh.password_secret_ref.is_some()),
+            ("passwordEnv", ssh.password_env.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(n, set)| set.then_some(n))
+        .collect();
+        if auths.len() != 1 {
+            errors.push(field_err(
+                "spec.ssh",
+                format!(
+                    "exactly one of keySecretRef, keyPath, passwordSecretRef, passwordEnv must be set (found {})",
+                    if auths.is_empty() { "none".to_string() } else { auths.join(", ") }
+                ),
+            ));
+        }
+        if store == StoreKind::Kubernetes && (ssh.key_path.is_some() || ssh.password_env.is_some()) {
+            errors.push(field_err(
+                "spec.ssh",
+                "keyPath and passwordEnv are for standalone mode; use a Secret reference",
+            ));
+        }
+        if ssh.host.is_empty() || ssh.host.starts_with('-') || ssh.host.contains(char::is_whitespace) {
+            errors.push(field_err("spec.ssh.host", "must be a host name or address"));
+        }
+        if ssh.user.is_empty() || ssh.user.starts_with('-') || ssh.user.contains(char::is_whitespace) {
+            errors.push(field_err("spec.ssh.user", "must be a user name"));
+        }
+    } else if s.mode == ClusterMode::Slurm {
+        errors.push(field_err("spec.ssh", "is required in slurm mode"));
+    }
+    validate_resources(&s.queue, "spec.queue", &mut errors);
+    validate_environment(&s.environment, "spec.environment", &mut errors);
+    errors
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn one(yaml: &str) -> Result<Loaded, ManifestError> {
+        let dir = std::env::temp_dir();
+        parse_file(&dir.join("m.yaml"), yaml, StoreKind::Standalone)
+            .pop()
+            .unwrap()
+    }
+
+    fn spec_errors(yaml: &str) -> String {
+        describe(&one(yaml).unwrap().spec.unwrap_err())
+    }
+
+    const HEAD: &str = "apiVersion: dagster-slurm.io/v1alpha1\nkind: SlurmAsset\nmetadata: {name: a}\n";
+
+    #[test]
+    fn valid_inline_asset() {
+        let l = one(&format!("{HEAD}spec:\n  assetKey: x/y\n  payload: {{inline: 'echo hi'}}\n  resources: {{mem: 4G, timeLimit: '01:00:00'}}\n")).unwrap();
+        let a = l.asset().unwrap();
+        assert_eq!(a.resources.mem.as_ref().unwrap().bytes(), 4 << 30);
+        assert_eq!(l.namespace, "default");
+    }
+
+    #[test]
+    fn bad_memory_names_field() {
+        let e = spec_errors(&format!("{HEAD}spec:\n  assetKey: x\n  payload: {{inline: x}}\n  resources: {{mem: lots}}\n"));
+        assert!(e.starts_with("spec.resources.mem: invalid memory quantity \"lots\""), "{e}");
+    }
+
+    #[test]
+    fn unknown_field_is_rejected_with_path() {
+        let e = spec_errors(&format!("{HEAD}spec:\n  assetKey: x\n  payload: {{inline: x, shell: zsh}}\n"));
+        assert!(e.contains("spec.payload") && e.contains("unknown field `shell`"), "{e}");
+        let e = spec_errors(&format!("{HEAD}spec:\n  assetKey: x\n  payload: {{inline: x}}\n  colour: blue\n"));
+        assert!(e.contains("unknown field `colour`"), "{e}");
+    }
+
+    #[test]
+    fn two_payload_sources() {
+        let e = spec_errors(&format!("{HEAD}spec:\n  assetKey: x\n  payload: {{inline: x, command: [ls]}}\n"));
+        assert_eq!(e, "spec.payload: exactly one of path, inline, configMapRef, remotePath, command must be set (found inline, command)");
+    }
+
+    #[test]
+    fn env_and_sbatch_checks() {
+        let e = spec_errors(&format!("{HEAD}spec:\n  assetKey: x\n  payload: {{inline: x}}\n  env: [{{name: 'A;B', value: v}}, {{name: OK}}]\n  resources: {{extraSbatchArgs: ['--output=/tmp/x', '-N 2', '--exclusive']}}\n"));
+        assert!(e.contains("spec.env[0].name: \"A;B\" is not a valid variable name"), "{e}");
+        assert!(e.contains("spec.env[1]: exactly one of value, valueFrom"), "{e}");
+        assert!(e.contains("spec.resources.extraSbatchArgs[0]"), "{e}");
+        assert!(e.contains("spec.resources.extraSbatchArgs[1]"), "{e}");
+        assert!(!e.contains("extraSbatchArgs[2]"), "{e}");
+    }
+
+    #[test]
+    fn document_level_errors() {
+        let e = one("apiVersion: dagster-slurm.io/v1alpha1\nkind: Pod\nmetadata: {name: a}\nspec: {}\n").unwrap_err();
+        assert!(e.to_string().contains("(document 1): kind: unknown kind \"Pod\""), "{e}");
+        let e = one(&HEAD.replace("name: a", "name: ../etc")).unwrap_err();
+        assert!(e.reason.starts_with("metadata.name:"), "{e}");
+        let errs = parse_file(Path::new("x.yaml"), "a: [unclosed\n", StoreKind::Standalone);
+        let e = errs[0].as_ref().unwrap_err();
+        assert!(e.to_string().starts_with("x.yaml: YAML does not parse"), "{e}");
+    }
+
+    #[test]
+    fn nul_bytes_rejected() {
+        let e = spec_errors(&format!("{HEAD}spec:\n  assetKey: x\n  payload: {{inline: \"a\\0b\"}}\n"));
+        assert_eq!(e, "spec.payload.inline: contains a NUL byte");
+    }
+
+    #[test]
+    fn cluster_auth_exactly_one() {
+        let y = "apiVersion: dagster-slurm.io/v1alpha1\nkind: SlurmCluster\nmetadata: {name: c}\nspec:\n  mode: slurm\n  ssh: {host: h, user: u, keyPath: /k, passwordEnv: P}\n";
+        let e = describe(&one(y).unwrap().spec.unwrap_err());
+        assert!(e.contains("spec.ssh: exactly one of") && e.contains("found keyPath, passwordEnv"), "{e}");
+    }
+
+    #[test]
+    fn spec_hash_tracks_content() {
+        let a = one(&format!("{HEAD}spec: {{assetKey: x, payload: {{inline: a}}}}\n")).unwrap();
+        let b = one(&format!("{HEAD}spec:\n  payload: {{inline: a}}\n  assetKey: x\n")).unwrap();
+        let c = one(&format!("{HEAD}spec: {{assetKey: x, payload: {{inline: b}}}}\n")).unwrap();
+        assert_eq!(a.spec_hash, b.spec_hash);
+        assert_ne!(a.spec_hash, c.spec_hash);
+    }
+}

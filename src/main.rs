@@ -1,1 +1,188 @@
-fn main() {}
+//! The `slurm-asset-operator` binary: the edge where `anyhow` and the CLI live.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use slurm_asset_operator::api::ClusterMode;
+use slurm_asset_operator::jobscript::{PlanContext, RunId, plan, render_script, submit_argv};
+use slurm_asset_operator::manifest::{Kind, StoreKind, describe, parse_file};
+use slurm_asset_operator::{crdgen, executor, shell, standalone, status_table};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(version, about = "Runs Dagster assets on Slurm: reconciles SlurmAsset manifests")]
+struct Cli {
+    /// Log as JSON lines instead of text.
+    #[arg(long, global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Reconcile the manifests in a directory; status files go to DIR/.status.
+    Standalone {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Exit when every asset is terminal: 0 if all succeeded, 1 if any failed or a manifest
+        /// is invalid.
+        #[arg(long)]
+        once: bool,
+    },
+    /// Print the job script and the exact submit command a manifest would produce. No side effects.
+    Render {
+        file: PathBuf,
+        /// Which asset of the file (default: the only one).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Print the CustomResourceDefinitions of all kinds.
+    Crds,
+    /// Print a table of every asset's status under DIR.
+    Status {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Internal: supervise one local attempt (started by the operator).
+    #[command(hide = true)]
+    LocalSupervise {
+        #[arg(long)]
+        run_dir: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Command::LocalSupervise { run_dir } = &cli.command {
+        return ExitCode::from(executor::local::supervise(run_dir) as u8);
+    }
+    init_logging(cli.log_json);
+    match run(cli.command) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn run(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Standalone { dir, once } => {
+            let exe = std::env::current_exe().context("locating the operator binary")?;
+            let rt = tokio::runtime::Runtime::new()?;
+            let outcome = rt.block_on(standalone::run(standalone::Options { dir, once, exe }))?;
+            if once {
+                eprintln!(
+                    "{} succeeded, {} failed, {} manifest errors",
+                    outcome.succeeded, outcome.failed, outcome.manifest_errors
+                );
+                if outcome.failed > 0 || outcome.manifest_errors > 0 {
+                    return Ok(ExitCode::from(1));
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Render { file, name } => {
+            print!("{}", render(&file, name.as_deref())?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Crds => {
+            print!("{}", crdgen::crds_yaml());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { dir } => {
+            print!("{}", status_table::render(&dir));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::LocalSupervise { .. } => unreachable!("handled before logging starts"),
+    }
+}
+
+/// Renders the job script and submit command of one asset in `file`; its cluster is looked up
+/// in the same file, then in the other manifests of the file's directory.
+fn render(file: &std::path::Path, name: Option<&str>) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let mut objects = vec![];
+    for doc in parse_file(file, &text, StoreKind::Standalone) {
+        objects.push(doc?);
+    }
+    let dir = file.parent().unwrap_or(std::path::Path::new(".")).to_path_buf();
+    let asset = objects
+        .iter()
+        .filter(|o| o.kind == Kind::SlurmAsset && name.is_none_or(|n| o.name == n))
+        .collect::<Vec<_>>();
+    let [asset] = asset.as_slice() else {
+        anyhow::bail!("{}: expected exactly one SlurmAsset (use --name to pick one)", file.display());
+    };
+    let spec = match &asset.spec {
+        Ok(_) => asset.asset().context("not a SlurmAsset")?,
+        Err(e) => anyhow::bail!("{}: {}", file.display(), describe(e)),
+    };
+    let mut cluster = (
+        slurm_asset_operator::api::SlurmClusterSpec {
+            mode: ClusterMode::Local,
+            ssh: None,
+            queue: Default::default(),
+            remote_base: None,
+            environment: Default::default(),
+            poll_interval: None,
+        },
+        dir.clone(),
+    );
+    if let Some(cref) = &spec.cluster_ref {
+        let snap = standalone::store::scan(&dir);
+        let found = objects
+            .iter()
+            .chain(snap.objects.values())
+            .find(|o| o.kind == Kind::SlurmCluster && &o.name == cref && o.namespace == asset.namespace)
+            .with_context(|| format!("spec.clusterRef: SlurmCluster {cref:?} not found beside {}", file.display()))?;
+        let c = match &found.spec {
+            Ok(_) => found.cluster().context("not a cluster")?.clone(),
+            Err(e) => anyhow::bail!("SlurmCluster {cref:?}: {}", describe(e)),
+        };
+        cluster = (c, found.file.parent().unwrap_or(&dir).to_path_buf());
+    }
+    let ctx = PlanContext {
+        asset_dir: &dir,
+        cluster: &cluster.0,
+        cluster_dir: &cluster.1,
+        default_base: dir.join(".runs"),
+    };
+    let id = RunId {
+        namespace: asset.namespace.clone(),
+        name: asset.name.clone(),
+        uid: "<uid>".into(),
+        run: 1,
+        attempt: 1,
+    };
+    let plan = plan(spec, id, &ctx).map_err(anyhow::Error::msg)?;
+    let exe = std::env::current_exe()?.display().to_string();
+    let mut out = format!("# submit command ({} mode):\n", match plan.mode {
+        ClusterMode::Local => "local",
+        ClusterMode::Slurm => "slurm",
+    });
+    out.push_str(&shell::join(&submit_argv(&plan, &exe)));
+    out.push_str("\n\n# job script (");
+    out.push_str(&plan.run_dir);
+    out.push_str("/job.sh):\n");
+    out.push_str(&render_script(&plan));
+    if let Some((name, content)) = &plan.payload_file {
+        out.push_str(&format!("\n# payload file {name}: {} bytes\n", content.len()));
+    }
+    Ok(out)
+}

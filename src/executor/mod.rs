@@ -1,1 +1,117 @@
+//! Executors run attempts somewhere: [`local`] on the operator's host. Slurm over SSH shares
+//! this interface. Executors never decide; they report observations back to the core.
 
+pub mod local;
+
+use crate::api::{LogTail, Metrics, Resources};
+use std::io::{Read, Seek, SeekFrom};
+use std::path::Path;
+
+/// The job the core knows about: what an executor needs to observe or cancel it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct JobRef {
+    pub job_id: Option<String>,
+    pub run_dir: String,
+    /// Resources requested, for efficiency figures.
+    pub resources: Resources,
+}
+
+/// A submission's result.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Submitted {
+    pub job_id: String,
+    pub run_dir: String,
+    /// A job carrying this attempt's tag already existed and was adopted.
+    pub adopted: bool,
+}
+
+/// Lines and bytes kept per stream in `status.logTail`.
+pub const LOG_TAIL_LINES: usize = 40;
+pub const LOG_TAIL_BYTES: u64 = 4096;
+
+/// Reads the bounded end of a log file (never the whole file).
+pub fn tail_file(path: &Path) -> String {
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return String::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let from = len.saturating_sub(LOG_TAIL_BYTES);
+    if f.seek(SeekFrom::Start(from)).is_err() {
+        return String::new();
+    }
+    let mut buf = Vec::new();
+    let _ = f.take(LOG_TAIL_BYTES).read_to_end(&mut buf);
+    tail_text(&buf, from > 0)
+}
+
+/// The last [`LOG_TAIL_LINES`] lines of `bytes`; drops a first line that was cut mid-way.
+pub fn tail_text(bytes: &[u8], cut: bool) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    let mut lines: Vec<&str> = text.lines().collect();
+    if cut && !lines.is_empty() {
+        lines.remove(0);
+    }
+    let start = lines.len().saturating_sub(LOG_TAIL_LINES);
+    lines[start..].join("\n")
+}
+
+pub fn log_tail(stdout: &Path, stderr: &Path) -> LogTail {
+    LogTail {
+        stdout: tail_file(stdout),
+        stderr: tail_file(stderr),
+    }
+}
+
+/// seff-style figures from totals. `alloc_cpus` and `alloc_nodes` describe the allocation.
+pub fn efficiency(
+    elapsed: f64,
+    cpu_seconds: Option<f64>,
+    max_rss: Option<u64>,
+    alloc_cpus: u32,
+    alloc_nodes: u32,
+    alloc_gpus: u32,
+    requested_mem: Option<u64>,
+) -> Metrics {
+    let hours = elapsed / 3600.0;
+    Metrics {
+        elapsed_seconds: Some(elapsed),
+        cpu_efficiency: cpu_seconds
+            .filter(|_| elapsed > 0.0 && alloc_cpus > 0)
+            .map(|c| c / (elapsed * f64::from(alloc_cpus))),
+        total_cpu_seconds: cpu_seconds,
+        alloc_cpus: Some(alloc_cpus),
+        alloc_nodes: Some(alloc_nodes),
+        max_rss_bytes: max_rss,
+        memory_efficiency: max_rss
+            .zip(requested_mem)
+            .filter(|(_, m)| *m > 0)
+            .map(|(r, m)| r as f64 / m as f64),
+        node_hours: Some(hours * f64::from(alloc_nodes)),
+        cpu_hours: Some(hours * f64::from(alloc_cpus)),
+        gpu_hours: Some(hours * f64::from(alloc_gpus)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tail_keeps_last_lines_and_drops_cut_line() {
+        let text: String = (0..100).map(|i| format!("line {i}\n")).collect();
+        let t = tail_text(text.as_bytes(), false);
+        assert_eq!(t.lines().count(), LOG_TAIL_LINES);
+        assert!(t.ends_with("line 99"));
+        assert_eq!(tail_text(b"ne 1\nline 2\n", true), "line 2");
+    }
+
+    #[test]
+    fn efficiency_figures() {
+        let m = efficiency(100.0, Some(150.0), Some(1 << 30), 2, 1, 0, Some(2 << 30));
+        assert_eq!(m.cpu_efficiency, Some(0.75));
+        assert_eq!(m.memory_efficiency, Some(0.5));
+        assert!((m.node_hours.unwrap() - 100.0 / 3600.0).abs() < 1e-12);
+        assert!((m.cpu_hours.unwrap() - 200.0 / 3600.0).abs() < 1e-12);
+        assert_eq!(efficiency(0.0, Some(0.0), None, 1, 1, 0, None).cpu_efficiency, None);
+    }
+}

@@ -1,0 +1,427 @@
+//! Local execution: the job script runs as a process on the operator's host.
+//!
+//! Each attempt is started through a small supervisor (`slurm-asset-operator local-supervise`,
+//! the local stand-in for `slurmstepd`) in its own process group, so that it outlives an
+//! operator crash. The supervisor holds an exclusive lock on `<run dir>/.lock` for its whole
+//! life and creates `started` exactly once, so an attempt can never run twice: a restarted
+//! operator adopts a live attempt (lock held), learns a finished one's outcome from the exit
+//! file, and only submits when neither exists. It also records CPU time and max RSS from
+//! `wait4`, which the job script cannot measure for itself.
+
+use super::{JobRef, Submitted, efficiency, log_tail};
+use crate::core::{JobState, Observation};
+use crate::jobscript::{EXIT_FILE, JOB_SCRIPT, RunPlan, STDERR_FILE, STDOUT_FILE, render_script};
+use crate::pipes::{CONTEXT_FILE, MESSAGES_FILE, MessageReader, context_data};
+use crate::{Error, Result};
+use jiff::Timestamp;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+const LOCK_FILE: &str = ".lock";
+const STARTED_FILE: &str = "started";
+const CANCELLED_FILE: &str = "cancelled";
+const USAGE_FILE: &str = "usage.json";
+
+/// Runs attempts as local processes.
+#[derive(Clone, Debug)]
+pub struct LocalExecutor {
+    /// The operator binary, re-executed as the supervisor.
+    pub exe: PathBuf,
+    /// How long a cancelled process group gets between SIGTERM and SIGKILL.
+    pub kill_grace: Duration,
+}
+
+/// What the run directory says about an attempt.
+#[derive(Clone, Debug, PartialEq)]
+enum Local {
+    NotStarted,
+    /// Started (or starting) and alive; the supervisor's pid if known.
+    Alive(Option<i32>),
+    /// The exit file exists and the supervisor is gone.
+    Finished(ExitRecord),
+    /// Started, but every process is gone and there is no exit file.
+    Vanished,
+    Cancelled,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+struct ExitRecord {
+    exit_code: i32,
+    start: Option<i64>,
+    end: Option<i64>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Usage {
+    wall_seconds: f64,
+    cpu_seconds: f64,
+    max_rss_bytes: u64,
+}
+
+impl LocalExecutor {
+    pub fn new(exe: PathBuf) -> Self {
+        LocalExecutor {
+            exe,
+            kill_grace: Duration::from_secs(5),
+        }
+    }
+
+    /// Adopts the attempt if its run dir shows it was started, else starts it.
+    pub async fn submit(&self, plan: &RunPlan) -> Result<Submitted> {
+        let dir = PathBuf::from(&plan.run_dir);
+        fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).map_err(|e| Error::io(&dir, e))?;
+        match inspect(&dir) {
+            Local::NotStarted => {}
+            Local::Alive(pid) => {
+                let pid = match pid {
+                    Some(p) => Some(p),
+                    None => wait_for_pid(&dir).await,
+                };
+                return Ok(self.adopted(plan, pid));
+            }
+            Local::Finished(_) | Local::Vanished | Local::Cancelled => {
+                return Ok(self.adopted(plan, read_started(&dir)));
+            }
+        }
+        write_file(&dir.join(JOB_SCRIPT), render_script(plan).as_bytes(), 0o700)?;
+        if let Some((name, content)) = &plan.payload_file {
+            write_file(&dir.join(name), content, 0o600)?;
+        }
+        let ctx = context_data(
+            &plan.asset_key,
+            &plan.dagster_run_id,
+            plan.id.attempt.saturating_sub(1),
+            plan.extras.as_ref(),
+        );
+        write_file(&dir.join(CONTEXT_FILE), ctx.to_string().as_bytes(), 0o600)?;
+        let child = tokio::process::Command::new(&self.exe)
+            .arg("local-supervise")
+            .arg("--run-dir")
+            .arg(&dir)
+            .process_group(0)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| Error::Executor(format!("starting the local supervisor: {e}")))?;
+        // The child is reaped by tokio in the background; it must outlive us, so no kill-on-drop.
+        let pid = child.id().map(|p| p as i32);
+        Ok(Submitted {
+            job_id: pid.map(|p| p.to_string()).unwrap_or_default(),
+            run_dir: plan.run_dir.clone(),
+            adopted: false,
+        })
+    }
+
+    fn adopted(&self, plan: &RunPlan, pid: Option<i32>) -> Submitted {
+        Submitted {
+            job_id: pid.map(|p| p.to_string()).unwrap_or_default(),
+            run_dir: plan.run_dir.clone(),
+            adopted: true,
+        }
+    }
+
+    /// Observes one attempt; `reader` carries the Pipes read offset between polls.
+    pub fn observe(&self, job: &JobRef, reader: &mut MessageReader) -> Observation {
+        let dir = Path::new(&job.run_dir);
+        read_messages(&dir.join(MESSAGES_FILE), reader);
+        let state = inspect(dir);
+        let started_at = started_time(dir);
+        let mut obs = match &state {
+            Local::NotStarted => match job.job_id.as_deref().and_then(|j| j.parse().ok()) {
+                Some(pid) if group_alive(pid) => Observation::of(JobState::Queued),
+                _ => {
+                    let mut o = Observation::of(JobState::Infrastructure { reason: "Lost".into() });
+                    o.message = Some("the local supervisor ended before starting the job".into());
+                    o
+                }
+            },
+            Local::Alive(_) => Observation::of(JobState::Running),
+            Local::Cancelled => Observation::of(JobState::Cancelled { by: None }),
+            Local::Vanished => {
+                let mut o = Observation::of(JobState::Infrastructure { reason: "Lost".into() });
+                o.message = Some("the job's processes ended without writing its exit file".into());
+                o
+            }
+            Local::Finished(rec) => {
+                let mut o = Observation::of(JobState::Exited { exit_code: rec.exit_code });
+                o.end_time = rec.end.and_then(|e| Timestamp::from_second(e).ok());
+                o.metrics = Some(self.metrics(dir, rec, &job.resources));
+                o
+            }
+        };
+        obs.slurm_state = Some(
+            match &state {
+                Local::NotStarted => "PENDING",
+                Local::Alive(_) => "RUNNING",
+                Local::Cancelled => "CANCELLED",
+                Local::Vanished => "LOST",
+                Local::Finished(r) if r.exit_code == 0 => "COMPLETED",
+                Local::Finished(_) => "FAILED",
+            }
+            .to_string(),
+        );
+        obs.start_time = started_at;
+        if !matches!(state, Local::NotStarted) {
+            obs.nodes = vec![hostname()];
+            obs.log_tail = Some(log_tail(&dir.join(STDOUT_FILE), &dir.join(STDERR_FILE)));
+            obs.pipes = Some(reader.status.clone());
+        }
+        obs
+    }
+
+    fn metrics(&self, dir: &Path, rec: &ExitRecord, r: &crate::api::Resources) -> crate::api::Metrics {
+        let usage: Option<Usage> = fs::read(dir.join(USAGE_FILE))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let elapsed = usage.as_ref().map(|u| u.wall_seconds).unwrap_or_else(|| {
+            rec.end.zip(rec.start).map(|(e, s)| (e - s) as f64).unwrap_or(0.0)
+        });
+        let cpus = r.cpus_per_task.unwrap_or(1) * r.ntasks.unwrap_or(1);
+        let mem = r
+            .mem
+            .as_ref()
+            .map(|m| m.bytes())
+            .or_else(|| r.mem_per_cpu.as_ref().map(|m| m.bytes() * u64::from(cpus)));
+        efficiency(
+            elapsed,
+            usage.as_ref().map(|u| u.cpu_seconds),
+            usage.as_ref().map(|u| u.max_rss_bytes),
+            cpus,
+            1,
+            r.gpus_per_node.unwrap_or(0),
+            mem,
+        )
+    }
+
+    /// Stops an attempt: marks it cancelled (so a supervisor that has not started yet never
+    /// runs it), then SIGTERM to its process group, SIGKILL after the grace period.
+    pub async fn cancel(&self, job_id: Option<&str>, run_dir: Option<&str>) -> Result<String> {
+        let dir = run_dir.map(PathBuf::from);
+        if let Some(dir) = &dir
+            && dir.is_dir()
+        {
+            write_file(&dir.join(CANCELLED_FILE), b"", 0o600)?;
+        }
+        let state = dir.as_deref().map(inspect);
+        let pid = job_id
+            .and_then(|j| j.parse::<i32>().ok())
+            .or_else(|| dir.as_deref().and_then(read_started));
+        let Some(pid) = pid.filter(|p| *p > 1) else {
+            return Ok("cancelled before the job started".into());
+        };
+        if matches!(state, Some(Local::Finished(_))) || !group_alive(pid) {
+            return Ok(format!("process group {pid} had already ended"));
+        }
+        signal_group(pid, libc::SIGTERM);
+        let deadline = Instant::now() + self.kill_grace;
+        while group_alive(pid) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if group_alive(pid) {
+            signal_group(pid, libc::SIGKILL);
+            return Ok(format!("process group {pid} killed (SIGKILL after {}s)", self.kill_grace.as_secs()));
+        }
+        Ok(format!("process group {pid} terminated"))
+    }
+
+    /// Removes a finished attempt's run directory.
+    pub fn cleanup(&self, run_dir: &str) -> Result<()> {
+        match fs::remove_dir_all(run_dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io(run_dir, e)),
+        }
+    }
+}
+
+fn write_file(path: &Path, content: &[u8], mode: u32) -> Result<()> {
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(path)
+        .map_err(|e| Error::io(path, e))?;
+    f.write_all(content).map_err(|e| Error::io(path, e))
+}
+
+fn read_messages(path: &Path, reader: &mut MessageReader) {
+    let Ok(mut f) = File::open(path) else { return };
+    if f.seek(SeekFrom::Start(reader.offset)).is_err() {
+        return;
+    }
+    let mut buf = Vec::new();
+    if f.read_to_end(&mut buf).is_ok() {
+        reader.feed(&buf);
+    }
+}
+
+/// Whether some process holds the run dir's lock (a live supervisor).
+fn lock_held(dir: &Path) -> bool {
+    let Ok(f) = File::open(dir.join(LOCK_FILE)) else {
+        return false;
+    };
+    match f.try_lock() {
+        Ok(()) => {
+            let _ = f.unlock();
+            false
+        }
+        Err(_) => true,
+    }
+}
+
+fn read_started(dir: &Path) -> Option<i32> {
+    let text = fs::read_to_string(dir.join(STARTED_FILE)).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("pid="))
+        .and_then(|p| p.trim().parse().ok())
+}
+
+fn started_time(dir: &Path) -> Option<Timestamp> {
+    let text = fs::read_to_string(dir.join(STARTED_FILE)).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("start="))
+        .and_then(|p| p.trim().parse().ok())
+        .and_then(|s| Timestamp::from_second(s).ok())
+}
+
+fn read_exit(dir: &Path) -> Option<ExitRecord> {
+    let text = fs::read_to_string(dir.join(EXIT_FILE)).ok()?;
+    let field = |k: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(k))
+            .and_then(|v| v.trim().parse::<i64>().ok())
+    };
+    Some(ExitRecord {
+        exit_code: field("exit_code=")? as i32,
+        start: field("start="),
+        end: field("end="),
+    })
+}
+
+fn inspect(dir: &Path) -> Local {
+    let held = lock_held(dir);
+    let started = dir.join(STARTED_FILE).exists();
+    let cancelled = dir.join(CANCELLED_FILE).exists();
+    match read_exit(dir) {
+        Some(rec) if !held => return Local::Finished(rec),
+        Some(_) => return Local::Alive(read_started(dir)),
+        None => {}
+    }
+    let pid = read_started(dir);
+    if held || pid.is_some_and(group_alive) {
+        return Local::Alive(pid);
+    }
+    match (started, cancelled) {
+        (_, true) => Local::Cancelled,
+        (true, false) => Local::Vanished,
+        (false, false) => Local::NotStarted,
+    }
+}
+
+async fn wait_for_pid(dir: &Path) -> Option<i32> {
+    for _ in 0..40 {
+        if let Some(p) = read_started(dir) {
+            return Some(p);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    None
+}
+
+fn group_alive(pgid: i32) -> bool {
+    // SAFETY: kill with signal 0 only checks for existence and permission.
+    pgid > 1 && unsafe { libc::kill(-pgid, 0) } == 0
+}
+
+fn signal_group(pgid: i32, sig: i32) {
+    // SAFETY: plain syscall; pgid > 1 is checked by callers, so this never targets init or us.
+    unsafe {
+        libc::kill(-pgid, sig);
+    }
+}
+
+fn hostname() -> String {
+    fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
+/// The supervisor's body (`local-supervise --run-dir DIR`). Returns its exit code.
+pub fn supervise(dir: &Path) -> i32 {
+    let lock = match OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(dir.join(LOCK_FILE))
+    {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("local-supervise: {}: {e}", dir.display());
+            return 2;
+        }
+    };
+    if lock.try_lock().is_err() {
+        return 0; // another supervisor owns this attempt
+    }
+    if dir.join(STARTED_FILE).exists() || dir.join(CANCELLED_FILE).exists() {
+        return 0; // this attempt already ran, or was cancelled before it started
+    }
+    let pid = std::process::id();
+    let start = Timestamp::now().as_second();
+    let started = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(dir.join(STARTED_FILE))
+        .and_then(|mut f| writeln!(f, "pid={pid}\nstart={start}"));
+    if started.is_err() {
+        return 0;
+    }
+    let open_log = |name: &str| {
+        OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(dir.join(name))
+    };
+    let (Ok(out), Ok(err)) = (open_log(STDOUT_FILE), open_log(STDERR_FILE)) else {
+        return 2;
+    };
+    let t0 = Instant::now();
+    let child = std::process::Command::new("bash")
+        .arg(dir.join(JOB_SCRIPT))
+        .current_dir(dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn();
+    let Ok(child) = child else {
+        return 2;
+    };
+    let mut status = 0;
+    // SAFETY: rusage is plain old data; wait4 fills it for our own child.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
+    if rc < 0 {
+        return 2;
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    let u = Usage {
+        wall_seconds: t0.elapsed().as_secs_f64(),
+        cpu_seconds: secs(usage.ru_utime) + secs(usage.ru_stime),
+        max_rss_bytes: (usage.ru_maxrss as u64) * 1024,
+    };
+    let tmp = dir.join(format!("{USAGE_FILE}.tmp"));
+    if fs::write(&tmp, serde_json::to_vec(&u).unwrap_or_default()).is_ok() {
+        let _ = fs::rename(&tmp, dir.join(USAGE_FILE));
+    }
+    drop(lock);
+    0
+}

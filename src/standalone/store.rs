@@ -1,0 +1,273 @@
+//! The directory store: manifests in, status files out.
+//!
+//! Reads every `*.yaml`/`*.yml` under the directory (recursively; hidden folders such as
+//! `.status` and `.runs` are skipped) and keeps one status file per object at
+//! `.status/<namespace>/<Kind>/<name>.yaml`, written atomically (temp file + rename).
+
+use crate::api::API_VERSION;
+use crate::manifest::{Kind, Loaded, ManifestError, StoreKind, parse_file};
+use crate::{Error, Result};
+use serde_json::{Value, json};
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+pub const STATUS_DIR: &str = ".status";
+pub const ERRORS_FILE: &str = "errors.yaml";
+pub const ANN_SPEC_HASH: &str = "dagster-slurm.io/spec-hash";
+pub const ANN_SOURCE: &str = "dagster-slurm.io/source";
+pub const ANN_ASSET_KEY: &str = "dagster-slurm.io/asset-key";
+
+/// Identity of an object in the store.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ObjectKey {
+    pub kind: Kind,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl std::fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}/{}", self.kind.as_str(), self.namespace, self.name)
+    }
+}
+
+impl Loaded {
+    pub fn key(&self) -> ObjectKey {
+        ObjectKey {
+            kind: self.kind,
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+        }
+    }
+}
+
+/// Everything one scan found.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub objects: BTreeMap<ObjectKey, Loaded>,
+    pub errors: Vec<ManifestError>,
+}
+
+/// What a status file remembers about an object across operator restarts.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Stored {
+    pub uid: String,
+    pub generation: i64,
+    pub spec_hash: String,
+    pub deleted: bool,
+    pub status: Value,
+}
+
+/// Reads all manifests under `dir`. Files are visited in sorted order, so when two documents
+/// claim one name the first (by path) keeps it and the later one gets the error.
+pub fn scan(dir: &Path) -> Snapshot {
+    let mut files = vec![];
+    collect(dir, &mut files);
+    files.sort();
+    let mut snap = Snapshot::default();
+    for file in files {
+        let text = match fs::read_to_string(&file) {
+            Ok(t) => t,
+            Err(e) => {
+                snap.errors.push(ManifestError {
+                    file: file.clone(),
+                    document: None,
+                    reason: format!("cannot read: {e}"),
+                });
+                continue;
+            }
+        };
+        for doc in parse_file(&file, &text, StoreKind::Standalone) {
+            match doc {
+                Err(e) => snap.errors.push(e),
+                Ok(obj) => {
+                    let key = obj.key();
+                    if let Some(first) = snap.objects.get(&key) {
+                        snap.errors.push(ManifestError {
+                            file: obj.file.clone(),
+                            document: Some(obj.document),
+                            reason: format!(
+                                "metadata.name: duplicate {} {:?} in namespace {:?}, already defined in {} (document {}); this one is ignored",
+                                key.kind.as_str(),
+                                key.name,
+                                key.namespace,
+                                first.file.display(),
+                                first.document
+                            ),
+                        });
+                    } else {
+                        snap.objects.insert(key, obj);
+                    }
+                }
+            }
+        }
+    }
+    snap
+}
+
+fn collect(dir: &Path, out: &mut Vec<PathBuf>) {
+    let Ok(entries) = fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        let path = e.path();
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with('.') {
+            continue;
+        }
+        let Ok(ft) = e.file_type() else { continue };
+        if ft.is_dir() {
+            collect(&path, out);
+        } else if name.ends_with(".yaml") || name.ends_with(".yml") {
+            out.push(path);
+        }
+    }
+}
+
+pub fn status_path(dir: &Path, key: &ObjectKey) -> PathBuf {
+    dir.join(STATUS_DIR)
+        .join(&key.namespace)
+        .join(key.kind.as_str())
+        .join(format!("{}.yaml", key.name))
+}
+
+/// Reads an object's status file, if any.
+pub fn read_stored(dir: &Path, key: &ObjectKey) -> Option<Stored> {
+    let text = fs::read_to_string(status_path(dir, key)).ok()?;
+    let v: Value = serde_saphyr::from_str(&text).ok()?;
+    let meta = v.get("metadata")?;
+    let ann = |k: &str| {
+        meta.get("annotations")
+            .and_then(|a| a.get(k))
+            .and_then(Value::as_str)
+            .map(str::to_string)
+    };
+    Some(Stored {
+        uid: meta.get("uid")?.as_str()?.to_string(),
+        generation: meta.get("generation").and_then(Value::as_i64).unwrap_or(1),
+        spec_hash: ann(ANN_SPEC_HASH).unwrap_or_default(),
+        deleted: meta.get("deletionTimestamp").is_some(),
+        status: v.get("status").cloned().unwrap_or(Value::Null),
+    })
+}
+
+/// Renders a whole object as its status file holds it.
+pub fn render_object(
+    key: &ObjectKey,
+    stored: &Stored,
+    source: Option<&Path>,
+    asset_key: Option<&str>,
+    deleted_at: Option<jiff::Timestamp>,
+) -> Result<String> {
+    let mut annotations = serde_json::Map::new();
+    annotations.insert(ANN_SPEC_HASH.into(), json!(stored.spec_hash));
+    if let Some(s) = source {
+        annotations.insert(ANN_SOURCE.into(), json!(s.display().to_string()));
+    }
+    if let Some(a) = asset_key {
+        annotations.insert(ANN_ASSET_KEY.into(), json!(a));
+    }
+    let mut metadata = json!({
+        "name": key.name,
+        "namespace": key.namespace,
+        "uid": stored.uid,
+        "generation": stored.generation,
+        "annotations": annotations,
+    });
+    if let Some(t) = deleted_at {
+        metadata["deletionTimestamp"] = json!(t.to_string());
+    }
+    let obj = json!({
+        "apiVersion": API_VERSION,
+        "kind": key.kind.as_str(),
+        "metadata": metadata,
+        "status": stored.status,
+    });
+    serde_saphyr::to_string(&obj).map_err(|e| Error::Serialize {
+        what: key.to_string(),
+        reason: e.to_string(),
+    })
+}
+
+/// Writes `content` to `path` atomically: a temp file in the same folder, then rename.
+pub fn write_atomic(path: &Path, content: &str) -> Result<()> {
+    let parent = path.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    let tmp = parent.join(format!(
+        ".{}.tmp-{}",
+        path.file_name().unwrap_or_default().to_string_lossy(),
+        std::process::id()
+    ));
+    let mut f = fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    f.write_all(content.as_bytes())
+        .and_then(|_| f.sync_all())
+        .map_err(|e| Error::io(&tmp, e))?;
+    fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+/// Writes `.status/errors.yaml`: the manifest errors that no object's status can carry.
+pub fn write_errors(dir: &Path, errors: &[ManifestError]) -> Result<()> {
+    let list: Vec<Value> = errors
+        .iter()
+        .map(|e| {
+            json!({
+                "file": e.file.display().to_string(),
+                "document": e.document,
+                "message": e.to_string(),
+            })
+        })
+        .collect();
+    let text = serde_saphyr::to_string(&json!({ "errors": list })).map_err(|e| Error::Serialize {
+        what: ERRORS_FILE.into(),
+        reason: e.to_string(),
+    })?;
+    let path = dir.join(STATUS_DIR).join(ERRORS_FILE);
+    if fs::read_to_string(&path).ok().as_deref() != Some(text.as_str()) {
+        write_atomic(&path, &text)?;
+    }
+    Ok(())
+}
+
+/// Reads every status file of `kind` under `dir` (for the `status` command and the sensor).
+pub fn list_status_files(dir: &Path, kind: Kind) -> Vec<(PathBuf, Value)> {
+    let mut out = vec![];
+    let root = dir.join(STATUS_DIR);
+    let Ok(namespaces) = fs::read_dir(&root) else {
+        return out;
+    };
+    for ns in namespaces.flatten() {
+        let kdir = ns.path().join(kind.as_str());
+        let Ok(files) = fs::read_dir(&kdir) else { continue };
+        for f in files.flatten() {
+            let p = f.path();
+            if p.extension().is_some_and(|e| e == "yaml")
+                && let Ok(text) = fs::read_to_string(&p)
+                && let Ok(v) = serde_saphyr::from_str::<Value>(&text)
+            {
+                out.push((p, v));
+            }
+        }
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+/// Remembers what was last written per path, so unchanged status is never rewritten.
+#[derive(Default, Debug)]
+pub struct WriteCache(HashMap<PathBuf, String>);
+
+impl WriteCache {
+    /// Writes when the content differs from the last write (or from the file on disk).
+    pub fn write(&mut self, path: &Path, content: String) -> Result<bool> {
+        let same = match self.0.get(path) {
+            Some(prev) => *prev == content,
+            None => fs::read_to_string(path).ok().as_deref() == Some(content.as_str()),
+        };
+        if !same {
+            write_atomic(path, &content)?;
+        }
+        self.0.insert(path.to_path_buf(), content);
+        Ok(!same)
+    }
+}

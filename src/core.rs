@@ -37,16 +37,22 @@ pub enum JobState {
     Queued,
     Running,
     /// The payload ended by itself with this exit code.
-    Exited { exit_code: i32 },
+    Exited {
+        exit_code: i32,
+    },
     /// The scheduler ended the job (TIMEOUT, OUT_OF_MEMORY, DEADLINE, ...): not retried.
     Killed {
         reason: String,
         exit_code: Option<i32>,
     },
     /// Cancelled by someone other than the operator.
-    Cancelled { by: Option<String> },
+    Cancelled {
+        by: Option<String>,
+    },
     /// Infrastructure failure (NODE_FAIL, BOOT_FAIL, PREEMPTED, a vanished process): retried.
-    Infrastructure { reason: String },
+    Infrastructure {
+        reason: String,
+    },
 }
 
 /// One observation of the current attempt's job.
@@ -91,10 +97,14 @@ pub enum Event {
         adopted: bool,
     },
     /// The submission failed for good (bad options, a payload that cannot be placed, ...).
-    SubmitFailed { message: String },
-    Observed(Observation),
+    SubmitFailed {
+        message: String,
+    },
+    Observed(Box<Observation>),
     /// A cancellation requested for a deletion has been carried out.
-    CancelDone { message: String },
+    CancelDone {
+        message: String,
+    },
 }
 
 /// An effect for an adapter to perform.
@@ -146,7 +156,14 @@ fn decide(s: &mut SlurmAssetStatus, actions: &mut Vec<Action>, input: &Input, ev
     if input.deleted {
         if let Event::CancelDone { message } = event {
             if is_active(s) || s.phase == Phase::Pending {
-                finish(s, actions, input, Phase::Cancelled, "Deleted", Some(message));
+                finish(
+                    s,
+                    actions,
+                    input,
+                    Phase::Cancelled,
+                    "Deleted",
+                    Some(message),
+                );
             }
         } else if is_active(s) || (s.phase == Phase::Pending && s.run > 0) {
             actions.push(cancel_current(s, true));
@@ -239,7 +256,14 @@ fn decide(s: &mut SlurmAssetStatus, actions: &mut Vec<Action>, input: &Input, ev
         }
         Event::SubmitFailed { message } => {
             if is_active(s) || s.phase == Phase::Pending {
-                finish(s, actions, input, Phase::Failed, "SubmitFailed", Some(message));
+                finish(
+                    s,
+                    actions,
+                    input,
+                    Phase::Failed,
+                    "SubmitFailed",
+                    Some(message),
+                );
             }
         }
         Event::Observed(obs) => {
@@ -258,7 +282,14 @@ fn decide(s: &mut SlurmAssetStatus, actions: &mut Vec<Action>, input: &Input, ev
                 }
                 JobState::Exited { exit_code: 0 } => {
                     s.exit_code = Some(0);
-                    finish(s, actions, input, Phase::Succeeded, "Completed", obs.message);
+                    finish(
+                        s,
+                        actions,
+                        input,
+                        Phase::Succeeded,
+                        "Completed",
+                        obs.message,
+                    );
                 }
                 JobState::Exited { exit_code } => {
                     s.exit_code = Some(exit_code);
@@ -276,7 +307,14 @@ fn decide(s: &mut SlurmAssetStatus, actions: &mut Vec<Action>, input: &Input, ev
                 }
                 JobState::Cancelled { by } => {
                     let msg = by.map(|b| format!("cancelled by {b}"));
-                    finish(s, actions, input, Phase::Cancelled, "CancelledExternally", msg.or(obs.message));
+                    finish(
+                        s,
+                        actions,
+                        input,
+                        Phase::Cancelled,
+                        "CancelledExternally",
+                        msg.or(obs.message),
+                    );
                 }
                 JobState::Infrastructure { reason } => {
                     if !retry(s, actions, input, &reason) {
@@ -431,9 +469,25 @@ fn update_conditions(s: &mut SlurmAssetStatus, input: &Input) {
         || (s.phase == Phase::Submitting && s.run > 0);
     conditions::set(c, "Running", running, s.phase.as_str(), "", g, now);
     let complete = s.phase == Phase::Succeeded;
-    conditions::set(c, "Complete", complete, if complete { &reason } else { "NotSucceeded" }, "", g, now);
+    conditions::set(
+        c,
+        "Complete",
+        complete,
+        if complete { &reason } else { "NotSucceeded" },
+        "",
+        g,
+        now,
+    );
     let failed = s.phase == Phase::Failed;
-    conditions::set(c, "Failed", failed, if failed { &reason } else { "NotFailed" }, if failed { &msg } else { "" }, g, now);
+    conditions::set(
+        c,
+        "Failed",
+        failed,
+        if failed { &reason } else { "NotFailed" },
+        if failed { &msg } else { "" },
+        g,
+        now,
+    );
 }
 
 #[cfg(test)]
@@ -469,7 +523,7 @@ mod tests {
     }
 
     fn observed(state: JobState) -> Event {
-        Event::Observed(Observation::of(state))
+        Event::Observed(Box::new(Observation::of(state)))
     }
 
     /// Drives a fresh object to the given phase of run 1.
@@ -483,9 +537,13 @@ mod tests {
         match phase {
             Phase::Queued => s,
             Phase::Running => reconcile(&s, &i, observed(JobState::Running)).status,
-            Phase::Succeeded => reconcile(&s, &i, observed(JobState::Exited { exit_code: 0 })).status,
+            Phase::Succeeded => {
+                reconcile(&s, &i, observed(JobState::Exited { exit_code: 0 })).status
+            }
             Phase::Failed => reconcile(&s, &i, observed(JobState::Exited { exit_code: 3 })).status,
-            Phase::Cancelled => reconcile(&s, &i, observed(JobState::Cancelled { by: None })).status,
+            Phase::Cancelled => {
+                reconcile(&s, &i, observed(JobState::Cancelled { by: None })).status
+            }
             other => panic!("no path to {other:?}"),
         }
     }
@@ -497,7 +555,14 @@ mod tests {
         assert_eq!(d.status.run, 1);
         assert_eq!(d.status.attempts, 1);
         assert_eq!(d.status.observed_generation, Some(1));
-        assert_eq!(d.actions, vec![Action::Submit { run: 1, attempt: 1, delay: None }]);
+        assert_eq!(
+            d.actions,
+            vec![Action::Submit {
+                run: 1,
+                attempt: 1,
+                delay: None
+            }]
+        );
     }
 
     #[test]
@@ -509,7 +574,7 @@ mod tests {
         let mut obs = Observation::of(JobState::Running);
         obs.start_time = Some(t(1));
         obs.nodes = vec!["n1".into()];
-        let d = reconcile(&s, &i, Event::Observed(obs));
+        let d = reconcile(&s, &i, Event::Observed(Box::new(obs)));
         assert_eq!(d.status.phase, Phase::Running);
         assert_eq!(d.actions, vec![Action::Watch]);
         assert!(conditions::is_true(&d.status.conditions, "Running"));
@@ -517,7 +582,12 @@ mod tests {
         assert_eq!(d.status.phase, Phase::Succeeded);
         assert_eq!(d.status.exit_code, Some(0));
         assert_eq!(d.status.nodes, vec!["n1".to_string()]);
-        assert_eq!(d.actions, vec![Action::Cleanup { run_dir: "/runs/100".into() }]);
+        assert_eq!(
+            d.actions,
+            vec![Action::Cleanup {
+                run_dir: "/runs/100".into()
+            }]
+        );
         assert!(conditions::is_true(&d.status.conditions, "Complete"));
         assert!(!conditions::is_true(&d.status.conditions, "Running"));
     }
@@ -527,14 +597,24 @@ mod tests {
         let mut i = input(1);
         i.debug = true;
         let s = at(Phase::Running);
-        assert!(reconcile(&s, &i, observed(JobState::Exited { exit_code: 0 })).actions.is_empty());
+        assert!(
+            reconcile(&s, &i, observed(JobState::Exited { exit_code: 0 }))
+                .actions
+                .is_empty()
+        );
         let i = input(1);
-        assert!(reconcile(&s, &i, observed(JobState::Exited { exit_code: 1 })).actions.is_empty());
+        assert!(
+            reconcile(&s, &i, observed(JobState::Exited { exit_code: 1 }))
+                .actions
+                .is_empty()
+        );
         let mut i = input(1);
         i.cleanup_on_failure = true;
         assert_eq!(
             reconcile(&s, &i, observed(JobState::Exited { exit_code: 1 })).actions,
-            vec![Action::Cleanup { run_dir: "/runs/100".into() }]
+            vec![Action::Cleanup {
+                run_dir: "/runs/100".into()
+            }]
         );
     }
 
@@ -552,7 +632,10 @@ mod tests {
         let d = reconcile(
             &at(Phase::Running),
             &input(1),
-            observed(JobState::Killed { reason: "TIMEOUT".into(), exit_code: None }),
+            observed(JobState::Killed {
+                reason: "TIMEOUT".into(),
+                exit_code: None,
+            }),
         );
         assert_eq!(d.status.phase, Phase::Failed);
         assert_eq!(d.status.reason.as_deref(), Some("TIMEOUT"));
@@ -570,14 +653,22 @@ mod tests {
         let mut i = input(1);
         i.retry_limit = 1;
         let s = at(Phase::Running);
-        let infra = || observed(JobState::Infrastructure { reason: "NODE_FAIL".into() });
+        let infra = || {
+            observed(JobState::Infrastructure {
+                reason: "NODE_FAIL".into(),
+            })
+        };
         let d = reconcile(&s, &i, infra());
         assert_eq!(d.status.phase, Phase::Pending);
         assert_eq!(d.status.attempts, 2);
         assert_eq!(d.status.job_id, None);
         assert_eq!(
             d.actions,
-            vec![Action::Submit { run: 1, attempt: 2, delay: Some(Duration::from_secs(5)) }]
+            vec![Action::Submit {
+                run: 1,
+                attempt: 2,
+                delay: Some(Duration::from_secs(5))
+            }]
         );
         let s = reconcile(&d.status, &i, submitted("101")).status;
         assert_eq!(s.phase, Phase::Queued);
@@ -592,9 +683,19 @@ mod tests {
         let mut i = input(1);
         i.retry_limit = 2;
         let s = at(Phase::Running);
-        assert_eq!(reconcile(&s, &i, observed(JobState::Exited { exit_code: 1 })).status.phase, Phase::Failed);
+        assert_eq!(
+            reconcile(&s, &i, observed(JobState::Exited { exit_code: 1 }))
+                .status
+                .phase,
+            Phase::Failed
+        );
         i.retry_on_payload_failure = true;
-        assert_eq!(reconcile(&s, &i, observed(JobState::Exited { exit_code: 1 })).status.phase, Phase::Pending);
+        assert_eq!(
+            reconcile(&s, &i, observed(JobState::Exited { exit_code: 1 }))
+                .status
+                .phase,
+            Phase::Pending
+        );
     }
 
     #[test]
@@ -634,7 +735,11 @@ mod tests {
         assert_eq!(d.status.phase, Phase::Failed);
         assert_eq!(
             d.actions,
-            vec![Action::Cancel { job_id: Some("100".into()), run_dir: Some("/runs/100".into()), report: false }]
+            vec![Action::Cancel {
+                job_id: Some("100".into()),
+                run_dir: Some("/runs/100".into()),
+                report: false
+            }]
         );
         assert_eq!(d.status.history[0].phase, Phase::Cancelled);
         assert_eq!(d.status.history[0].reason.as_deref(), Some("Superseded"));
@@ -653,7 +758,14 @@ mod tests {
         assert_eq!(d.status.history[0].run, 1);
         assert_eq!(d.status.history[0].phase, Phase::Succeeded);
         assert_eq!(d.status.history[0].job_id.as_deref(), Some("100"));
-        assert_eq!(d.actions, vec![Action::Submit { run: 2, attempt: 1, delay: None }]);
+        assert_eq!(
+            d.actions,
+            vec![Action::Submit {
+                run: 2,
+                attempt: 1,
+                delay: None
+            }]
+        );
     }
 
     #[test]
@@ -662,8 +774,16 @@ mod tests {
         assert_eq!(
             d.actions,
             vec![
-                Action::Cancel { job_id: Some("100".into()), run_dir: Some("/runs/100".into()), report: false },
-                Action::Submit { run: 2, attempt: 1, delay: None },
+                Action::Cancel {
+                    job_id: Some("100".into()),
+                    run_dir: Some("/runs/100".into()),
+                    report: false
+                },
+                Action::Submit {
+                    run: 2,
+                    attempt: 1,
+                    delay: None
+                },
             ]
         );
         assert_eq!(d.status.history[0].reason.as_deref(), Some("Superseded"));
@@ -693,11 +813,22 @@ mod tests {
     #[test]
     fn restart_in_every_phase() {
         let i = input(1);
-        for phase in [Phase::Submitting, Phase::Queued, Phase::Running, Phase::Succeeded, Phase::Failed, Phase::Cancelled] {
+        for phase in [
+            Phase::Submitting,
+            Phase::Queued,
+            Phase::Running,
+            Phase::Succeeded,
+            Phase::Failed,
+            Phase::Cancelled,
+        ] {
             let s = at(phase);
             let d = reconcile(&s, &i, Event::Resync);
             let expected = match phase {
-                Phase::Submitting => vec![Action::Submit { run: 1, attempt: 1, delay: None }],
+                Phase::Submitting => vec![Action::Submit {
+                    run: 1,
+                    attempt: 1,
+                    delay: None,
+                }],
                 Phase::Queued | Phase::Running => vec![Action::Watch],
                 _ => vec![],
             };
@@ -711,14 +842,29 @@ mod tests {
             s.phase = phase;
             let d = reconcile(&s, &i, Event::Resync);
             assert_eq!(d.status.phase, Phase::Submitting);
-            assert_eq!(d.actions, vec![Action::Submit { run: 1, attempt: 1, delay: None }]);
+            assert_eq!(
+                d.actions,
+                vec![Action::Submit {
+                    run: 1,
+                    attempt: 1,
+                    delay: None
+                }]
+            );
         }
     }
 
     #[test]
     fn adoption_after_restart_is_recorded() {
         let s = at(Phase::Submitting);
-        let d = reconcile(&s, &input(1), Event::Submitted { job_id: "7".into(), run_dir: "/r".into(), adopted: true });
+        let d = reconcile(
+            &s,
+            &input(1),
+            Event::Submitted {
+                job_id: "7".into(),
+                run_dir: "/r".into(),
+                adopted: true,
+            },
+        );
         assert_eq!(d.status.phase, Phase::Queued);
         assert_eq!(d.status.reason.as_deref(), Some("Adopted"));
         assert_eq!(d.status.run, 1);
@@ -731,34 +877,77 @@ mod tests {
         let d = reconcile(&at(Phase::Running), &i, Event::Resync);
         assert_eq!(
             d.actions,
-            vec![Action::Cancel { job_id: Some("100".into()), run_dir: Some("/runs/100".into()), report: true }]
+            vec![Action::Cancel {
+                job_id: Some("100".into()),
+                run_dir: Some("/runs/100".into()),
+                report: true
+            }]
         );
-        let d = reconcile(&d.status, &i, Event::CancelDone { message: "terminated".into() });
+        let d = reconcile(
+            &d.status,
+            &i,
+            Event::CancelDone {
+                message: "terminated".into(),
+            },
+        );
         assert_eq!(d.status.phase, Phase::Cancelled);
         assert_eq!(d.status.reason.as_deref(), Some("Deleted"));
         assert_eq!(d.status.end_time, Some(t(0)));
         // A terminal object needs nothing on deletion.
-        assert!(reconcile(&at(Phase::Succeeded), &i, Event::Resync).actions.is_empty());
+        assert!(
+            reconcile(&at(Phase::Succeeded), &i, Event::Resync)
+                .actions
+                .is_empty()
+        );
         // A submission in flight is cancelled by its run dir.
         let d = reconcile(&at(Phase::Submitting), &i, Event::Resync);
-        assert_eq!(d.actions, vec![Action::Cancel { job_id: None, run_dir: None, report: true }]);
+        assert_eq!(
+            d.actions,
+            vec![Action::Cancel {
+                job_id: None,
+                run_dir: None,
+                report: true
+            }]
+        );
     }
 
     #[test]
     fn stale_events_are_ignored() {
         let done = at(Phase::Succeeded);
         let i = input(1);
-        assert_eq!(reconcile(&done, &i, observed(JobState::Running)).status, done);
+        assert_eq!(
+            reconcile(&done, &i, observed(JobState::Running)).status,
+            done
+        );
         assert_eq!(reconcile(&done, &i, submitted("9")).status, done);
-        assert_eq!(reconcile(&done, &i, Event::SubmitFailed { message: "x".into() }).status, done);
+        assert_eq!(
+            reconcile(
+                &done,
+                &i,
+                Event::SubmitFailed {
+                    message: "x".into()
+                }
+            )
+            .status,
+            done
+        );
     }
 
     #[test]
     fn submit_failure_fails_the_run() {
-        let d = reconcile(&at(Phase::Submitting), &input(1), Event::SubmitFailed { message: "sbatch: error: invalid partition".into() });
+        let d = reconcile(
+            &at(Phase::Submitting),
+            &input(1),
+            Event::SubmitFailed {
+                message: "sbatch: error: invalid partition".into(),
+            },
+        );
         assert_eq!(d.status.phase, Phase::Failed);
         assert_eq!(d.status.reason.as_deref(), Some("SubmitFailed"));
-        assert_eq!(d.status.message.as_deref(), Some("sbatch: error: invalid partition"));
+        assert_eq!(
+            d.status.message.as_deref(),
+            Some("sbatch: error: invalid partition")
+        );
     }
 
     #[test]

@@ -210,7 +210,10 @@ pub fn render_script(plan: &RunPlan) -> String {
         s.push_str(&format!("export {k}={}\n", quote(&v)));
     }
     s.push_str(&format!("export SAO_RUN_DIR={}\n", quote(&plan.run_dir)));
-    s.push_str(&format!("export SAO_ASSET_KEY={}\n", quote(&plan.asset_key)));
+    s.push_str(&format!(
+        "export SAO_ASSET_KEY={}\n",
+        quote(&plan.asset_key)
+    ));
     for (k, v) in &plan.env {
         // Names are validated as identifiers; values are quoted.
         s.push_str(&format!("export {k}={}\n", quote(v)));
@@ -260,12 +263,18 @@ pub fn sbatch_argv(plan: &RunPlan) -> Vec<String> {
     opt("qos", r.qos.clone());
     opt("account", r.account.clone());
     opt("reservation", r.reservation.clone());
-    opt("time", r.time_limit.as_ref().map(|t| t.as_str().to_string()));
+    opt(
+        "time",
+        r.time_limit.as_ref().map(|t| t.as_str().to_string()),
+    );
     opt("nodes", r.nodes.map(|n| n.to_string()));
     opt("ntasks", r.ntasks.map(|n| n.to_string()));
     opt("cpus-per-task", r.cpus_per_task.map(|n| n.to_string()));
     opt("mem", r.mem.as_ref().map(|m| m.as_str().to_string()));
-    opt("mem-per-cpu", r.mem_per_cpu.as_ref().map(|m| m.as_str().to_string()));
+    opt(
+        "mem-per-cpu",
+        r.mem_per_cpu.as_ref().map(|m| m.as_str().to_string()),
+    );
     opt("gpus-per-node", r.gpus_per_node.map(|n| n.to_string()));
     opt("constraint", r.constraint.clone());
     a.extend(r.extra_sbatch_args.iter().cloned());
@@ -323,7 +332,9 @@ mod tests {
             value_from: None,
         }];
         s.resources.partition = Some("p; rm".into());
-        let cluster: SlurmClusterSpec = serde_json::from_value(serde_json::json!({"mode": "slurm", "remoteBase": "/base dir"})).unwrap();
+        let cluster: SlurmClusterSpec =
+            serde_json::from_value(serde_json::json!({"mode": "slurm", "remoteBase": "/base dir"}))
+                .unwrap();
         let ctx = PlanContext {
             asset_dir: Path::new("/m"),
             cluster: &cluster,

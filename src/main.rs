@@ -10,7 +10,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(version, about = "Runs Dagster assets on Slurm: reconciles SlurmAsset manifests")]
+#[command(
+    version,
+    about = "Runs Dagster assets on Slurm: reconciles SlurmAsset manifests"
+)]
 struct Cli {
     /// Log as JSON lines instead of text.
     #[arg(long, global = true)]
@@ -116,18 +119,25 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
 /// Renders the job script and submit command of one asset in `file`; its cluster is looked up
 /// in the same file, then in the other manifests of the file's directory.
 fn render(file: &std::path::Path, name: Option<&str>) -> anyhow::Result<String> {
-    let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
     let mut objects = vec![];
     for doc in parse_file(file, &text, StoreKind::Standalone) {
         objects.push(doc?);
     }
-    let dir = file.parent().unwrap_or(std::path::Path::new(".")).to_path_buf();
+    let dir = file
+        .parent()
+        .unwrap_or(std::path::Path::new("."))
+        .to_path_buf();
     let asset = objects
         .iter()
         .filter(|o| o.kind == Kind::SlurmAsset && name.is_none_or(|n| o.name == n))
         .collect::<Vec<_>>();
     let [asset] = asset.as_slice() else {
-        anyhow::bail!("{}: expected exactly one SlurmAsset (use --name to pick one)", file.display());
+        anyhow::bail!(
+            "{}: expected exactly one SlurmAsset (use --name to pick one)",
+            file.display()
+        );
     };
     let spec = match &asset.spec {
         Ok(_) => asset.asset().context("not a SlurmAsset")?,
@@ -149,8 +159,15 @@ fn render(file: &std::path::Path, name: Option<&str>) -> anyhow::Result<String> 
         let found = objects
             .iter()
             .chain(snap.objects.values())
-            .find(|o| o.kind == Kind::SlurmCluster && &o.name == cref && o.namespace == asset.namespace)
-            .with_context(|| format!("spec.clusterRef: SlurmCluster {cref:?} not found beside {}", file.display()))?;
+            .find(|o| {
+                o.kind == Kind::SlurmCluster && &o.name == cref && o.namespace == asset.namespace
+            })
+            .with_context(|| {
+                format!(
+                    "spec.clusterRef: SlurmCluster {cref:?} not found beside {}",
+                    file.display()
+                )
+            })?;
         let c = match &found.spec {
             Ok(_) => found.cluster().context("not a cluster")?.clone(),
             Err(e) => anyhow::bail!("SlurmCluster {cref:?}: {}", describe(e)),
@@ -172,17 +189,23 @@ fn render(file: &std::path::Path, name: Option<&str>) -> anyhow::Result<String> 
     };
     let plan = plan(spec, id, &ctx).map_err(anyhow::Error::msg)?;
     let exe = std::env::current_exe()?.display().to_string();
-    let mut out = format!("# submit command ({} mode):\n", match plan.mode {
-        ClusterMode::Local => "local",
-        ClusterMode::Slurm => "slurm",
-    });
+    let mut out = format!(
+        "# submit command ({} mode):\n",
+        match plan.mode {
+            ClusterMode::Local => "local",
+            ClusterMode::Slurm => "slurm",
+        }
+    );
     out.push_str(&shell::join(&submit_argv(&plan, &exe)));
     out.push_str("\n\n# job script (");
     out.push_str(&plan.run_dir);
     out.push_str("/job.sh):\n");
     out.push_str(&render_script(&plan));
     if let Some((name, content)) = &plan.payload_file {
-        out.push_str(&format!("\n# payload file {name}: {} bytes\n", content.len()));
+        out.push_str(&format!(
+            "\n# payload file {name}: {} bytes\n",
+            content.len()
+        ));
     }
     Ok(out)
 }

@@ -114,11 +114,7 @@ impl Loaded {
 }
 
 /// Parses every document of one manifest file.
-pub fn parse_file(
-    file: &Path,
-    text: &str,
-    store: StoreKind,
-) -> Vec<Result<Loaded, ManifestError>> {
+pub fn parse_file(file: &Path, text: &str, store: StoreKind) -> Vec<Result<Loaded, ManifestError>> {
     let docs: Vec<Value> = match serde_saphyr::from_multiple(text) {
         Ok(d) => d,
         Err(e) => {
@@ -148,7 +144,9 @@ fn parse_document(
         reason,
     };
     let Value::Object(mut map) = doc else {
-        return Err(err("a manifest must be a mapping with apiVersion, kind, metadata and spec".into()));
+        return Err(err(
+            "a manifest must be a mapping with apiVersion, kind, metadata and spec".into(),
+        ));
     };
     for key in map.keys() {
         if !["apiVersion", "kind", "metadata", "spec", "status"].contains(&key.as_str()) {
@@ -178,7 +176,10 @@ fn parse_document(
     }
     let meta: ObjectMeta = serde_json::from_value(map.remove("metadata").unwrap_or(Value::Null))
         .map_err(|e| err(format!("metadata: {e}")))?;
-    let name = meta.name.clone().ok_or_else(|| err("metadata.name: missing".into()))?;
+    let name = meta
+        .name
+        .clone()
+        .ok_or_else(|| err("metadata.name: missing".into()))?;
     if let Some(reason) = dns_subdomain_problem(&name) {
         return Err(err(format!("metadata.name: {reason}")));
     }
@@ -284,8 +285,22 @@ fn dns_label_problem(s: &str) -> Option<String> {
 
 /// Options the operator sets itself; a user's `extraSbatchArgs` must not override them.
 const RESERVED_SBATCH: &[&str] = &[
-    "job-name", "comment", "output", "error", "parsable", "chdir", "wrap", "export", "input",
-    "open-mode", "array", "hold", "dependency", "test-only", "wait", "signal",
+    "job-name",
+    "comment",
+    "output",
+    "error",
+    "parsable",
+    "chdir",
+    "wrap",
+    "export",
+    "input",
+    "open-mode",
+    "array",
+    "hold",
+    "dependency",
+    "test-only",
+    "wait",
+    "signal",
 ];
 
 /// Checks an `extraSbatchArgs` entry: one long option, never something a shell or sbatch could
@@ -300,10 +315,14 @@ pub fn sbatch_arg_problem(arg: &str) -> Option<String> {
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
     {
-        return Some(format!("{arg:?}: option name must be lowercase letters, digits and '-'"));
+        return Some(format!(
+            "{arg:?}: option name must be lowercase letters, digits and '-'"
+        ));
     }
     if RESERVED_SBATCH.contains(&name) {
-        return Some(format!("{arg:?}: --{name} is set by the operator and cannot be overridden"));
+        return Some(format!(
+            "{arg:?}: --{name} is set by the operator and cannot be overridden"
+        ));
     }
     if arg.contains('\n') {
         return Some(format!("{arg:?}: must not contain a newline"));
@@ -330,7 +349,9 @@ fn validate_resources(r: &Resources, at: &str, errors: &mut Vec<FieldError>) {
         ("reservation", &r.reservation),
         ("constraint", &r.constraint),
     ] {
-        if v.as_deref().is_some_and(|s| s.is_empty() || s.contains('\n')) {
+        if v.as_deref()
+            .is_some_and(|s| s.is_empty() || s.contains('\n'))
+        {
             errors.push(field_err(
                 format!("{at}.{field}"),
                 "must be non-empty and on one line",
@@ -358,7 +379,11 @@ fn validate_environment(e: &EnvironmentSettings, at: &str, errors: &mut Vec<Fiel
 }
 
 /// Semantic checks of a `SlurmAsset` spec that the type system cannot express.
-pub fn validate_asset(s: &SlurmAssetSpec, store: StoreKind, manifest_dir: &Path) -> Vec<FieldError> {
+pub fn validate_asset(
+    s: &SlurmAssetSpec,
+    store: StoreKind,
+    manifest_dir: &Path,
+) -> Vec<FieldError> {
     let mut errors = vec![];
     if s.asset_key.is_empty()
         || s.asset_key
@@ -367,7 +392,10 @@ pub fn validate_asset(s: &SlurmAssetSpec, store: StoreKind, manifest_dir: &Path)
     {
         errors.push(field_err(
             "spec.assetKey",
-            format!("{:?} is not a Dagster asset key (non-empty segments joined by '/', no whitespace)", s.asset_key),
+            format!(
+                "{:?} is not a Dagster asset key (non-empty segments joined by '/', no whitespace)",
+                s.asset_key
+            ),
         ));
     }
     let p = &s.payload;
@@ -390,7 +418,10 @@ pub fn validate_asset(s: &SlurmAssetSpec, store: StoreKind, manifest_dir: &Path)
             ),
         ));
     }
-    if p.command.as_ref().is_some_and(|c| c.is_empty() || c[0].is_empty()) {
+    if p.command
+        .as_ref()
+        .is_some_and(|c| c.is_empty() || c[0].is_empty())
+    {
         errors.push(field_err("spec.payload.command", "must name a program"));
     }
     if p.command.is_some() && p.interpreter.is_some() {
@@ -399,7 +430,10 @@ pub fn validate_asset(s: &SlurmAssetSpec, store: StoreKind, manifest_dir: &Path)
             "applies to script payloads only, not to command",
         ));
     }
-    if p.interpreter.as_ref().is_some_and(|c| c.is_empty() || c[0].is_empty()) {
+    if p.interpreter
+        .as_ref()
+        .is_some_and(|c| c.is_empty() || c[0].is_empty())
+    {
         errors.push(field_err("spec.payload.interpreter", "must name a program"));
     }
     if let Some(path) = &p.path {
@@ -428,7 +462,10 @@ pub fn validate_asset(s: &SlurmAssetSpec, store: StoreKind, manifest_dir: &Path)
     if let Some(rp) = &p.remote_path
         && !rp.starts_with('/')
     {
-        errors.push(field_err("spec.payload.remotePath", "must be an absolute path"));
+        errors.push(field_err(
+            "spec.payload.remotePath",
+            "must be an absolute path",
+        ));
     }
     if s.launcher.type_ != LauncherType::Bash {
         errors.push(field_err(
@@ -451,7 +488,10 @@ pub fn validate_asset(s: &SlurmAssetSpec, store: StoreKind, manifest_dir: &Path)
             ));
         }
         if !seen.insert(e.name.as_str()) {
-            errors.push(field_err(format!("{at}.name"), format!("{} is set twice", e.name)));
+            errors.push(field_err(
+                format!("{at}.name"),
+                format!("{} is set twice", e.name),
+            ));
         }
         match (&e.value, &e.value_from) {
             (Some(_), None) => {}
@@ -460,7 +500,10 @@ pub fn validate_asset(s: &SlurmAssetSpec, store: StoreKind, manifest_dir: &Path)
                 format!("{at}.valueFrom"),
                 "secretKeyRef is for Kubernetes mode; use value in standalone mode",
             )),
-            _ => errors.push(field_err(&at, "exactly one of value, valueFrom must be set")),
+            _ => errors.push(field_err(
+                &at,
+                "exactly one of value, valueFrom must be set",
+            )),
         }
     }
     if s.extras.as_ref().is_some_and(|x| !x.is_object()) {
@@ -472,7 +515,10 @@ pub fn validate_asset(s: &SlurmAssetSpec, store: StoreKind, manifest_dir: &Path)
             "SlurmSession is not available in this version",
         ));
     }
-    if s.cluster_ref.as_deref().is_some_and(|c| dns_subdomain_problem(c).is_some()) {
+    if s.cluster_ref
+        .as_deref()
+        .is_some_and(|c| dns_subdomain_problem(c).is_some())
+    {
         errors.push(field_err("spec.clusterRef", "is not a valid object name"));
     }
     validate_resources(&s.resources, "spec.resources", &mut errors);
@@ -502,16 +548,23 @@ pub fn validate_cluster(s: &SlurmClusterSpec, store: StoreKind) -> Vec<FieldErro
                 ),
             ));
         }
-        if store == StoreKind::Kubernetes && (ssh.key_path.is_some() || ssh.password_env.is_some()) {
+        if store == StoreKind::Kubernetes && (ssh.key_path.is_some() || ssh.password_env.is_some())
+        {
             errors.push(field_err(
                 "spec.ssh",
                 "keyPath and passwordEnv are for standalone mode; use a Secret reference",
             ));
         }
-        if ssh.host.is_empty() || ssh.host.starts_with('-') || ssh.host.contains(char::is_whitespace) {
+        if ssh.host.is_empty()
+            || ssh.host.starts_with('-')
+            || ssh.host.contains(char::is_whitespace)
+        {
             errors.push(field_err("spec.ssh.host", "must be a host name or address"));
         }
-        if ssh.user.is_empty() || ssh.user.starts_with('-') || ssh.user.contains(char::is_whitespace) {
+        if ssh.user.is_empty()
+            || ssh.user.starts_with('-')
+            || ssh.user.contains(char::is_whitespace)
+        {
             errors.push(field_err("spec.ssh.user", "must be a user name"));
         }
     } else if s.mode == ClusterMode::Slurm {
@@ -537,7 +590,8 @@ mod tests {
         describe(&one(yaml).unwrap().spec.unwrap_err())
     }
 
-    const HEAD: &str = "apiVersion: dagster-slurm.io/v1alpha1\nkind: SlurmAsset\nmetadata: {name: a}\n";
+    const HEAD: &str =
+        "apiVersion: dagster-slurm.io/v1alpha1\nkind: SlurmAsset\nmetadata: {name: a}\n";
 
     #[test]
     fn valid_inline_asset() {
@@ -549,29 +603,54 @@ mod tests {
 
     #[test]
     fn bad_memory_names_field() {
-        let e = spec_errors(&format!("{HEAD}spec:\n  assetKey: x\n  payload: {{inline: x}}\n  resources: {{mem: lots}}\n"));
-        assert!(e.starts_with("spec.resources.mem: invalid memory quantity \"lots\""), "{e}");
+        let e = spec_errors(&format!(
+            "{HEAD}spec:\n  assetKey: x\n  payload: {{inline: x}}\n  resources: {{mem: lots}}\n"
+        ));
+        assert!(
+            e.starts_with("spec.resources.mem: invalid memory quantity \"lots\""),
+            "{e}"
+        );
     }
 
     #[test]
     fn unknown_field_is_rejected_with_path() {
-        let e = spec_errors(&format!("{HEAD}spec:\n  assetKey: x\n  payload: {{inline: x, shell: zsh}}\n"));
-        assert!(e.contains("spec.payload") && e.contains("unknown field `shell`"), "{e}");
-        let e = spec_errors(&format!("{HEAD}spec:\n  assetKey: x\n  payload: {{inline: x}}\n  colour: blue\n"));
+        let e = spec_errors(&format!(
+            "{HEAD}spec:\n  assetKey: x\n  payload: {{inline: x, shell: zsh}}\n"
+        ));
+        assert!(
+            e.contains("spec.payload") && e.contains("unknown field `shell`"),
+            "{e}"
+        );
+        let e = spec_errors(&format!(
+            "{HEAD}spec:\n  assetKey: x\n  payload: {{inline: x}}\n  colour: blue\n"
+        ));
         assert!(e.contains("unknown field `colour`"), "{e}");
     }
 
     #[test]
     fn two_payload_sources() {
-        let e = spec_errors(&format!("{HEAD}spec:\n  assetKey: x\n  payload: {{inline: x, command: [ls]}}\n"));
-        assert_eq!(e, "spec.payload: exactly one of path, inline, configMapRef, remotePath, command must be set (found inline, command)");
+        let e = spec_errors(&format!(
+            "{HEAD}spec:\n  assetKey: x\n  payload: {{inline: x, command: [ls]}}\n"
+        ));
+        assert_eq!(
+            e,
+            "spec.payload: exactly one of path, inline, configMapRef, remotePath, command must be set (found inline, command)"
+        );
     }
 
     #[test]
     fn env_and_sbatch_checks() {
-        let e = spec_errors(&format!("{HEAD}spec:\n  assetKey: x\n  payload: {{inline: x}}\n  env: [{{name: 'A;B', value: v}}, {{name: OK}}]\n  resources: {{extraSbatchArgs: ['--output=/tmp/x', '-N 2', '--exclusive']}}\n"));
-        assert!(e.contains("spec.env[0].name: \"A;B\" is not a valid variable name"), "{e}");
-        assert!(e.contains("spec.env[1]: exactly one of value, valueFrom"), "{e}");
+        let e = spec_errors(&format!(
+            "{HEAD}spec:\n  assetKey: x\n  payload: {{inline: x}}\n  env: [{{name: 'A;B', value: v}}, {{name: OK}}]\n  resources: {{extraSbatchArgs: ['--output=/tmp/x', '-N 2', '--exclusive']}}\n"
+        ));
+        assert!(
+            e.contains("spec.env[0].name: \"A;B\" is not a valid variable name"),
+            "{e}"
+        );
+        assert!(
+            e.contains("spec.env[1]: exactly one of value, valueFrom"),
+            "{e}"
+        );
         assert!(e.contains("spec.resources.extraSbatchArgs[0]"), "{e}");
         assert!(e.contains("spec.resources.extraSbatchArgs[1]"), "{e}");
         assert!(!e.contains("extraSbatchArgs[2]"), "{e}");
@@ -579,18 +658,30 @@ mod tests {
 
     #[test]
     fn document_level_errors() {
-        let e = one("apiVersion: dagster-slurm.io/v1alpha1\nkind: Pod\nmetadata: {name: a}\nspec: {}\n").unwrap_err();
-        assert!(e.to_string().contains("(document 1): kind: unknown kind \"Pod\""), "{e}");
+        let e = one(
+            "apiVersion: dagster-slurm.io/v1alpha1\nkind: Pod\nmetadata: {name: a}\nspec: {}\n",
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("(document 1): kind: unknown kind \"Pod\""),
+            "{e}"
+        );
         let e = one(&HEAD.replace("name: a", "name: ../etc")).unwrap_err();
         assert!(e.reason.starts_with("metadata.name:"), "{e}");
         let errs = parse_file(Path::new("x.yaml"), "a: [unclosed\n", StoreKind::Standalone);
         let e = errs[0].as_ref().unwrap_err();
-        assert!(e.to_string().starts_with("x.yaml: YAML does not parse"), "{e}");
+        assert!(
+            e.to_string().starts_with("x.yaml: YAML does not parse"),
+            "{e}"
+        );
     }
 
     #[test]
     fn nul_bytes_rejected() {
-        let e = spec_errors(&format!("{HEAD}spec:\n  assetKey: x\n  payload: {{inline: \"a\\0b\"}}\n"));
+        let e = spec_errors(&format!(
+            "{HEAD}spec:\n  assetKey: x\n  payload: {{inline: \"a\\0b\"}}\n"
+        ));
         assert_eq!(e, "spec.payload.inline: contains a NUL byte");
     }
 
@@ -598,14 +689,26 @@ mod tests {
     fn cluster_auth_exactly_one() {
         let y = "apiVersion: dagster-slurm.io/v1alpha1\nkind: SlurmCluster\nmetadata: {name: c}\nspec:\n  mode: slurm\n  ssh: {host: h, user: u, keyPath: /k, passwordEnv: P}\n";
         let e = describe(&one(y).unwrap().spec.unwrap_err());
-        assert!(e.contains("spec.ssh: exactly one of") && e.contains("found keyPath, passwordEnv"), "{e}");
+        assert!(
+            e.contains("spec.ssh: exactly one of") && e.contains("found keyPath, passwordEnv"),
+            "{e}"
+        );
     }
 
     #[test]
     fn spec_hash_tracks_content() {
-        let a = one(&format!("{HEAD}spec: {{assetKey: x, payload: {{inline: a}}}}\n")).unwrap();
-        let b = one(&format!("{HEAD}spec:\n  payload: {{inline: a}}\n  assetKey: x\n")).unwrap();
-        let c = one(&format!("{HEAD}spec: {{assetKey: x, payload: {{inline: b}}}}\n")).unwrap();
+        let a = one(&format!(
+            "{HEAD}spec: {{assetKey: x, payload: {{inline: a}}}}\n"
+        ))
+        .unwrap();
+        let b = one(&format!(
+            "{HEAD}spec:\n  payload: {{inline: a}}\n  assetKey: x\n"
+        ))
+        .unwrap();
+        let c = one(&format!(
+            "{HEAD}spec: {{assetKey: x, payload: {{inline: b}}}}\n"
+        ))
+        .unwrap();
         assert_eq!(a.spec_hash, b.spec_hash);
         assert_ne!(a.spec_hash, c.spec_hash);
     }

@@ -24,7 +24,12 @@ pub fn encode_param(value: &Value) -> String {
 }
 
 /// The context data (`PipesContextData`) for one run of one asset.
-pub fn context_data(asset_key: &str, run_id: &str, retry_number: u32, extras: Option<&Value>) -> Value {
+pub fn context_data(
+    asset_key: &str,
+    run_id: &str,
+    retry_number: u32,
+    extras: Option<&Value>,
+) -> Value {
     json!({
         "asset_keys": [asset_key],
         "code_version_by_asset_key": null,
@@ -106,7 +111,10 @@ impl MessageReader {
                 s.check_results.push(PipesCheckResult {
                     asset_key: string("asset_key"),
                     check_name: string("check_name").unwrap_or_default(),
-                    passed: params.get("passed").and_then(Value::as_bool).unwrap_or(false),
+                    passed: params
+                        .get("passed")
+                        .and_then(Value::as_bool)
+                        .unwrap_or(false),
                     severity: string("severity"),
                     metadata: metadata(),
                 });

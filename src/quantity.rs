@@ -124,7 +124,7 @@ impl TimeLimit {
         };
         let minutes_or_seconds_out_of_range = match p.as_slice() {
             [_, m, s] => *m >= 60 || *s >= 60,
-            [_, x] => days.is_some() && *x >= 60 || days.is_none() && *x >= 60,
+            [_, x] => *x >= 60,
             _ => false,
         };
         if minutes_or_seconds_out_of_range {
@@ -259,7 +259,16 @@ mod tests {
         assert_eq!(Memory::parse("512").unwrap().bytes(), 512 << 20);
         assert_eq!(Memory::parse("100K").unwrap().bytes(), 100 << 10);
         assert_eq!(Memory::parse("2T").unwrap().bytes(), 2u64 << 40);
-        for bad in ["", "G", "32X", "-1G", "1.5G", "0", "32 G B", "99999999999999999999T"] {
+        for bad in [
+            "",
+            "G",
+            "32X",
+            "-1G",
+            "1.5G",
+            "0",
+            "32 G B",
+            "99999999999999999999T",
+        ] {
             assert!(Memory::parse(bad).is_err(), "{bad:?} should be rejected");
         }
         assert!(Memory::parse("lots").unwrap_err().contains("\"lots\""));
@@ -282,7 +291,10 @@ mod tests {
 
     #[test]
     fn intervals() {
-        assert_eq!(Interval::parse("500ms").unwrap().duration().as_millis(), 500);
+        assert_eq!(
+            Interval::parse("500ms").unwrap().duration().as_millis(),
+            500
+        );
         assert_eq!(Interval::parse("10s").unwrap().duration().as_secs(), 10);
         assert_eq!(Interval::parse("2m").unwrap().duration().as_secs(), 120);
         for bad in ["10", "s", "0s", "1d", "1.5s"] {

@@ -69,7 +69,11 @@ mod tests {
         ];
         for s in &hostile {
             let script = format!("printf '%s' {}", quote(s));
-            let out = Command::new("bash").arg("-c").arg(&script).output().unwrap();
+            let out = Command::new("bash")
+                .arg("-c")
+                .arg(&script)
+                .output()
+                .unwrap();
             assert!(out.status.success(), "{script}");
             assert_eq!(String::from_utf8(out.stdout).unwrap(), *s, "{script}");
         }

@@ -7,10 +7,21 @@ use std::path::Path;
 
 /// Renders the table of every asset's status under `dir`.
 pub fn render(dir: &Path) -> String {
-    let mut rows = vec![[
-        "NAMESPACE", "NAME", "ASSET", "PHASE", "RUN", "JOB", "ELAPSED", "CPU-EFF", "MAX-RSS", "REASON",
-    ]
-    .map(String::from)];
+    let mut rows = vec![
+        [
+            "NAMESPACE",
+            "NAME",
+            "ASSET",
+            "PHASE",
+            "RUN",
+            "JOB",
+            "ELAPSED",
+            "CPU-EFF",
+            "MAX-RSS",
+            "REASON",
+        ]
+        .map(String::from),
+    ];
     for (_, v) in list_status_files(dir, Kind::SlurmAsset) {
         let m = &v["metadata"];
         let s = &v["status"];
@@ -19,14 +30,30 @@ pub fn render(dir: &Path) -> String {
         let deleted = m.get("deletionTimestamp").is_some();
         rows.push([
             text(&m["namespace"]),
-            format!("{}{}", text(&m["name"]), if deleted { " (deleted)" } else { "" }),
+            format!(
+                "{}{}",
+                text(&m["name"]),
+                if deleted { " (deleted)" } else { "" }
+            ),
             text(&m["annotations"][ANN_ASSET_KEY]),
             text(&s["phase"]),
-            s["run"].as_u64().map(|r| r.to_string()).unwrap_or("-".into()),
+            s["run"]
+                .as_u64()
+                .map(|r| r.to_string())
+                .unwrap_or("-".into()),
             text(&s["jobId"]),
-            metrics["elapsedSeconds"].as_f64().map(|e| format!("{e:.1}s")).unwrap_or("-".into()),
-            metrics["cpuEfficiency"].as_f64().map(|e| format!("{:.1}%", e * 100.0)).unwrap_or("-".into()),
-            metrics["maxRssBytes"].as_u64().map(human_bytes).unwrap_or("-".into()),
+            metrics["elapsedSeconds"]
+                .as_f64()
+                .map(|e| format!("{e:.1}s"))
+                .unwrap_or("-".into()),
+            metrics["cpuEfficiency"]
+                .as_f64()
+                .map(|e| format!("{:.1}%", e * 100.0))
+                .unwrap_or("-".into()),
+            metrics["maxRssBytes"]
+                .as_u64()
+                .map(human_bytes)
+                .unwrap_or("-".into()),
             text(&s["reason"]),
         ]);
     }

@@ -73,7 +73,8 @@ impl LocalExecutor {
     pub async fn submit(&self, plan: &RunPlan) -> Result<Submitted> {
         let dir = PathBuf::from(&plan.run_dir);
         fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).map_err(|e| Error::io(&dir, e))?;
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))
+            .map_err(|e| Error::io(&dir, e))?;
         match inspect(&dir) {
             Local::NotStarted => {}
             Local::Alive(pid) => {
@@ -135,7 +136,9 @@ impl LocalExecutor {
             Local::NotStarted => match job.job_id.as_deref().and_then(|j| j.parse().ok()) {
                 Some(pid) if group_alive(pid) => Observation::of(JobState::Queued),
                 _ => {
-                    let mut o = Observation::of(JobState::Infrastructure { reason: "Lost".into() });
+                    let mut o = Observation::of(JobState::Infrastructure {
+                        reason: "Lost".into(),
+                    });
                     o.message = Some("the local supervisor ended before starting the job".into());
                     o
                 }
@@ -143,12 +146,16 @@ impl LocalExecutor {
             Local::Alive(_) => Observation::of(JobState::Running),
             Local::Cancelled => Observation::of(JobState::Cancelled { by: None }),
             Local::Vanished => {
-                let mut o = Observation::of(JobState::Infrastructure { reason: "Lost".into() });
+                let mut o = Observation::of(JobState::Infrastructure {
+                    reason: "Lost".into(),
+                });
                 o.message = Some("the job's processes ended without writing its exit file".into());
                 o
             }
             Local::Finished(rec) => {
-                let mut o = Observation::of(JobState::Exited { exit_code: rec.exit_code });
+                let mut o = Observation::of(JobState::Exited {
+                    exit_code: rec.exit_code,
+                });
                 o.end_time = rec.end.and_then(|e| Timestamp::from_second(e).ok());
                 o.metrics = Some(self.metrics(dir, rec, &job.resources));
                 o
@@ -174,12 +181,20 @@ impl LocalExecutor {
         obs
     }
 
-    fn metrics(&self, dir: &Path, rec: &ExitRecord, r: &crate::api::Resources) -> crate::api::Metrics {
+    fn metrics(
+        &self,
+        dir: &Path,
+        rec: &ExitRecord,
+        r: &crate::api::Resources,
+    ) -> crate::api::Metrics {
         let usage: Option<Usage> = fs::read(dir.join(USAGE_FILE))
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok());
         let elapsed = usage.as_ref().map(|u| u.wall_seconds).unwrap_or_else(|| {
-            rec.end.zip(rec.start).map(|(e, s)| (e - s) as f64).unwrap_or(0.0)
+            rec.end
+                .zip(rec.start)
+                .map(|(e, s)| (e - s) as f64)
+                .unwrap_or(0.0)
         });
         let cpus = r.cpus_per_task.unwrap_or(1) * r.ntasks.unwrap_or(1);
         let mem = r
@@ -224,7 +239,10 @@ impl LocalExecutor {
         }
         if group_alive(pid) {
             signal_group(pid, libc::SIGKILL);
-            return Ok(format!("process group {pid} killed (SIGKILL after {}s)", self.kill_grace.as_secs()));
+            return Ok(format!(
+                "process group {pid} killed (SIGKILL after {}s)",
+                self.kill_grace.as_secs()
+            ));
         }
         Ok(format!("process group {pid} terminated"))
     }

@@ -112,6 +112,9 @@ mod tests {
         assert_eq!(m.memory_efficiency, Some(0.5));
         assert!((m.node_hours.unwrap() - 100.0 / 3600.0).abs() < 1e-12);
         assert!((m.cpu_hours.unwrap() - 200.0 / 3600.0).abs() < 1e-12);
-        assert_eq!(efficiency(0.0, Some(0.0), None, 1, 1, 0, None).cpu_efficiency, None);
+        assert_eq!(
+            efficiency(0.0, Some(0.0), None, 1, 1, 0, None).cpu_efficiency,
+            None
+        );
     }
 }

@@ -89,7 +89,10 @@ pub struct Driver {
 
 /// Runs standalone mode until interrupted, or until every asset is terminal with `once`.
 pub async fn run(opts: Options) -> Result<Outcome> {
-    let dir = opts.dir.canonicalize().map_err(|e| Error::io(&opts.dir, e))?;
+    let dir = opts
+        .dir
+        .canonicalize()
+        .map_err(|e| Error::io(&opts.dir, e))?;
     let mut driver = Driver {
         dir: dir.clone(),
         executor: LocalExecutor::new(opts.exe),
@@ -165,8 +168,7 @@ impl Driver {
     fn all_done(&self) -> bool {
         self.assets.values().all(|a| {
             a.submit_at.is_none()
-                && (a.status.phase.is_terminal()
-                    || a.status.reason.as_deref() == Some("Suspended"))
+                && (a.status.phase.is_terminal() || a.status.reason.as_deref() == Some("Suspended"))
         })
     }
 
@@ -215,7 +217,10 @@ impl Driver {
             for (_, v) in store::list_status_files(&self.dir, Kind::SlurmAsset) {
                 let key = ObjectKey {
                     kind: Kind::SlurmAsset,
-                    namespace: v["metadata"]["namespace"].as_str().unwrap_or("default").into(),
+                    namespace: v["metadata"]["namespace"]
+                        .as_str()
+                        .unwrap_or("default")
+                        .into(),
                     name: v["metadata"]["name"].as_str().unwrap_or_default().into(),
                 };
                 if seen.contains(&key) || key.name.is_empty() {
@@ -242,7 +247,12 @@ impl Driver {
         }
     }
 
-    fn entry_from(&self, loaded: Option<Loaded>, stored: Option<Stored>, hash: String) -> AssetEntry {
+    fn entry_from(
+        &self,
+        loaded: Option<Loaded>,
+        stored: Option<Stored>,
+        hash: String,
+    ) -> AssetEntry {
         let (uid, generation, status) = match stored {
             Some(s) if !s.deleted => {
                 let generation = if s.spec_hash == hash || hash.is_empty() {
@@ -256,7 +266,11 @@ impl Driver {
                 });
                 (s.uid, generation, status)
             }
-            _ => (uuid::Uuid::new_v4().to_string(), 1, SlurmAssetStatus::default()),
+            _ => (
+                uuid::Uuid::new_v4().to_string(),
+                1,
+                SlurmAssetStatus::default(),
+            ),
         };
         AssetEntry {
             loaded,
@@ -291,7 +305,11 @@ impl Driver {
     }
 
     /// Resolves the asset's cluster: an explicit `clusterRef`, else the implicit local cluster.
-    fn cluster_for(&self, key: &ObjectKey, spec: &SlurmAssetSpec) -> std::result::Result<(SlurmClusterSpec, PathBuf), String> {
+    fn cluster_for(
+        &self,
+        key: &ObjectKey,
+        spec: &SlurmAssetSpec,
+    ) -> std::result::Result<(SlurmClusterSpec, PathBuf), String> {
         let Some(name) = &spec.cluster_ref else {
             return Ok((implicit_local(), self.dir.clone()));
         };
@@ -355,13 +373,22 @@ impl Driver {
             .map(|(c, _)| c);
         match cluster {
             Some(c) => c.poll_interval.as_ref().map(|i| i.duration()).unwrap_or(
-                if c.mode == ClusterMode::Local { LOCAL_POLL } else { SLURM_POLL },
+                if c.mode == ClusterMode::Local {
+                    LOCAL_POLL
+                } else {
+                    SLURM_POLL
+                },
             ),
             None => LOCAL_POLL,
         }
     }
 
-    fn plan_for(&self, key: &ObjectKey, run: u64, attempt: u32) -> std::result::Result<RunPlan, String> {
+    fn plan_for(
+        &self,
+        key: &ObjectKey,
+        run: u64,
+        attempt: u32,
+    ) -> std::result::Result<RunPlan, String> {
         let entry = &self.assets[key];
         let loaded = entry.loaded.as_ref().ok_or("the manifest is gone")?;
         let spec = loaded.asset().ok_or("the spec is invalid")?;
@@ -402,13 +429,20 @@ impl Driver {
             };
             let entry = self.assets.get_mut(key).expect("known asset");
             let decision = core::reconcile(&entry.status, &input, event);
-            if decision.status.phase != entry.status.phase || decision.status.run != entry.status.run {
+            if decision.status.phase != entry.status.phase
+                || decision.status.run != entry.status.run
+            {
                 info!(
                     "{key}: run {} {} → {}{}",
                     decision.status.run,
                     entry.status.phase.as_str(),
                     decision.status.phase.as_str(),
-                    decision.status.message.as_deref().map(|m| format!(" ({m})")).unwrap_or_default()
+                    decision
+                        .status
+                        .message
+                        .as_deref()
+                        .map(|m| format!(" ({m})"))
+                        .unwrap_or_default()
                 );
             }
             entry.status = decision.status;
@@ -417,14 +451,26 @@ impl Driver {
             for action in decision.actions {
                 match action {
                     Action::Submit { delay: Some(d), .. } => {
-                        self.assets.get_mut(key).expect("known").submit_at = Some(Instant::now() + d);
+                        self.assets.get_mut(key).expect("known").submit_at =
+                            Some(Instant::now() + d);
                     }
-                    Action::Submit { run, attempt, delay: None } => {
+                    Action::Submit {
+                        run,
+                        attempt,
+                        delay: None,
+                    } => {
                         next = Some(self.submit(key, run, attempt).await);
                     }
                     Action::Watch => watch = true,
-                    Action::Cancel { job_id, run_dir, report } => {
-                        let res = self.executor.cancel(job_id.as_deref(), run_dir.as_deref()).await;
+                    Action::Cancel {
+                        job_id,
+                        run_dir,
+                        report,
+                    } => {
+                        let res = self
+                            .executor
+                            .cancel(job_id.as_deref(), run_dir.as_deref())
+                            .await;
                         let message = match res {
                             Ok(m) => m,
                             Err(e) => {
@@ -476,7 +522,9 @@ impl Driver {
                 run_dir: s.run_dir,
                 adopted: s.adopted,
             },
-            Err(e) => Event::SubmitFailed { message: e.to_string() },
+            Err(e) => Event::SubmitFailed {
+                message: e.to_string(),
+            },
         }
     }
 
@@ -506,11 +554,13 @@ impl Driver {
                 self.step(&key, ev).await;
                 continue;
             }
-            let resources = self
-                .assets[&key]
+            let resources = self.assets[&key]
                 .spec()
                 .map(|s| {
-                    let cluster = self.cluster_for(&key, s).map(|(c, _)| c.queue).unwrap_or_default();
+                    let cluster = self
+                        .cluster_for(&key, s)
+                        .map(|(c, _)| c.queue)
+                        .unwrap_or_default();
                     s.resources.merged_over(&cluster)
                 })
                 .unwrap_or_default();
@@ -529,7 +579,7 @@ impl Driver {
                 resources,
             };
             let obs = self.executor.observe(&job, &mut entry.reader);
-            self.step(&key, Event::Observed(obs)).await;
+            self.step(&key, Event::Observed(Box::new(obs))).await;
         }
     }
 
@@ -549,10 +599,15 @@ impl Driver {
             deleted: entry.deleted,
             status,
         };
-        let finished_deleting = entry.deleted && !matches!(
-            entry.status.phase,
-            Phase::Submitting | Phase::Queued | Phase::Running | Phase::Packing | Phase::Uploading
-        );
+        let finished_deleting = entry.deleted
+            && !matches!(
+                entry.status.phase,
+                Phase::Submitting
+                    | Phase::Queued
+                    | Phase::Running
+                    | Phase::Packing
+                    | Phase::Uploading
+            );
         let deleted_at = finished_deleting.then(Timestamp::now);
         let text = store::render_object(
             key,
@@ -582,28 +637,72 @@ impl Driver {
         let stored_prev = store::read_stored(&self.dir, key);
         let (uid, generation, mut status) = match stored_prev {
             Some(s) if !s.deleted => {
-                let g = if s.spec_hash == obj.spec_hash { s.generation } else { s.generation + 1 };
-                (s.uid, g, serde_json::from_value::<SlurmClusterStatus>(s.status).unwrap_or_default())
+                let g = if s.spec_hash == obj.spec_hash {
+                    s.generation
+                } else {
+                    s.generation + 1
+                };
+                (
+                    s.uid,
+                    g,
+                    serde_json::from_value::<SlurmClusterStatus>(s.status).unwrap_or_default(),
+                )
             }
-            _ => (uuid::Uuid::new_v4().to_string(), 1, SlurmClusterStatus::default()),
+            _ => (
+                uuid::Uuid::new_v4().to_string(),
+                1,
+                SlurmClusterStatus::default(),
+            ),
         };
         let now = Timestamp::now();
         let g = Some(generation);
         status.observed_generation = g;
         match &obj.spec {
             Err(errors) => {
-                conditions::set(&mut status.conditions, "Invalid", true, "InvalidSpec", &describe(errors), g, now);
+                conditions::set(
+                    &mut status.conditions,
+                    "Invalid",
+                    true,
+                    "InvalidSpec",
+                    &describe(errors),
+                    g,
+                    now,
+                );
             }
             Ok(_) => {
-                conditions::set(&mut status.conditions, "Invalid", false, "Valid", "", g, now);
+                conditions::set(
+                    &mut status.conditions,
+                    "Invalid",
+                    false,
+                    "Valid",
+                    "",
+                    g,
+                    now,
+                );
                 let spec = obj.cluster().expect("cluster");
                 match spec.mode {
                     ClusterMode::Local => {
-                        conditions::set(&mut status.conditions, "Reachable", true, "LocalHost", "payloads run on the operator's host", g, now);
+                        conditions::set(
+                            &mut status.conditions,
+                            "Reachable",
+                            true,
+                            "LocalHost",
+                            "payloads run on the operator's host",
+                            g,
+                            now,
+                        );
                         status.platform = Some(platform());
                     }
                     ClusterMode::Slurm => {
-                        conditions::set(&mut status.conditions, "Reachable", false, "NotImplemented", "slurm mode is not available in this version", g, now);
+                        conditions::set(
+                            &mut status.conditions,
+                            "Reachable",
+                            false,
+                            "NotImplemented",
+                            "slurm mode is not available in this version",
+                            g,
+                            now,
+                        );
                     }
                 }
             }

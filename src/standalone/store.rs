@@ -108,7 +108,9 @@ pub fn scan(dir: &Path) -> Snapshot {
 }
 
 fn collect(dir: &Path, out: &mut Vec<PathBuf>) {
-    let Ok(entries) = fs::read_dir(dir) else { return };
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
     for e in entries.flatten() {
         let path = e.path();
         let name = e.file_name();
@@ -218,10 +220,11 @@ pub fn write_errors(dir: &Path, errors: &[ManifestError]) -> Result<()> {
             })
         })
         .collect();
-    let text = serde_saphyr::to_string(&json!({ "errors": list })).map_err(|e| Error::Serialize {
-        what: ERRORS_FILE.into(),
-        reason: e.to_string(),
-    })?;
+    let text =
+        serde_saphyr::to_string(&json!({ "errors": list })).map_err(|e| Error::Serialize {
+            what: ERRORS_FILE.into(),
+            reason: e.to_string(),
+        })?;
     let path = dir.join(STATUS_DIR).join(ERRORS_FILE);
     if fs::read_to_string(&path).ok().as_deref() != Some(text.as_str()) {
         write_atomic(&path, &text)?;
@@ -238,7 +241,9 @@ pub fn list_status_files(dir: &Path, kind: Kind) -> Vec<(PathBuf, Value)> {
     };
     for ns in namespaces.flatten() {
         let kdir = ns.path().join(kind.as_str());
-        let Ok(files) = fs::read_dir(&kdir) else { continue };
+        let Ok(files) = fs::read_dir(&kdir) else {
+            continue;
+        };
         for f in files.flatten() {
             let p = f.path();
             if p.extension().is_some_and(|e| e == "yaml")

@@ -11,10 +11,17 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_slurm-asset-operator");
 
 /// PATH with the venv that has the real `dagster-pipes` first (created on first use).
 pub fn pipes_path() -> String {
-    let out = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/setup-python-env"))
-        .output()
-        .expect("running scripts/setup-python-env");
-    assert!(out.status.success(), "setup-python-env: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/scripts/setup-python-env"
+    ))
+    .output()
+    .expect("running scripts/setup-python-env");
+    assert!(
+        out.status.success(),
+        "setup-python-env: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let bin = String::from_utf8(out.stdout).unwrap().trim().to_string();
     format!("{bin}:{}", std::env::var("PATH").unwrap_or_default())
 }
@@ -69,7 +76,8 @@ impl Drop for Operator {
 }
 
 pub fn status_file(dir: &Path, name: &str) -> PathBuf {
-    dir.join(".status/default/SlurmAsset").join(format!("{name}.yaml"))
+    dir.join(".status/default/SlurmAsset")
+        .join(format!("{name}.yaml"))
 }
 
 /// The whole status object of an asset, if its file exists and parses.
@@ -79,7 +87,9 @@ pub fn read_object(dir: &Path, name: &str) -> Option<Value> {
 }
 
 pub fn status(dir: &Path, name: &str) -> Value {
-    read_object(dir, name).map(|v| v["status"].clone()).unwrap_or(Value::Null)
+    read_object(dir, name)
+        .map(|v| v["status"].clone())
+        .unwrap_or(Value::Null)
 }
 
 /// Waits until `pred` holds for the asset's status object; panics with the last one on timeout.

@@ -95,6 +95,8 @@ pub struct Loaded {
     pub name: String,
     /// Content hash of the spec as written (valid or not): a change starts a new generation.
     pub spec_hash: String,
+    /// `spec.assetKey` as written, readable even when the spec is invalid (for listings).
+    pub asset_key: Option<String>,
     pub spec: Result<Spec, Vec<FieldError>>,
 }
 
@@ -189,6 +191,10 @@ fn parse_document(
     }
     let spec_value = map.remove("spec").unwrap_or(Value::Null);
     let spec_hash = hash_value(&spec_value);
+    let asset_key = spec_value
+        .get("assetKey")
+        .and_then(Value::as_str)
+        .map(str::to_string);
     let manifest_dir = file.parent().unwrap_or(Path::new("."));
     let spec = match kind {
         Kind::SlurmAsset => typed::<SlurmAssetSpec>(spec_value).and_then(|s| {
@@ -215,6 +221,7 @@ fn parse_document(
         namespace,
         name,
         spec_hash,
+        asset_key,
         spec,
     })
 }

@@ -108,6 +108,14 @@ fn examples_complete_with_metrics_and_pipes_metadata() {
         .unwrap();
     let table = String::from_utf8(table.stdout).unwrap();
     let train_row = table.lines().find(|l| l.contains("train-model")).unwrap();
+    let invalid_row = table
+        .lines()
+        .find(|l| l.contains("invalid-memory"))
+        .unwrap();
+    assert!(
+        invalid_row.contains("examples/invalid") && invalid_row.contains("InvalidSpec"),
+        "{table}"
+    );
     assert!(
         train_row.contains("analytics/train_model") && train_row.contains("Succeeded"),
         "{table}"
@@ -411,4 +419,26 @@ fn crds_in_repo_match_the_types() {
     ] {
         assert!(generated.contains(kind));
     }
+}
+
+#[test]
+fn a_recreated_manifest_is_a_new_object_with_a_fresh_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let counter = d.join("count");
+    write(d, "x.yaml", &counting_asset("x", &counter, "exit 5"));
+    let _op = Operator::start(d);
+    let first = wait_for(d, "x", "failed", |o| phase(o) == "Failed");
+    std::fs::remove_file(d.join("x.yaml")).unwrap();
+    wait_for(d, "x", "deleted", |o| {
+        o["metadata"]["deletionTimestamp"].is_string()
+    });
+    write(d, "x.yaml", &counting_asset("x", &counter, "exit 0"));
+    let second = wait_for(d, "x", "new object succeeded", |o| phase(o) == "Succeeded");
+    assert_ne!(second["metadata"]["uid"], first["metadata"]["uid"]);
+    assert_eq!(second["status"]["run"], 1);
+    assert_eq!(
+        std::fs::read_to_string(&counter).unwrap().lines().count(),
+        2
+    );
 }

@@ -24,6 +24,9 @@ const LOCK_FILE: &str = ".lock";
 const STARTED_FILE: &str = "started";
 const CANCELLED_FILE: &str = "cancelled";
 const USAGE_FILE: &str = "usage.json";
+/// The attempt's tag: a run dir holding another tag belongs to an earlier object of the same
+/// name (deleted and re-created), never to this attempt.
+const TAG_FILE: &str = "tag";
 
 /// Runs attempts as local processes.
 #[derive(Clone, Debug)]
@@ -72,6 +75,10 @@ impl LocalExecutor {
     /// Adopts the attempt if its run dir shows it was started, else starts it.
     pub async fn submit(&self, plan: &RunPlan) -> Result<Submitted> {
         let dir = PathBuf::from(&plan.run_dir);
+        let tag = plan.id.tag();
+        if fs::read_to_string(dir.join(TAG_FILE)).is_ok_and(|t| t != tag) {
+            fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        }
         fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))
             .map_err(|e| Error::io(&dir, e))?;
@@ -88,6 +95,7 @@ impl LocalExecutor {
                 return Ok(self.adopted(plan, read_started(&dir)));
             }
         }
+        write_file(&dir.join(TAG_FILE), tag.as_bytes(), 0o600)?;
         write_file(&dir.join(JOB_SCRIPT), render_script(plan).as_bytes(), 0o700)?;
         if let Some((name, content)) = &plan.payload_file {
             write_file(&dir.join(name), content, 0o600)?;

@@ -613,7 +613,7 @@ impl Driver {
             key,
             &stored,
             entry.loaded.as_ref().map(|l| l.file.as_path()),
-            entry.spec().map(|s| s.asset_key.as_str()),
+            entry.loaded.as_ref().and_then(|l| l.asset_key.as_deref()),
             deleted_at,
         );
         let path = store::status_path(&self.dir, key);

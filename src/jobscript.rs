@@ -59,6 +59,8 @@ pub struct PlanContext<'a> {
     pub cluster_dir: &'a Path,
     /// Run-directory root used when the cluster sets no `remoteBase`.
     pub default_base: PathBuf,
+    /// The login user's home on a Slurm cluster: relative remote paths start there.
+    pub remote_home: Option<&'a str>,
 }
 
 /// Resolves a spec against its cluster into a [`RunPlan`]. Errors name the field.
@@ -68,10 +70,10 @@ pub fn plan(spec: &SlurmAssetSpec, id: RunId, ctx: &PlanContext) -> Result<RunPl
     let environment = spec.environment.merged_over(&cluster.environment);
     let local = cluster.mode == ClusterMode::Local;
     let resolve = |dir: &Path, p: &str| -> String {
-        if local {
-            absolutize(&dir.join(p))
-        } else {
-            p.to_string()
+        match (local, ctx.remote_home) {
+            (true, _) => absolutize(&dir.join(p)),
+            (false, Some(home)) if !p.starts_with('/') => format!("{home}/{p}"),
+            (false, _) => p.to_string(),
         }
     };
     let base = match &cluster.remote_base {
@@ -248,8 +250,12 @@ pub fn sbatch_argv(plan: &RunPlan) -> Vec<String> {
     let mut a = vec![
         "sbatch".to_string(),
         "--parsable".into(),
-        format!("--job-name={}", plan.id.name),
-        format!("--comment={}", plan.id.tag()),
+        // The tag is the job name: squeue and sacct can both find it by name after a restart.
+        format!("--job-name={}", plan.id.tag()),
+        format!(
+            "--comment={}/{} run {} attempt {}",
+            plan.id.namespace, plan.id.name, plan.id.run, plan.id.attempt
+        ),
         format!("--chdir={dir}"),
         format!("--output={dir}/{STDOUT_FILE}"),
         format!("--error={dir}/{STDERR_FILE}"),
@@ -340,6 +346,7 @@ mod tests {
             cluster: &cluster,
             cluster_dir: Path::new("/m"),
             default_base: "/x".into(),
+            remote_home: Some("/home/u"),
         };
         let p = plan(&s, id(), &ctx).unwrap();
         assert_eq!(p.run_dir, "/base dir/runs/default/a/2-1");
@@ -349,7 +356,7 @@ mod tests {
         assert!(script.contains("echo '$(id)' 'a;b' 'it'\\''s' < /dev/null"));
         let argv = sbatch_argv(&p);
         assert!(argv.contains(&"--partition=p; rm".to_string()));
-        assert!(argv.contains(&"--comment=sao.u1.2.1".to_string()));
+        assert!(argv.contains(&"--job-name=sao.u1.2.1".to_string()));
         assert_eq!(argv.last().unwrap(), "/base dir/runs/default/a/2-1/job.sh");
     }
 
@@ -374,6 +381,7 @@ mod tests {
             cluster: &cluster,
             cluster_dir: dir.path(),
             default_base: dir.path().join(".runs"),
+            remote_home: None,
         };
         let p = plan(&s, id(), &ctx).unwrap();
         assert_eq!(p.argv[0], "python3");

@@ -13,8 +13,10 @@ pub mod manifest;
 pub mod pipes;
 pub mod quantity;
 pub mod shell;
+pub mod slurm;
 pub mod standalone;
 pub mod status_table;
+pub mod transport;
 
 /// Errors of the operator's library code.
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +33,8 @@ pub enum Error {
     Serialize { what: String, reason: String },
     #[error("executor: {0}")]
     Executor(String),
+    #[error("ssh: {0}")]
+    Transport(String),
     #[error("file watcher: {0}")]
     Watch(#[from] notify::Error),
 }

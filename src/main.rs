@@ -56,6 +56,12 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Invoked by ssh as SSH_ASKPASS (with the prompt as the only argument): answer with the
+    // password that the operator put into this one ssh process's environment.
+    if let Ok(secret) = std::env::var(slurm_asset_operator::transport::ASKPASS_ENV) {
+        println!("{secret}");
+        return ExitCode::SUCCESS;
+    }
     let cli = Cli::parse();
     if let Command::LocalSupervise { run_dir } = &cli.command {
         return ExitCode::from(executor::local::supervise(run_dir) as u8);
@@ -178,7 +184,11 @@ fn render(file: &std::path::Path, name: Option<&str>) -> anyhow::Result<String> 
         asset_dir: &dir,
         cluster: &cluster.0,
         cluster_dir: &cluster.1,
-        default_base: dir.join(".runs"),
+        default_base: match cluster.0.mode {
+            ClusterMode::Local => dir.join(".runs"),
+            ClusterMode::Slurm => "$HOME/.slurm-asset-operator".into(),
+        },
+        remote_home: Some("$HOME"),
     };
     let id = RunId {
         namespace: asset.namespace.clone(),

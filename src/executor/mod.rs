@@ -2,6 +2,7 @@
 //! this interface. Executors never decide; they report observations back to the core.
 
 pub mod local;
+pub mod slurm;
 
 use crate::api::{LogTail, Metrics, Resources};
 use std::io::{Read, Seek, SeekFrom};

@@ -12,12 +12,16 @@ use crate::conditions;
 use crate::core::{self, Action, Event, Input};
 use crate::executor::JobRef;
 use crate::executor::local::LocalExecutor;
+use crate::executor::slurm::{Counters, SlurmExecutor, Watched};
+use crate::transport::{SshAuth, SshTarget};
 use crate::jobscript::{PlanContext, RunId, RunPlan, plan};
 use crate::manifest::{Kind, Loaded, ManifestError, describe};
 use crate::pipes::MessageReader;
 use crate::{Error, Result};
 use jiff::Timestamp;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use store::{ObjectKey, Stored, WriteCache};
@@ -29,6 +33,8 @@ const LOCAL_POLL: Duration = Duration::from_millis(500);
 const SLURM_POLL: Duration = Duration::from_secs(10);
 /// Quiet time after a manifest change before the directory is rescanned.
 const DEBOUNCE: Duration = Duration::from_millis(250);
+/// Wait before retrying a submission that could not reach its cluster.
+const TRANSPORT_RETRY: Duration = Duration::from_secs(5);
 
 pub struct Options {
     pub dir: PathBuf,
@@ -48,6 +54,8 @@ pub struct Outcome {
 
 struct AssetEntry {
     loaded: Option<Loaded>,
+    /// `spec.clusterRef` as last seen (kept when the manifest goes away).
+    cluster_ref: Option<String>,
     uid: String,
     generation: i64,
     spec_hash: String,
@@ -85,6 +93,16 @@ pub struct Driver {
     errors: Vec<ManifestError>,
     logged: HashSet<String>,
     cache: WriteCache,
+    exe: PathBuf,
+    slurm: HashMap<ObjectKey, Arc<SlurmExecutor>>,
+    counters: Arc<Counters>,
+}
+
+/// A cluster as an asset sees it: explicit, or the implicit local one.
+struct ResolvedCluster {
+    spec: SlurmClusterSpec,
+    dir: PathBuf,
+    key: Option<ObjectKey>,
 }
 
 /// Runs standalone mode until interrupted, or until every asset is terminal with `once`.
@@ -95,7 +113,10 @@ pub async fn run(opts: Options) -> Result<Outcome> {
         .map_err(|e| Error::io(&opts.dir, e))?;
     let mut driver = Driver {
         dir: dir.clone(),
-        executor: LocalExecutor::new(opts.exe),
+        executor: LocalExecutor::new(opts.exe.clone()),
+        exe: opts.exe,
+        slurm: HashMap::new(),
+        counters: Arc::new(Counters::default()),
         assets: BTreeMap::new(),
         clusters: BTreeMap::new(),
         errors: vec![],
@@ -253,6 +274,11 @@ impl Driver {
         stored: Option<Stored>,
         hash: String,
     ) -> AssetEntry {
+        let cluster_ref = match (&loaded, &stored) {
+            (Some(l), _) => l.asset().and_then(|a| a.cluster_ref.clone()),
+            (None, Some(s)) => s.cluster_ref.clone(),
+            (None, None) => None,
+        };
         let (uid, generation, status) = match stored {
             Some(s) if !s.deleted => {
                 let generation = if s.spec_hash == hash || hash.is_empty() {
@@ -273,6 +299,7 @@ impl Driver {
             ),
         };
         AssetEntry {
+            cluster_ref,
             loaded,
             uid,
             generation,
@@ -295,6 +322,7 @@ impl Driver {
                 entry.generation += 1;
                 entry.spec_hash = obj.spec_hash.clone();
             }
+            entry.cluster_ref = obj.asset().and_then(|a| a.cluster_ref.clone());
             entry.loaded = Some(obj);
             return;
         }
@@ -305,18 +333,18 @@ impl Driver {
     }
 
     /// Resolves the asset's cluster: an explicit `clusterRef`, else the implicit local cluster.
-    fn cluster_for(
-        &self,
-        key: &ObjectKey,
-        spec: &SlurmAssetSpec,
-    ) -> std::result::Result<(SlurmClusterSpec, PathBuf), String> {
-        let Some(name) = &spec.cluster_ref else {
-            return Ok((implicit_local(), self.dir.clone()));
+    fn cluster_for(&self, key: &ObjectKey, cluster_ref: Option<&str>) -> std::result::Result<ResolvedCluster, String> {
+        let Some(name) = cluster_ref else {
+            return Ok(ResolvedCluster {
+                spec: implicit_local(),
+                dir: self.dir.clone(),
+                key: None,
+            });
         };
         let ckey = ObjectKey {
             kind: Kind::SlurmCluster,
             namespace: key.namespace.clone(),
-            name: name.clone(),
+            name: name.to_string(),
         };
         let Some(c) = self.clusters.get(&ckey) else {
             return Err(format!(
@@ -330,16 +358,42 @@ impl Driver {
                 describe(errors)
             )),
             Ok(_) => {
-                let spec = c.cluster().expect("a SlurmCluster spec").clone();
+                let mut spec = c.cluster().expect("a SlurmCluster spec").clone();
                 if spec.mode == ClusterMode::Slurm {
-                    return Err(format!(
-                        "spec.clusterRef: SlurmCluster {name:?} has mode slurm, which this version cannot run yet; use mode local"
-                    ));
+                    // The Python tool's environment names fill what the manifest leaves out.
+                    if spec.remote_base.is_none() {
+                        spec.remote_base = std::env::var("SLURM_DEPLOYMENT_BASE_PATH").ok();
+                    }
+                    if spec.environment.pre_deployed_env_path.is_none() {
+                        spec.environment.pre_deployed_env_path =
+                            std::env::var("CI_DEPLOYED_ENVIRONMENT_PATH").ok();
+                    }
                 }
-                let dir = c.file.parent().unwrap_or(&self.dir).to_path_buf();
-                Ok((spec, dir))
+                Ok(ResolvedCluster {
+                    spec,
+                    dir: c.file.parent().unwrap_or(&self.dir).to_path_buf(),
+                    key: Some(ckey),
+                })
             }
         }
+    }
+
+    /// The executor of a Slurm cluster, created on first use and replaced when its
+    /// connection settings change.
+    fn slurm_for(&mut self, rc: &ResolvedCluster) -> std::result::Result<Option<Arc<SlurmExecutor>>, String> {
+        if rc.spec.mode != ClusterMode::Slurm {
+            return Ok(None);
+        }
+        let key = rc.key.clone().expect("slurm clusters are explicit");
+        let target = ssh_target(&rc.spec, &rc.dir, &key)?;
+        if let Some(ex) = self.slurm.get(&key)
+            && *ex.target() == target
+        {
+            return Ok(Some(ex.clone()));
+        }
+        let ex = Arc::new(SlurmExecutor::new(target, self.exe.clone(), self.counters.clone()));
+        self.slurm.insert(key, ex.clone());
+        Ok(Some(ex))
     }
 
     fn facts(&self, key: &ObjectKey) -> Facts {
@@ -350,7 +404,7 @@ impl Driver {
                 Err(errors) => describe(errors),
                 Ok(_) => "not a SlurmAsset".into(),
             }),
-            (_, Some(s)) => self.cluster_for(key, s).err(),
+            (_, Some(s)) => self.cluster_for(key, s.cluster_ref.as_deref()).err(),
             (None, None) => None,
         };
         let retry = spec.map(|s| s.retry.clone()).unwrap_or_default();
@@ -367,10 +421,10 @@ impl Driver {
     }
 
     fn poll_interval(&self, key: &ObjectKey) -> Duration {
-        let cluster = self.assets[key]
-            .spec()
-            .and_then(|s| self.cluster_for(key, s).ok())
-            .map(|(c, _)| c);
+        let cluster = self
+            .cluster_for(key, self.assets[key].cluster_ref.as_deref())
+            .ok()
+            .map(|rc| rc.spec);
         match cluster {
             Some(c) => c.poll_interval.as_ref().map(|i| i.duration()).unwrap_or(
                 if c.mode == ClusterMode::Local {
@@ -388,16 +442,22 @@ impl Driver {
         key: &ObjectKey,
         run: u64,
         attempt: u32,
+        remote_home: Option<&str>,
     ) -> std::result::Result<RunPlan, String> {
         let entry = &self.assets[key];
         let loaded = entry.loaded.as_ref().ok_or("the manifest is gone")?;
         let spec = loaded.asset().ok_or("the spec is invalid")?;
-        let (cluster, cluster_dir) = self.cluster_for(key, spec)?;
+        let rc = self.cluster_for(key, spec.cluster_ref.as_deref())?;
+        let (cluster, cluster_dir) = (rc.spec, rc.dir);
         let ctx = PlanContext {
             asset_dir: loaded.file.parent().unwrap_or(&self.dir),
             cluster: &cluster,
             cluster_dir: &cluster_dir,
-            default_base: self.dir.join(".runs"),
+            default_base: match remote_home {
+                Some(home) => PathBuf::from(format!("{home}/.slurm-asset-operator")),
+                None => self.dir.join(".runs"),
+            },
+            remote_home,
         };
         let id = RunId {
             namespace: key.namespace.clone(),
@@ -459,7 +519,7 @@ impl Driver {
                         attempt,
                         delay: None,
                     } => {
-                        next = Some(self.submit(key, run, attempt).await);
+                        next = self.submit(key, run, attempt).await;
                     }
                     Action::Watch => watch = true,
                     Action::Cancel {
@@ -468,8 +528,7 @@ impl Driver {
                         report,
                     } => {
                         let res = self
-                            .executor
-                            .cancel(job_id.as_deref(), run_dir.as_deref())
+                            .cancel(key, job_id.as_deref(), run_dir.as_deref())
                             .await;
                         let message = match res {
                             Ok(m) => m,
@@ -480,10 +539,11 @@ impl Driver {
                         };
                         if report {
                             next = Some(Event::CancelDone { message });
+
                         }
                     }
                     Action::Cleanup { run_dir } => {
-                        if let Err(e) = self.executor.cleanup(&run_dir) {
+                        if let Err(e) = self.cleanup(key, &run_dir).await {
                             warn!("{key}: {e}");
                         }
                     }
@@ -510,60 +570,123 @@ impl Driver {
         }
     }
 
-    async fn submit(&mut self, key: &ObjectKey, run: u64, attempt: u32) -> Event {
+    /// Submits (or adopts) an attempt. `None`: the cluster could not be reached; the
+    /// submission is retried later and the asset stays in `Submitting`.
+    async fn submit(&mut self, key: &ObjectKey, run: u64, attempt: u32) -> Option<Event> {
         self.assets.get_mut(key).expect("known").submit_at = None;
-        let plan = match self.plan_for(key, run, attempt) {
-            Ok(p) => p,
-            Err(message) => return Event::SubmitFailed { message },
+        let cluster_ref = self.assets[key].cluster_ref.clone();
+        let rc = match self.cluster_for(key, cluster_ref.as_deref()) {
+            Ok(rc) => rc,
+            Err(message) => return Some(Event::SubmitFailed { message }),
         };
-        match self.executor.submit(&plan).await {
-            Ok(s) => Event::Submitted {
+        let slurm = match self.slurm_for(&rc) {
+            Ok(s) => s,
+            Err(message) => return Some(Event::SubmitFailed { message }),
+        };
+        let Some(slurm) = slurm else {
+            let plan = match self.plan_for(key, run, attempt, None) {
+                Ok(p) => p,
+                Err(message) => return Some(Event::SubmitFailed { message }),
+            };
+            return Some(match self.executor.submit(&plan).await {
+                Ok(s) => Event::Submitted {
+                    job_id: s.job_id,
+                    run_dir: s.run_dir,
+                    adopted: s.adopted,
+                },
+                Err(e) => Event::SubmitFailed { message: e.to_string() },
+            });
+        };
+        let outcome = match slurm.facts().await {
+            Ok(facts) => match self.plan_for(key, run, attempt, Some(&facts.home)) {
+                Ok(plan) => slurm.submit(&plan).await,
+                Err(message) => return Some(Event::SubmitFailed { message }),
+            },
+            Err(e) => Err(e),
+        };
+        match outcome {
+            Ok(Ok(s)) => Some(Event::Submitted {
                 job_id: s.job_id,
                 run_dir: s.run_dir,
                 adopted: s.adopted,
-            },
-            Err(e) => Event::SubmitFailed {
-                message: e.to_string(),
-            },
+            }),
+            Ok(Err(message)) => Some(Event::SubmitFailed { message }),
+            Err(e) => {
+                warn!("{key}: {e}; retrying the submission in {}s", TRANSPORT_RETRY.as_secs());
+                let entry = self.assets.get_mut(key).expect("known");
+                entry.submit_at = Some(Instant::now() + TRANSPORT_RETRY);
+                entry.status.message = Some(format!("cluster unreachable, retrying: {e}"));
+                None
+            }
         }
     }
 
-    /// Starts delayed submissions and polls due jobs.
+    fn tag_of(&self, key: &ObjectKey) -> String {
+        let e = &self.assets[key];
+        RunId {
+            namespace: key.namespace.clone(),
+            name: key.name.clone(),
+            uid: e.uid.clone(),
+            run: e.status.run,
+            attempt: e.status.attempts.max(1),
+        }
+        .tag()
+    }
+
+    async fn cancel(&mut self, key: &ObjectKey, job_id: Option<&str>, run_dir: Option<&str>) -> Result<String> {
+        let cluster_ref = self.assets[key].cluster_ref.clone();
+        let rc = self.cluster_for(key, cluster_ref.as_deref()).map_err(Error::Executor)?;
+        match self.slurm_for(&rc).map_err(Error::Executor)? {
+            Some(slurm) => slurm.cancel(job_id, &self.tag_of(key)).await,
+            None => self.executor.cancel(job_id, run_dir).await,
+        }
+    }
+
+    async fn cleanup(&mut self, key: &ObjectKey, run_dir: &str) -> Result<()> {
+        let cluster_ref = self.assets[key].cluster_ref.clone();
+        let rc = self.cluster_for(key, cluster_ref.as_deref()).map_err(Error::Executor)?;
+        match self.slurm_for(&rc).map_err(Error::Executor)? {
+            Some(slurm) => slurm.cleanup(run_dir).await,
+            None => self.executor.cleanup(run_dir),
+        }
+    }
+
+    /// Starts delayed submissions and polls due jobs: local ones one by one, Slurm ones in
+    /// one batch per cluster.
     async fn tick(&mut self) {
         let now = Instant::now();
-        let due: Vec<(ObjectKey, bool)> = self
+        let submits: Vec<ObjectKey> = self
             .assets
             .iter()
-            .filter_map(|(k, a)| {
-                if a.submit_at.is_some_and(|t| t <= now) {
-                    Some((k.clone(), true))
-                } else if a.next_poll.is_some_and(|t| t <= now) {
-                    Some((k.clone(), false))
-                } else {
-                    None
-                }
-            })
+            .filter(|(_, a)| a.submit_at.is_some_and(|t| t <= now))
+            .map(|(k, _)| k.clone())
             .collect();
-        for (key, is_submit) in due {
-            if is_submit {
-                let (run, attempt) = {
-                    let s = &self.assets[&key].status;
-                    (s.run, s.attempts)
-                };
-                let ev = self.submit(&key, run, attempt).await;
+        for key in submits {
+            let (run, attempt) = {
+                let s = &self.assets[&key].status;
+                (s.run, s.attempts.max(1))
+            };
+            if let Some(ev) = self.submit(&key, run, attempt).await {
                 self.step(&key, ev).await;
-                continue;
+            } else {
+                self.persist(&key);
             }
-            let resources = self.assets[&key]
-                .spec()
-                .map(|s| {
-                    let cluster = self
-                        .cluster_for(&key, s)
-                        .map(|(c, _)| c.queue)
-                        .unwrap_or_default();
-                    s.resources.merged_over(&cluster)
-                })
-                .unwrap_or_default();
+        }
+        let due: Vec<ObjectKey> = self
+            .assets
+            .iter()
+            .filter(|(_, a)| a.submit_at.is_none() && a.next_poll.is_some_and(|t| t <= now))
+            .map(|(k, _)| k.clone())
+            .collect();
+        let mut batches: BTreeMap<ObjectKey, (Arc<SlurmExecutor>, Vec<ObjectKey>)> = BTreeMap::new();
+        for key in due {
+            let cluster_ref = self.assets[&key].cluster_ref.clone();
+            let rc = self.cluster_for(&key, cluster_ref.as_deref());
+            let resources = match (&rc, self.assets[&key].spec()) {
+                (Ok(rc), Some(s)) => s.resources.merged_over(&rc.spec.queue),
+                _ => Default::default(),
+            };
+            let slurm = rc.as_ref().ok().and_then(|rc| self.slurm_for(rc).ok().flatten());
             let entry = self.assets.get_mut(&key).expect("known");
             entry.next_poll = None;
             let Some(run_dir) = entry.status.remote_run_dir.clone() else {
@@ -573,6 +696,11 @@ impl Driver {
                 entry.reader = MessageReader::default();
                 entry.reader_dir = Some(run_dir.clone());
             }
+            if let Some(slurm) = slurm {
+                let ckey = rc.as_ref().ok().and_then(|r| r.key.clone()).expect("slurm cluster");
+                batches.entry(ckey).or_insert_with(|| (slurm, vec![])).1.push(key);
+                continue;
+            }
             let job = JobRef {
                 job_id: entry.status.job_id.clone(),
                 run_dir,
@@ -580,6 +708,72 @@ impl Driver {
             };
             let obs = self.executor.observe(&job, &mut entry.reader);
             self.step(&key, Event::Observed(Box::new(obs))).await;
+        }
+        for (ckey, (slurm, keys)) in batches {
+            let observations = {
+                let mut readers: Vec<(ObjectKey, MessageReader)> = keys
+                    .iter()
+                    .map(|k| (k.clone(), std::mem::take(&mut self.assets.get_mut(k).expect("known").reader)))
+                    .collect();
+                let mut watched: Vec<Watched> = readers
+                    .iter_mut()
+                    .map(|(k, reader)| {
+                        let a = &self.assets[k];
+                        let resources = a
+                            .spec()
+                            .map(|s| s.resources.clone())
+                            .unwrap_or_default();
+                        Watched {
+                            job: JobRef {
+                                job_id: a.status.job_id.clone(),
+                                run_dir: a.status.remote_run_dir.clone().unwrap_or_default(),
+                                resources: resources.clone(),
+                            },
+                            tag: String::new(),
+                            requested_mem: requested_memory(&resources),
+                            reader,
+                        }
+                    })
+                    .collect();
+                let result = slurm.observe(&mut watched).await;
+                drop(watched);
+                for (k, reader) in readers {
+                    self.assets.get_mut(&k).expect("known").reader = reader;
+                }
+                result
+            };
+            match observations {
+                Ok(obs) => {
+                    for (key, o) in keys.iter().zip(obs) {
+                        self.step(key, Event::Observed(Box::new(o))).await;
+                    }
+                }
+                Err(e) => {
+                    // A lost connection is not the job's failure: poll again later.
+                    warn!("{ckey}: polling failed: {e}");
+                    for key in &keys {
+                        let poll = self.poll_interval(key);
+                        self.assets.get_mut(key).expect("known").next_poll = Some(Instant::now() + poll);
+                    }
+                }
+            }
+        }
+        self.write_operator_metrics();
+    }
+
+    /// `.status/operator-metrics.yaml`: counters of the operator's own work.
+    fn write_operator_metrics(&mut self) {
+        let c = &self.counters;
+        let v = serde_json::json!({
+            "sshConnects": c.ssh_connects.load(Ordering::Relaxed),
+            "schedulerPolls": c.scheduler_polls.load(Ordering::Relaxed),
+            "remoteCommands": c.remote_commands.load(Ordering::Relaxed),
+        });
+        let path = self.dir.join(store::STATUS_DIR).join("operator-metrics.yaml");
+        if let Ok(text) = serde_saphyr::to_string(&v)
+            && let Err(e) = self.cache.write(&path, text)
+        {
+            warn!("{e}");
         }
     }
 
@@ -597,6 +791,7 @@ impl Driver {
             generation: entry.generation,
             spec_hash: entry.spec_hash.clone(),
             deleted: entry.deleted,
+            cluster_ref: entry.cluster_ref.clone(),
             status,
         };
         let finished_deleting = entry.deleted
@@ -712,6 +907,7 @@ impl Driver {
             generation,
             spec_hash: obj.spec_hash.clone(),
             deleted: false,
+            cluster_ref: None,
             status: serde_json::to_value(&status).unwrap_or_default(),
         };
         let path = store::status_path(&self.dir, key);
@@ -722,6 +918,89 @@ impl Driver {
             Err(e) => error!("{key}: writing status: {e}"),
         }
     }
+}
+
+fn requested_memory(r: &crate::api::Resources) -> Option<u64> {
+    let cpus = u64::from(r.cpus_per_task.unwrap_or(1) * r.ntasks.unwrap_or(1));
+    let nodes = u64::from(r.nodes.unwrap_or(1));
+    r.mem
+        .as_ref()
+        .map(|m| m.bytes() * nodes)
+        .or_else(|| r.mem_per_cpu.as_ref().map(|m| m.bytes() * cpus))
+}
+
+/// Resolves a Slurm cluster's SSH settings (standalone mode: files and environment variables;
+/// the Python tool's `SLURM_EDGE_NODE_*` names fill what the manifest leaves out).
+fn ssh_target(spec: &SlurmClusterSpec, dir: &Path, key: &ObjectKey) -> std::result::Result<SshTarget, String> {
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    let ssh = spec.ssh.clone().unwrap_or_default();
+    let host = Some(ssh.host.clone())
+        .filter(|h| !h.is_empty())
+        .or_else(|| env("SLURM_EDGE_NODE_HOST"))
+        .ok_or_else(|| format!("{key}: spec.ssh.host: missing (or set SLURM_EDGE_NODE_HOST)"))?;
+    let user = Some(ssh.user.clone())
+        .filter(|u| !u.is_empty())
+        .or_else(|| env("SLURM_EDGE_NODE_USER"))
+        .ok_or_else(|| format!("{key}: spec.ssh.user: missing (or set SLURM_EDGE_NODE_USER)"))?;
+    let port = if spec.ssh.is_some() {
+        ssh.port
+    } else {
+        env("SLURM_EDGE_NODE_PORT").and_then(|p| p.parse().ok()).unwrap_or(22)
+    };
+    let auth = if let Some(k) = &ssh.key_path {
+        SshAuth::KeyFile(dir.join(k))
+    } else if let Some(var) = &ssh.password_env {
+        SshAuth::Password(env(var).ok_or_else(|| {
+            format!("{key}: spec.ssh.passwordEnv: environment variable {var} is not set")
+        })?)
+    } else if ssh.key_secret_ref.is_some() || ssh.password_secret_ref.is_some() {
+        return Err(format!("{key}: spec.ssh: Secret references need Kubernetes mode"));
+    } else if let Some(k) = env("SLURM_EDGE_NODE_KEY_PATH") {
+        SshAuth::KeyFile(PathBuf::from(k))
+    } else if let Some(p) = env("SLURM_EDGE_NODE_PASSWORD") {
+        SshAuth::Password(p)
+    } else {
+        return Err(format!("{key}: spec.ssh: no key or password (set keyPath or passwordEnv)"));
+    };
+    let known_hosts = match ssh.known_hosts.as_ref() {
+        Some(kh) if kh.path.is_some() => kh.path.as_ref().map(|p| dir.join(p)),
+        Some(kh) if kh.entries.is_some() => {
+            let lines = kh.entries.clone().unwrap_or_default().join("\n") + "\n";
+            let path = std::env::temp_dir().join(format!(
+                "sao-known-hosts-{}-{}",
+                std::process::id(),
+                crate::manifest::hash_value(&serde_json::json!(lines))
+            ));
+            std::fs::write(&path, lines).map_err(|e| format!("{key}: writing known hosts: {e}"))?;
+            Some(path)
+        }
+        _ => env("SLURM_EDGE_NODE_KNOWN_HOSTS").map(PathBuf::from),
+    };
+    let jump_hosts = ssh
+        .jump_hosts
+        .iter()
+        .map(|j| {
+            format!(
+                "{}@{}:{}",
+                j.user.clone().unwrap_or_else(|| user.clone()),
+                j.host,
+                j.port
+            )
+        })
+        .collect();
+    Ok(SshTarget {
+        host,
+        port,
+        user,
+        auth,
+        known_hosts,
+        jump_hosts,
+        extra_options: ssh.extra_options.into_iter().collect(),
+        connect_timeout: ssh
+            .connect_timeout
+            .map(|t| t.duration())
+            .unwrap_or(Duration::from_secs(10)),
+    })
 }
 
 fn implicit_local() -> SlurmClusterSpec {

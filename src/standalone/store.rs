@@ -18,6 +18,7 @@ pub const ERRORS_FILE: &str = "errors.yaml";
 pub const ANN_SPEC_HASH: &str = "dagster-slurm.io/spec-hash";
 pub const ANN_SOURCE: &str = "dagster-slurm.io/source";
 pub const ANN_ASSET_KEY: &str = "dagster-slurm.io/asset-key";
+pub const ANN_CLUSTER: &str = "dagster-slurm.io/cluster";
 
 /// Identity of an object in the store.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -57,6 +58,9 @@ pub struct Stored {
     pub generation: i64,
     pub spec_hash: String,
     pub deleted: bool,
+    /// `spec.clusterRef` of the object as last seen: where its job runs even after its
+    /// manifest is gone.
+    pub cluster_ref: Option<String>,
     pub status: Value,
 }
 
@@ -150,6 +154,7 @@ pub fn read_stored(dir: &Path, key: &ObjectKey) -> Option<Stored> {
         generation: meta.get("generation").and_then(Value::as_i64).unwrap_or(1),
         spec_hash: ann(ANN_SPEC_HASH).unwrap_or_default(),
         deleted: meta.get("deletionTimestamp").is_some(),
+        cluster_ref: ann(ANN_CLUSTER),
         status: v.get("status").cloned().unwrap_or(Value::Null),
     })
 }
@@ -169,6 +174,9 @@ pub fn render_object(
     }
     if let Some(a) = asset_key {
         annotations.insert(ANN_ASSET_KEY.into(), json!(a));
+    }
+    if let Some(c) = &stored.cluster_ref {
+        annotations.insert(ANN_CLUSTER.into(), json!(c));
     }
     let mut metadata = json!({
         "name": key.name,

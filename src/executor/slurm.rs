@@ -1,0 +1,424 @@
+//! Slurm execution over SSH: upload + submit in one streamed script, adoption by tag, one
+//! batched poll per cluster per interval (one `squeue` and one `sacct` for every active job,
+//! plus each job's exit file, log tails and new Pipes messages, in the same round trip).
+
+use super::{JobRef, LOG_TAIL_BYTES, Submitted, tail_text};
+use crate::core::{JobState, Observation};
+use crate::jobscript::{
+    EXIT_FILE, JOB_SCRIPT, RunPlan, STDERR_FILE, STDOUT_FILE, render_script, sbatch_argv,
+};
+use crate::pipes::{CONTEXT_FILE, MESSAGES_FILE, MessageReader, context_data};
+use crate::shell::{join, quote};
+use crate::slurm::{
+    SACCT_FORMAT, SQUEUE_FORMAT, expand_nodelist, is_final, job_metrics, map_state, parse_sacct,
+    parse_time,
+};
+use crate::transport::{Connection, SshTarget};
+use crate::{Error, Result};
+use base64::Engine;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::sync::Mutex;
+
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+/// Pipes bytes read per job per poll, at most.
+const MESSAGES_CHUNK: u64 = 1 << 20;
+const JOBID_FILE: &str = "jobid";
+
+/// Counters the tests and `/metrics` read.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub ssh_connects: AtomicU64,
+    pub scheduler_polls: AtomicU64,
+    pub remote_commands: AtomicU64,
+}
+
+/// What the cluster told us when we first connected.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClusterFacts {
+    pub home: String,
+    pub platform: String,
+    pub slurm_version: String,
+    pub accounting: bool,
+}
+
+/// One Slurm cluster: its master connection (re-established with backoff) and its facts.
+pub struct SlurmExecutor {
+    target: SshTarget,
+    exe: PathBuf,
+    conn: Mutex<Option<Arc<Connection>>>,
+    facts: Mutex<Option<ClusterFacts>>,
+    pub counters: Arc<Counters>,
+}
+
+/// One job to observe, with its Pipes reader (offset carried between polls).
+pub struct Watched<'a> {
+    pub job: JobRef,
+    pub tag: String,
+    pub requested_mem: Option<u64>,
+    pub reader: &'a mut MessageReader,
+}
+
+impl SlurmExecutor {
+    pub fn new(target: SshTarget, exe: PathBuf, counters: Arc<Counters>) -> Self {
+        SlurmExecutor {
+            target,
+            exe,
+            conn: Mutex::new(None),
+            facts: Mutex::new(None),
+            counters,
+        }
+    }
+
+    pub fn target(&self) -> &SshTarget {
+        &self.target
+    }
+
+    /// The shared master connection; a dead one is replaced, retrying with exponential backoff.
+    async fn connection(&self) -> Result<Arc<Connection>> {
+        let mut guard = self.conn.lock().await;
+        if let Some(c) = guard.as_ref() {
+            if c.is_alive().await {
+                return Ok(c.clone());
+            }
+            tracing::warn!("ssh master to {:?} is gone; reconnecting", self.target);
+        }
+        use backon::Retryable;
+        let conn = (|| Connection::open(&self.target, &self.exe))
+            .retry(
+                backon::ExponentialBuilder::default()
+                    .with_min_delay(Duration::from_millis(500))
+                    .with_max_delay(Duration::from_secs(10))
+                    .with_max_times(3),
+            )
+            .notify(|e, d| tracing::warn!("{e}; retrying in {d:?}"))
+            .await?;
+        self.counters.ssh_connects.fetch_add(1, Ordering::Relaxed);
+        let conn = Arc::new(conn);
+        *guard = Some(conn.clone());
+        Ok(conn)
+    }
+
+    async fn run(&self, script: &str) -> Result<crate::transport::RemoteOutput> {
+        let conn = self.connection().await?;
+        self.counters.remote_commands.fetch_add(1, Ordering::Relaxed);
+        match conn.run(script, COMMAND_TIMEOUT).await {
+            Ok(o) => Ok(o),
+            Err(e) => {
+                // Drop the connection so the next command reconnects.
+                *self.conn.lock().await = None;
+                Err(e)
+            }
+        }
+    }
+
+    /// Connects (if needed) and learns the cluster's facts, once.
+    pub async fn facts(&self) -> Result<ClusterFacts> {
+        if let Some(f) = self.facts.lock().await.clone() {
+            return Ok(f);
+        }
+        let out = self
+            .run(
+                "printf 'HOME=%s\\n' \"$HOME\"; printf 'ARCH=%s\\n' \"$(uname -m)\"; \
+                 printf 'SLURM=%s\\n' \"$(sinfo --version 2>/dev/null)\"; \
+                 if sacct -n -X -S now-1minutes -o JobID >/dev/null 2>&1; then echo ACCT=yes; else echo ACCT=no; fi",
+            )
+            .await?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let get = |k: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(k))
+                .unwrap_or("")
+                .trim()
+                .to_string()
+        };
+        let facts = ClusterFacts {
+            home: get("HOME="),
+            platform: match get("ARCH=").as_str() {
+                "x86_64" => "linux-64".into(),
+                other => format!("linux-{other}"),
+            },
+            slurm_version: get("SLURM=").trim_start_matches("slurm ").to_string(),
+            accounting: get("ACCT=") == "yes",
+        };
+        if facts.home.is_empty() {
+            return Err(Error::Transport("could not read $HOME on the cluster".into()));
+        }
+        *self.facts.lock().await = Some(facts.clone());
+        Ok(facts)
+    }
+
+    /// Adopts the job carrying the attempt's tag if there is one, else uploads the run dir and
+    /// submits — in one streamed script, one round trip.
+    pub async fn submit(&self, plan: &RunPlan) -> Result<std::result::Result<Submitted, String>> {
+        let dir = &plan.run_dir;
+        let tag = plan.id.tag();
+        let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+        let mut s = String::new();
+        s.push_str("set -u\n");
+        s.push_str(&format!("tag={}\ndir={}\n", quote(&tag), quote(dir)));
+        s.push_str(
+            "existing=$(squeue -h -o %i --name=\"$tag\" 2>/dev/null | head -n1)\n\
+             [ -z \"$existing\" ] && existing=$(sacct -n -X -P -o JobID --name=\"$tag\" -S now-60days 2>/dev/null | head -n1)\n",
+        );
+        s.push_str(&format!(
+            "[ -z \"$existing\" ] && [ -f \"$dir/{JOBID_FILE}\" ] && existing=$(cat \"$dir/{JOBID_FILE}\")\n"
+        ));
+        s.push_str("if [ -n \"$existing\" ]; then echo \"ADOPT $existing\"; exit 0; fi\n");
+        s.push_str("umask 077\nmkdir -p \"$dir\" && chmod 700 \"$dir\" && cd \"$dir\" || { echo \"ERROR cannot create $dir\"; exit 0; }\n");
+        let mut files: Vec<(&str, Vec<u8>, &str)> = vec![(
+            JOB_SCRIPT,
+            render_script(plan).into_bytes(),
+            "700",
+        )];
+        if let Some((name, content)) = &plan.payload_file {
+            files.push((name.as_str(), content.clone(), "600"));
+        }
+        let ctx = context_data(
+            &plan.asset_key,
+            &plan.dagster_run_id,
+            plan.id.attempt.saturating_sub(1),
+            plan.extras.as_ref(),
+        );
+        files.push((CONTEXT_FILE, ctx.to_string().into_bytes(), "600"));
+        for (name, content, mode) in &files {
+            s.push_str(&format!(
+                "base64 -d > {q} <<'SAO_EOF'\n{}\nSAO_EOF\nchmod {mode} {q}\n",
+                b64(content),
+                q = quote(name)
+            ));
+        }
+        s.push_str(&format!("out=$({} 2>&1)\nrc=$?\n", join(&sbatch_argv(plan))));
+        s.push_str(&format!(
+            "if [ $rc -ne 0 ]; then printf 'SBATCH_FAILED %s\\n' \"$out\" | tr '\\n' ' '; echo; exit 0; fi\n\
+             id=${{out%%;*}}\nprintf '%s\\n' \"$id\" > {JOBID_FILE}\necho \"SUBMITTED $id\"\n"
+        ));
+        let out = self.run(&s).await?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let line = text.lines().last().unwrap_or("").trim();
+        let result = if let Some(id) = line.strip_prefix("ADOPT ") {
+            Ok(Submitted {
+                job_id: id.trim().to_string(),
+                run_dir: dir.clone(),
+                adopted: true,
+            })
+        } else if let Some(id) = line.strip_prefix("SUBMITTED ") {
+            Ok(Submitted {
+                job_id: id.trim().to_string(),
+                run_dir: dir.clone(),
+                adopted: false,
+            })
+        } else if let Some(msg) = line.strip_prefix("SBATCH_FAILED ") {
+            Err(msg.trim().to_string())
+        } else if let Some(msg) = line.strip_prefix("ERROR ") {
+            Err(msg.to_string())
+        } else {
+            return Err(Error::Transport(format!(
+                "unexpected answer to the submission: {line:?} {}",
+                out.stderr.trim()
+            )));
+        };
+        Ok(result)
+    }
+
+    /// Observes every given job of this cluster in one round trip.
+    pub async fn observe(&self, jobs: &mut [Watched<'_>]) -> Result<Vec<Observation>> {
+        if jobs.is_empty() {
+            return Ok(vec![]);
+        }
+        let accounting = self.facts().await.map(|f| f.accounting).unwrap_or(false);
+        let ids: Vec<&str> = jobs
+            .iter()
+            .filter_map(|w| w.job.job_id.as_deref())
+            .collect();
+        let id_list = ids.join(",");
+        let mut s = String::new();
+        s.push_str(&format!(
+            "squeue -h -o {} -j {} 2>/dev/null\necho '@@SAO SACCT'\n",
+            quote(SQUEUE_FORMAT),
+            quote(&id_list)
+        ));
+        if accounting {
+            s.push_str(&format!(
+                "sacct -P -n -j {} --format={} 2>/dev/null\n",
+                quote(&id_list),
+                SACCT_FORMAT
+            ));
+        }
+        for (i, w) in jobs.iter().enumerate() {
+            let d = quote(&w.job.run_dir);
+            s.push_str(&format!(
+                "echo '@@SAO JOB {i}'\n\
+                 if cd {d} 2>/dev/null; then\n\
+                 printf 'EXIT %s\\n' \"$(base64 -w0 {EXIT_FILE} 2>/dev/null)\"\n\
+                 printf 'OUT %s\\n' \"$(tail -c {LOG_TAIL_BYTES} {STDOUT_FILE} 2>/dev/null | base64 -w0)\"\n\
+                 printf 'ERR %s\\n' \"$(tail -c {LOG_TAIL_BYTES} {STDERR_FILE} 2>/dev/null | base64 -w0)\"\n\
+                 printf 'MSG %s\\n' \"$(tail -c +{} {MESSAGES_FILE} 2>/dev/null | head -c {MESSAGES_CHUNK} | base64 -w0)\"\n\
+                 cd - >/dev/null\nfi\n",
+                w.reader.offset + 1
+            ));
+        }
+        let out = self.run(&s).await?;
+        self.counters.scheduler_polls.fetch_add(1, Ordering::Relaxed);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        Ok(parse_poll(&text, jobs, accounting))
+    }
+
+    /// Cancels a job by ID, or by tag when the ID is not known yet.
+    pub async fn cancel(&self, job_id: Option<&str>, tag: &str) -> Result<String> {
+        let target = match job_id.filter(|j| !j.is_empty()) {
+            Some(id) => quote(id),
+            None => format!("--name={}", quote(tag)),
+        };
+        let out = self.run(&format!("scancel {target} 2>&1; echo \"rc=$?\"")).await?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        Ok(format!("scancel {}: {}", job_id.unwrap_or(tag), text.trim()))
+    }
+
+    pub async fn cleanup(&self, run_dir: &str) -> Result<()> {
+        self.run(&format!("rm -rf -- {}", quote(run_dir))).await.map(|_| ())
+    }
+
+    pub async fn close(&self) {
+        if let Some(c) = self.conn.lock().await.take()
+            && let Ok(c) = Arc::try_unwrap(c)
+        {
+            c.close().await;
+        }
+    }
+}
+
+fn decode(b64: &str) -> Vec<u8> {
+    base64::engine::general_purpose::STANDARD
+        .decode(b64.trim())
+        .unwrap_or_default()
+}
+
+/// A log tail read with `tail -c`: its first line is partial only when the limit was hit.
+fn tail_decoded(b64: &str) -> String {
+    let bytes = decode(b64);
+    let cut = bytes.len() as u64 >= LOG_TAIL_BYTES;
+    tail_text(&bytes, cut)
+}
+
+/// Turns the poll script's output into one observation per job.
+fn parse_poll(text: &str, jobs: &mut [Watched<'_>], accounting: bool) -> Vec<Observation> {
+    let mut squeue: HashMap<String, (String, String)> = HashMap::new();
+    let mut sacct_text = String::new();
+    let mut per_job: HashMap<usize, HashMap<&str, String>> = HashMap::new();
+    let mut section = "SQUEUE";
+    let mut current: Option<usize> = None;
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("@@SAO ") {
+            if rest == "SACCT" {
+                section = "SACCT";
+            } else if let Some(i) = rest.strip_prefix("JOB ") {
+                section = "JOB";
+                current = i.parse().ok();
+            }
+            continue;
+        }
+        match section {
+            "SQUEUE" => {
+                let f: Vec<&str> = line.split('|').collect();
+                if f.len() >= 4 {
+                    squeue.insert(f[0].to_string(), (f[1].to_string(), f[3].to_string()));
+                }
+            }
+            "SACCT" => {
+                sacct_text.push_str(line);
+                sacct_text.push('\n');
+            }
+            _ => {
+                if let (Some(i), Some((k, v))) = (current, line.split_once(' ')) {
+                    per_job.entry(i).or_default().insert(
+                        match k {
+                            "EXIT" => "EXIT",
+                            "OUT" => "OUT",
+                            "ERR" => "ERR",
+                            "MSG" => "MSG",
+                            _ => continue,
+                        },
+                        v.to_string(),
+                    );
+                }
+            }
+        }
+    }
+    let rows = parse_sacct(&sacct_text);
+    jobs.iter_mut()
+        .enumerate()
+        .map(|(i, w)| {
+            let id = w.job.job_id.clone().unwrap_or_default();
+            let files = per_job.remove(&i).unwrap_or_default();
+            if let Some(m) = files.get("MSG") {
+                w.reader.feed(&decode(m));
+            }
+            let job_rows: Vec<_> = rows.iter().filter(|r| r.base_id() == id).collect();
+            let alloc = job_rows.iter().find(|r| !r.is_step());
+            let exit = files
+                .get("EXIT")
+                .map(|e| String::from_utf8_lossy(&decode(e)).into_owned())
+                .and_then(|t| {
+                    t.lines()
+                        .find_map(|l| l.strip_prefix("exit_code="))
+                        .and_then(|c| c.trim().parse::<i32>().ok())
+                });
+            let from_sacct = alloc.map(|a| map_state(&a.state, Some(&a.exit_code)));
+            let from_squeue = squeue.get(&id).map(|(st, _)| map_state(st, None));
+            let (state, raw) = match (&from_sacct, &from_squeue, exit) {
+                (Some(s), _, _) if is_final(s) => (s.clone(), alloc.map(|a| a.state.clone())),
+                (_, Some(q), _) => (q.clone(), squeue.get(&id).map(|(st, _)| st.clone())),
+                (Some(s), None, None) => (s.clone(), alloc.map(|a| a.state.clone())),
+                (_, None, Some(code)) => (JobState::Exited { exit_code: code }, None),
+                (None, None, None) => (
+                    JobState::Infrastructure {
+                        reason: "Lost".into(),
+                    },
+                    None,
+                ),
+            };
+            let mut obs = Observation::of(state);
+            obs.slurm_state = raw.or_else(|| {
+                if !accounting {
+                    Some("UNKNOWN (no accounting; outcome from the exit file)".into())
+                } else {
+                    None
+                }
+            });
+            if matches!(obs.state, JobState::Infrastructure { .. }) {
+                obs.message = Some(format!(
+                    "job {id} is unknown to squeue{} and left no exit file",
+                    if accounting { " and sacct" } else { "" }
+                ));
+            }
+            let nodes = alloc
+                .map(|a| a.node_list.clone())
+                .or_else(|| squeue.get(&id).map(|(_, n)| n.clone()))
+                .unwrap_or_default();
+            obs.nodes = expand_nodelist(&nodes);
+            if let Some(a) = alloc {
+                obs.start_time = parse_time(&a.start);
+                obs.end_time = parse_time(&a.end);
+            }
+            if is_final(&obs.state) {
+                obs.metrics = job_metrics(&job_rows, w.requested_mem);
+            }
+            obs.log_tail = Some(crate::api::LogTail {
+                stdout: files
+                    .get("OUT")
+                    .map(|o| tail_decoded(o))
+                    .unwrap_or_default(),
+                stderr: files
+                    .get("ERR")
+                    .map(|o| tail_decoded(o))
+                    .unwrap_or_default(),
+            });
+            obs.pipes = Some(w.reader.status.clone());
+            obs
+        })
+        .collect()
+}

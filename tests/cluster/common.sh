@@ -1,0 +1,9 @@
+# Shared settings of the test-cluster scripts (sourced).
+STATE=/var/lib/sao-test-cluster          # keys, known_hosts, logs, pid files
+SSH_PORT=${SAO_TEST_SSH_PORT:-2222}
+TEST_USER=saotest
+TEST_PASSWORD=saotest-password
+TEST_HOME=/home/$TEST_USER
+PIPES_ENV=$TEST_HOME/envs/pipes          # pre-deployed environment with dagster-pipes
+NODES="n1 n2 n3"
+PACKAGES="slurm-wlm slurmdbd munge mariadb-server openssh-server python3-venv"

@@ -574,7 +574,8 @@ pub fn validate_cluster(s: &SlurmClusterSpec, store: StoreKind) -> Vec<FieldErro
         {
             errors.push(field_err("spec.ssh.user", "must be a user name"));
         }
-    } else if s.mode == ClusterMode::Slurm {
+    } else if s.mode == ClusterMode::Slurm && store == StoreKind::Kubernetes {
+        // Standalone mode may take the connection from SLURM_EDGE_NODE_* instead.
         errors.push(field_err("spec.ssh", "is required in slurm mode"));
     }
     validate_resources(&s.queue, "spec.queue", &mut errors);

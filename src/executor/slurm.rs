@@ -57,7 +57,6 @@ pub struct SlurmExecutor {
 /// One job to observe, with its Pipes reader (offset carried between polls).
 pub struct Watched<'a> {
     pub job: JobRef,
-    pub tag: String,
     pub requested_mem: Option<u64>,
     pub reader: &'a mut MessageReader,
 }
@@ -164,8 +163,14 @@ impl SlurmExecutor {
             "existing=$(squeue -h -o %i --name=\"$tag\" 2>/dev/null | head -n1)\n\
              [ -z \"$existing\" ] && existing=$(sacct -n -X -P -o JobID --name=\"$tag\" -S now-60days 2>/dev/null | head -n1)\n",
         );
+        // The run dir remembers "<tag> <job id>": the last resort when the scheduler has
+        // forgotten the job. A dir holding another tag belongs to an earlier object of the same
+        // name and is cleared.
         s.push_str(&format!(
-            "[ -z \"$existing\" ] && [ -f \"$dir/{JOBID_FILE}\" ] && existing=$(cat \"$dir/{JOBID_FILE}\")\n"
+            "if [ -z \"$existing\" ] && [ -f \"$dir/{JOBID_FILE}\" ]; then\n\
+             read -r t i < \"$dir/{JOBID_FILE}\"\n\
+             if [ \"$t\" = \"$tag\" ]; then existing=$i; else rm -rf -- \"$dir\"; fi\n\
+             fi\n"
         ));
         s.push_str("if [ -n \"$existing\" ]; then echo \"ADOPT $existing\"; exit 0; fi\n");
         s.push_str("umask 077\nmkdir -p \"$dir\" && chmod 700 \"$dir\" && cd \"$dir\" || { echo \"ERROR cannot create $dir\"; exit 0; }\n");
@@ -194,7 +199,7 @@ impl SlurmExecutor {
         s.push_str(&format!("out=$({} 2>&1)\nrc=$?\n", join(&sbatch_argv(plan))));
         s.push_str(&format!(
             "if [ $rc -ne 0 ]; then printf 'SBATCH_FAILED %s\\n' \"$out\" | tr '\\n' ' '; echo; exit 0; fi\n\
-             id=${{out%%;*}}\nprintf '%s\\n' \"$id\" > {JOBID_FILE}\necho \"SUBMITTED $id\"\n"
+             id=${{out%%;*}}\nprintf '%s %s\\n' \"$tag\" \"$id\" > {JOBID_FILE}\necho \"SUBMITTED $id\"\n"
         ));
         let out = self.run(&s).await?;
         let text = String::from_utf8_lossy(&out.stdout);
@@ -395,17 +400,42 @@ fn parse_poll(text: &str, jobs: &mut [Watched<'_>], accounting: bool) -> Vec<Obs
                     if accounting { " and sacct" } else { "" }
                 ));
             }
-            let nodes = alloc
-                .map(|a| a.node_list.clone())
-                .or_else(|| squeue.get(&id).map(|(_, n)| n.clone()))
+            // The allocation's node list, from whichever source has all of it (accounting can
+            // lag behind the controller while the job starts).
+            let want = alloc.and_then(|a| a.alloc_nodes).unwrap_or(0) as usize;
+            let candidates = [
+                alloc.map(|a| expand_nodelist(&a.node_list)),
+                squeue.get(&id).map(|(_, n)| expand_nodelist(n)),
+            ];
+            obs.nodes = candidates
+                .iter()
+                .flatten()
+                .find(|n| n.len() == want)
+                .or_else(|| candidates.iter().flatten().max_by_key(|n| n.len()))
+                .cloned()
                 .unwrap_or_default();
-            obs.nodes = expand_nodelist(&nodes);
             if let Some(a) = alloc {
                 obs.start_time = parse_time(&a.start);
                 obs.end_time = parse_time(&a.end);
             }
             if is_final(&obs.state) {
                 obs.metrics = job_metrics(&job_rows, w.requested_mem);
+                // Without cgroups, Slurm enforces memory through jobacct_gather's OverMemoryKill,
+                // which it records as FAILED by SIGKILL: name it for what it was.
+                let rss = obs.metrics.as_ref().and_then(|m| m.max_rss_bytes);
+                let killed = matches!(obs.state, JobState::Exited { exit_code: 137 })
+                    || matches!(&obs.state, JobState::Killed { exit_code: Some(137), .. });
+                if let (true, Some(rss), Some(req)) = (killed, rss, w.requested_mem)
+                    && rss >= req
+                {
+                    obs.state = JobState::Killed {
+                        reason: "OUT_OF_MEMORY".into(),
+                        exit_code: Some(137),
+                    };
+                    obs.message = Some(format!(
+                        "killed for using {rss} bytes of memory, over the {req} requested"
+                    ));
+                }
             }
             obs.log_tail = Some(crate::api::LogTail {
                 stdout: files

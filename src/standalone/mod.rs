@@ -223,7 +223,6 @@ impl Driver {
         for (key, obj) in snap.objects {
             match key.kind {
                 Kind::SlurmCluster => {
-                    self.write_cluster_status(&key, &obj);
                     self.clusters.insert(key, obj);
                 }
                 Kind::SlurmAsset => {
@@ -231,6 +230,10 @@ impl Driver {
                     self.upsert_asset(key, obj);
                 }
             }
+        }
+        let cluster_keys: Vec<ObjectKey> = self.clusters.keys().cloned().collect();
+        for key in cluster_keys {
+            self.write_cluster_status(&key).await;
         }
         if startup {
             // Status files whose manifest vanished while the operator was down: their jobs
@@ -729,7 +732,6 @@ impl Driver {
                                 run_dir: a.status.remote_run_dir.clone().unwrap_or_default(),
                                 resources: resources.clone(),
                             },
-                            tag: String::new(),
                             requested_mem: requested_memory(&resources),
                             reader,
                         }
@@ -828,7 +830,24 @@ impl Driver {
             .unwrap_or(false)
     }
 
-    fn write_cluster_status(&mut self, key: &ObjectKey, obj: &Loaded) {
+    async fn write_cluster_status(&mut self, key: &ObjectKey) {
+        let obj = self.clusters[key].clone();
+        let slurm = if obj.cluster().is_some() {
+            // Probe through the same resolution the assets use (env defaults included).
+            let rc = ResolvedCluster {
+                spec: obj.cluster().expect("cluster").clone(),
+                dir: obj.file.parent().unwrap_or(&self.dir).to_path_buf(),
+                key: Some(key.clone()),
+            };
+            match self.slurm_for(&rc) {
+                Ok(Some(ex)) => Some(ex.facts().await.map_err(|e| e.to_string())),
+                Ok(None) => None,
+                Err(e) => Some(Err(e)),
+            }
+        } else {
+            None
+        };
+        let obj = &obj;
         let stored_prev = store::read_stored(&self.dir, key);
         let (uid, generation, mut status) = match stored_prev {
             Some(s) if !s.deleted => {
@@ -888,17 +907,32 @@ impl Driver {
                         );
                         status.platform = Some(platform());
                     }
-                    ClusterMode::Slurm => {
-                        conditions::set(
+                    ClusterMode::Slurm => match slurm {
+                        Some(Ok(facts)) => {
+                            conditions::set(
+                                &mut status.conditions,
+                                "Reachable",
+                                true,
+                                "Connected",
+                                "",
+                                g,
+                                now,
+                            );
+                            status.platform = Some(facts.platform);
+                            status.slurm_version = Some(facts.slurm_version);
+                            status.accounting_available = Some(facts.accounting);
+                        }
+                        Some(Err(e)) => conditions::set(
                             &mut status.conditions,
                             "Reachable",
                             false,
-                            "NotImplemented",
-                            "slurm mode is not available in this version",
+                            "ConnectFailed",
+                            &e,
                             g,
                             now,
-                        );
-                    }
+                        ),
+                        None => {}
+                    },
                 }
             }
         }

@@ -117,3 +117,80 @@ pub fn pid_alive(pid: i32) -> bool {
         .map(|s| !s.split(") ").nth(1).unwrap_or("").starts_with('Z'))
         .unwrap_or(false)
 }
+
+/// Facts of the test cluster brought up by `tests/cluster/up` (read from its env file).
+pub struct TestCluster {
+    pub host: String,
+    pub port: String,
+    pub user: String,
+    pub key: String,
+    pub password: String,
+    pub known_hosts: String,
+    pub env_path: String,
+}
+
+/// The running test cluster. Fails (not skips) when it is down: .ci/run starts it.
+pub fn test_cluster() -> TestCluster {
+    let text = std::fs::read_to_string("/var/lib/sao-test-cluster/env")
+        .expect("the test cluster is not up: run tests/cluster/up (as root)");
+    let get = |k: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}=")))
+            .unwrap_or_else(|| panic!("{k} missing from the cluster env file"))
+            .to_string()
+    };
+    TestCluster {
+        host: get("SLURM_EDGE_NODE_HOST"),
+        port: get("SLURM_EDGE_NODE_PORT"),
+        user: get("SLURM_EDGE_NODE_USER"),
+        key: get("SLURM_EDGE_NODE_KEY_PATH"),
+        password: get("SLURM_EDGE_NODE_PASSWORD"),
+        known_hosts: get("SLURM_EDGE_NODE_KNOWN_HOSTS"),
+        env_path: get("CI_DEPLOYED_ENVIRONMENT_PATH"),
+    }
+}
+
+impl TestCluster {
+    /// A SlurmCluster manifest with key auth, its own remote base (so tests never share run
+    /// dirs), the pre-deployed dagster-pipes environment and a 1 s poll interval.
+    pub fn manifest(&self, name: &str, remote_base: &str) -> String {
+        format!(
+            "apiVersion: dagster-slurm.io/v1alpha1\nkind: SlurmCluster\nmetadata: {{name: {name}}}\nspec:\n  mode: slurm\n  pollInterval: 1s\n  remoteBase: {remote_base:?}\n  ssh: {{host: {}, port: {}, user: {}, keyPath: {}, knownHosts: {{path: {}}}}}\n  environment: {{preDeployedEnvPath: {}}}\n",
+            self.host, self.port, self.user, self.key, self.known_hosts, self.env_path
+        )
+    }
+}
+
+/// A unique remote base per test.
+pub fn remote_base(test: &str) -> String {
+    format!("sao-tests/{test}-{}", std::process::id())
+}
+
+/// An inline bash asset on cluster `hpc` with extra spec lines (indented by two spaces).
+pub fn slurm_asset(name: &str, script: &str, extra: &str) -> String {
+    asset(name, script).replace("  payload:", &format!("  clusterRef: hpc\n{extra}  payload:"))
+}
+
+/// sacct rows (JobName|State|JobID) of every allocation whose name starts with `prefix`.
+pub fn sacct_jobs(prefix: &str) -> Vec<(String, String, String)> {
+    let out = Command::new("sacct")
+        .args(["-a", "-X", "-P", "-n", "-S", "now-2hours", "--format=JobName%200,State,JobID"])
+        .output()
+        .expect("sacct");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split('|').collect();
+            (f.len() >= 3 && f[0].starts_with(prefix))
+                .then(|| (f[0].to_string(), f[1].to_string(), f[2].to_string()))
+        })
+        .collect()
+}
+
+/// The operator's own counters (`.status/operator-metrics.yaml`).
+pub fn operator_metrics(dir: &Path) -> Value {
+    std::fs::read_to_string(dir.join(".status/operator-metrics.yaml"))
+        .ok()
+        .and_then(|t| serde_saphyr::from_str(&t).ok())
+        .unwrap_or(Value::Null)
+}

@@ -1,0 +1,239 @@
+//! End-to-end tests of Slurm mode against the real test cluster (`tests/cluster/up`): real
+//! slurmctld/slurmd/slurmdbd, real sshd, the real dagster-pipes package. No mocks.
+
+mod common;
+use common::*;
+use serde_json::Value;
+use std::time::Duration;
+
+fn setup(test: &str) -> (tempfile::TempDir, TestCluster) {
+    let c = test_cluster();
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "cluster.yaml", &c.manifest("hpc", &remote_base(test)));
+    (dir, c)
+}
+
+fn metric(s: &Value, k: &str) -> f64 {
+    s["metrics"][k].as_f64().unwrap_or_else(|| panic!("metrics.{k} missing: {s:#}"))
+}
+
+#[test]
+fn success_metrics_and_pipes_over_slurm() {
+    let (dir, _) = setup("success");
+    let d = dir.path();
+    std::fs::copy(concat!(env!("CARGO_MANIFEST_DIR"), "/config/examples/train.py"), d.join("train.py")).unwrap();
+    write(d, "train.yaml", "apiVersion: dagster-slurm.io/v1alpha1\nkind: SlurmAsset\nmetadata: {name: train}\nspec:\n  assetKey: analytics/train\n  clusterRef: hpc\n  payload: {path: train.py}\n  extras: {rows: 42}\n");
+    write(d, "busy.yaml", &slurm_asset("busy", "end=$((SECONDS+4)); while [ $SECONDS -lt $end ]; do :; done; echo busy done", ""));
+    write(d, "sleepy.yaml", &slurm_asset("sleepy", "sleep 4; echo slept", ""));
+    let out = run_once(d, None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let train = status(d, "train");
+    assert_eq!(train["phase"], "Succeeded", "{train:#}");
+    assert!(train["jobId"].as_str().unwrap().parse::<u64>().is_ok());
+    assert!(!train["nodes"].as_array().unwrap().is_empty());
+    let m = &train["pipes"]["materializations"][0];
+    assert_eq!(m["metadata"]["rows"]["raw_value"], 42);
+    assert_eq!(m["metadata"]["model"]["raw_value"], "ridge");
+    assert!(train["logTail"]["stdout"].as_str().unwrap().starts_with("trained, checksum "));
+    assert!(train["remoteRunDir"].as_str().unwrap().starts_with("/home/saotest/sao-tests/success-"));
+
+    let busy = status(d, "busy");
+    assert_eq!(busy["slurmState"], "COMPLETED");
+    assert!(metric(&busy, "cpuEfficiency") > 0.5, "{busy:#}");
+    assert!(metric(&busy, "elapsedSeconds") >= 4.0);
+    assert!(busy["metrics"]["maxRssBytes"].as_u64().unwrap() > 0, "{busy:#}");
+    let sleepy = status(d, "sleepy");
+    assert!(metric(&sleepy, "cpuEfficiency") < 0.1, "{sleepy:#}");
+    assert_eq!(sleepy["logTail"]["stdout"], "slept");
+}
+
+#[test]
+fn two_node_job_with_srun_counts_both_nodes_and_the_step() {
+    let (dir, _) = setup("twonode");
+    let d = dir.path();
+    let script = "srun --ntasks=2 --ntasks-per-node=1 bash -c 'end=$((SECONDS+3)); while [ $SECONDS -lt $end ]; do :; done; hostname'";
+    write(d, "two.yaml", &slurm_asset("two", script, "  resources: {nodes: 2, ntasks: 2}\n"));
+    let out = run_once(d, None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let s = status(d, "two");
+    assert_eq!(s["metrics"]["allocNodes"], 2, "{s:#}");
+    assert_eq!(s["nodes"].as_array().unwrap().len(), 2);
+    let elapsed = metric(&s, "elapsedSeconds");
+    assert!((metric(&s, "nodeHours") - elapsed * 2.0 / 3600.0).abs() < 1e-9);
+    // Two tasks busy for ~3 s each: the srun step's CPU time is counted (the batch step alone is ~0).
+    assert!(metric(&s, "totalCpuSeconds") > 4.0, "{s:#}");
+}
+
+#[test]
+fn failures_exit_code_timeout_and_memory() {
+    let (dir, _) = setup("failures");
+    let d = dir.path();
+    write(d, "three.yaml", &slurm_asset("three", "echo partial; echo broken >&2; exit 3", ""));
+    write(d, "slow.yaml", &slurm_asset("slow", "sleep 300", "  resources: {timeLimit: '1'}\n"));
+    write(d, "hog.yaml", &slurm_asset("hog", "python3 -c 'import time; x = bytearray(300 * 1024 * 1024); time.sleep(20)'", "  resources: {mem: 50M}\n"));
+    let out = run_once(d, None);
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    let three = status(d, "three");
+    assert_eq!(three["phase"], "Failed");
+    assert_eq!(three["exitCode"], 3);
+    assert_eq!(three["logTail"]["stdout"], "partial");
+    assert_eq!(three["logTail"]["stderr"], "broken");
+    let slow = status(d, "slow");
+    assert_eq!(slow["phase"], "Failed");
+    assert_eq!(slow["reason"], "TIMEOUT", "{slow:#}");
+    let hog = status(d, "hog");
+    assert_eq!(hog["phase"], "Failed");
+    assert_eq!(hog["reason"], "OUT_OF_MEMORY", "{hog:#}");
+}
+
+#[test]
+fn deleting_a_running_asset_cancels_its_job() {
+    let (dir, _) = setup("delete");
+    let d = dir.path();
+    write(d, "long.yaml", &slurm_asset("long", "sleep 300", ""));
+    let _op = Operator::start(d);
+    let running = wait_for(d, "long", "running", |o| phase(o) == "Running");
+    let job = running["status"]["jobId"].as_str().unwrap().to_string();
+    std::fs::remove_file(d.join("long.yaml")).unwrap();
+    let obj = wait_for(d, "long", "cancelled", |o| phase(o) == "Cancelled");
+    assert_eq!(obj["status"]["reason"], "Deleted");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = std::process::Command::new("sacct").args(["-X", "-P", "-n", "-o", "State", "-j", &job]).output().unwrap();
+        let state = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if state.starts_with("CANCELLED") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "sacct state of {job}: {state:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// SIGKILL right after submissions and at pseudo-random points of a run of 20 assets: every
+/// asset ends with its true outcome and sacct shows exactly one job per asset run.
+#[test]
+fn sigkill_at_random_points_never_duplicates_jobs() {
+    let (dir, _) = setup("sigkill");
+    let d = dir.path();
+    for i in 0..20 {
+        let code = if i % 5 == 0 { 2 } else { 0 };
+        write(d, &format!("a{i}.yaml"), &slurm_asset(&format!("a{i}"), &format!("sleep {}; exit {code}", 1 + i % 4), ""));
+    }
+    // Deterministic "random" kill points (ms after start), spread over the run.
+    let mut seed: u64 = 0x9e3779b97f4a7c15;
+    for round in 0..6 {
+        let mut op = Operator::start(d);
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let wait = if round == 0 { 300 } else { 200 + seed % 1500 };
+        std::thread::sleep(Duration::from_millis(wait));
+        op.sigkill();
+    }
+    let out = run_once(d, None);
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    for i in 0..20 {
+        let obj = read_object(d, &format!("a{i}")).unwrap();
+        let s = &obj["status"];
+        let want = if i % 5 == 0 { "Failed" } else { "Succeeded" };
+        assert_eq!(s["phase"], want, "a{i}: {s:#}");
+        assert_eq!(s["run"], 1);
+        let uid = obj["metadata"]["uid"].as_str().unwrap();
+        let jobs = sacct_jobs(&format!("sao.{uid}.1."));
+        assert_eq!(jobs.len(), 1, "a{i}: exactly one job for run 1: {jobs:?}");
+        assert_eq!(jobs[0].2, s["jobId"].as_str().unwrap());
+    }
+}
+
+#[test]
+fn fifty_assets_share_one_connection_and_batched_polls() {
+    let (dir, _) = setup("fifty");
+    let d = dir.path();
+    for i in 0..50 {
+        write(d, &format!("f{i}.yaml"), &slurm_asset(&format!("f{i}"), "sleep 2", "  resources: {mem: 10M}\n"));
+    }
+    let start = std::time::Instant::now();
+    let out = run_once(d, None);
+    let secs = start.elapsed().as_secs_f64();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let m = operator_metrics(d);
+    assert_eq!(m["sshConnects"], 1, "{m:#}");
+    let polls = m["schedulerPolls"].as_f64().unwrap();
+    // One squeue+sacct round per 1 s interval for all 50 jobs, never one per asset.
+    assert!(polls <= secs + 2.0, "{polls} polls in {secs:.1}s: {m:#}");
+    assert!(polls < 50.0, "{m:#}");
+}
+
+#[test]
+fn password_login_is_multiplexed_too() {
+    let c = test_cluster();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let manifest = c
+        .manifest("hpc", &remote_base("password"))
+        .replace(&format!("keyPath: {}", c.key), "passwordEnv: SAO_TEST_PASSWORD");
+    write(d, "cluster.yaml", &manifest);
+    for i in 0..3 {
+        write(d, &format!("p{i}.yaml"), &slurm_asset(&format!("p{i}"), "echo via password", ""));
+    }
+    let out = std::process::Command::new(BIN)
+        .args(["standalone", "--once", "--dir"])
+        .arg(d)
+        .env("SAO_TEST_PASSWORD", &c.password)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stderr.contains(&c.password), "the password never reaches the log");
+    for i in 0..3 {
+        assert_eq!(status(d, &format!("p{i}"))["logTail"]["stdout"], "via password");
+    }
+    assert_eq!(operator_metrics(d)["sshConnects"], 1);
+    let all = walk_text(d);
+    assert!(!all.contains(&c.password), "the password is in no written file");
+}
+
+fn walk_text(dir: &std::path::Path) -> String {
+    let mut s = String::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            s.push_str(&walk_text(&p));
+        } else if let Ok(t) = std::fs::read_to_string(&p) {
+            s.push_str(&t);
+        }
+    }
+    s
+}
+
+#[test]
+fn shell_metacharacters_stay_intact_and_inert() {
+    let c = test_cluster();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let base = format!("{} $(touch pwned-base) 'q'", remote_base("meta"));
+    write(d, "cluster.yaml", &c.manifest("hpc", &base));
+    let sub = d.join("we ird;$(touch pwned-dir)");
+    std::fs::create_dir(&sub).unwrap();
+    let script = "printf '%s\\n' \"$VALUE\"; for a in \"$@\"; do printf '<%s>' \"$a\"; done; echo";
+    std::fs::write(sub.join("pay load's `x`.sh"), script).unwrap();
+    let value = "a'b\"c $(touch pwned-env) `touch pwned-bt`; echo no > pwned-redirect";
+    let manifest = format!(
+        "apiVersion: dagster-slurm.io/v1alpha1\nkind: SlurmAsset\nmetadata: {{name: meta}}\nspec:\n  assetKey: weird/meta\n  clusterRef: hpc\n  payload:\n    path: \"pay load's `x`.sh\"\n    args: [\"$(touch pwned-arg)\", \"a b\", \"'\", \";|&\"]\n  env:\n    - name: VALUE\n      value: {}\n  extras: {{\"k$(x)\": \"v`y`\"}}\n",
+        serde_json::to_string(value).unwrap()
+    );
+    write(&sub, "meta.yaml", &manifest);
+    write(d, "cluster.yaml", &c.manifest("hpc", &base));
+    let out = run_once(d, None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let s = status(d, "meta");
+    let stdout = s["logTail"]["stdout"].as_str().unwrap();
+    assert_eq!(stdout, format!("{value}\n<$(touch pwned-arg)><a b><'><;|&>"), "{s:#}");
+    assert!(s["remoteRunDir"].as_str().unwrap().contains("$(touch pwned-base) 'q'"));
+    let found = std::process::Command::new("find")
+        .args(["/home/saotest", "/tmp", d.to_str().unwrap(), "-name", "pwned*"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&found.stdout), "", "nothing a string contained was executed");
+}

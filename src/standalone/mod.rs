@@ -675,12 +675,28 @@ impl Driver {
                 self.persist(&key);
             }
         }
-        let due: Vec<ObjectKey> = self
+        let mut due: Vec<ObjectKey> = self
             .assets
             .iter()
             .filter(|(_, a)| a.submit_at.is_none() && a.next_poll.is_some_and(|t| t <= now))
             .map(|(k, _)| k.clone())
             .collect();
+        // A Slurm cluster is polled for all its watched jobs at once: when one is due, the
+        // others ride along, so the scheduler sees one query per interval, not one per asset.
+        let due_clusters: HashSet<String> = due
+            .iter()
+            .filter_map(|k| self.assets[k].cluster_ref.clone().map(|c| format!("{}/{c}", k.namespace)))
+            .collect();
+        for (k, a) in &self.assets {
+            let riding = a.submit_at.is_none()
+                && a.next_poll.is_some_and(|t| t > now)
+                && a.cluster_ref
+                    .as_ref()
+                    .is_some_and(|c| due_clusters.contains(&format!("{}/{c}", k.namespace)));
+            if riding {
+                due.push(k.clone());
+            }
+        }
         let mut batches: BTreeMap<ObjectKey, (Arc<SlurmExecutor>, Vec<ObjectKey>)> = BTreeMap::new();
         for key in due {
             let cluster_ref = self.assets[&key].cluster_ref.clone();

@@ -6,8 +6,7 @@ use crate::core::JobState;
 use crate::executor::efficiency;
 
 /// Fields requested from `sacct -P`, in this order.
-pub const SACCT_FORMAT: &str =
-    "JobID,State,ExitCode,ElapsedRaw,TotalCPU,AllocCPUS,AllocNodes,AllocTRES,MaxRSS,NodeList,Start,End";
+pub const SACCT_FORMAT: &str = "JobID,State,ExitCode,ElapsedRaw,TotalCPU,AllocCPUS,AllocNodes,AllocTRES,MaxRSS,NodeList,Start,End";
 /// Fields requested from `squeue -h -o`, in this order.
 pub const SQUEUE_FORMAT: &str = "%i|%T|%r|%N";
 
@@ -15,7 +14,11 @@ pub const SQUEUE_FORMAT: &str = "%i|%T|%r|%N";
 /// core's job state.
 pub fn map_state(state: &str, exit_code: Option<&str>) -> JobState {
     let mut words = state.split_whitespace();
-    let head = words.next().unwrap_or("").trim_end_matches('+').to_ascii_uppercase();
+    let head = words
+        .next()
+        .unwrap_or("")
+        .trim_end_matches('+')
+        .to_ascii_uppercase();
     let code = exit_code.and_then(parse_exit_code);
     match head.as_str() {
         "PENDING" | "CONFIGURING" | "REQUEUED" | "REQUEUE_FED" | "REQUEUE_HOLD" => JobState::Queued,
@@ -35,7 +38,9 @@ pub fn map_state(state: &str, exit_code: Option<&str>) -> JobState {
             reason: head.clone(),
             exit_code: code,
         },
-        "NODE_FAIL" | "BOOT_FAIL" | "PREEMPTED" => JobState::Infrastructure { reason: head.clone() },
+        "NODE_FAIL" | "BOOT_FAIL" | "PREEMPTED" => JobState::Infrastructure {
+            reason: head.clone(),
+        },
         "CANCELLED" => {
             // "CANCELLED by 1001"
             let by = match (words.next(), words.next()) {
@@ -59,7 +64,11 @@ pub fn parse_exit_code(s: &str) -> Option<i32> {
     let (code, sig) = s.split_once(':').unwrap_or((s, "0"));
     let code: i32 = code.trim().parse().ok()?;
     let sig: i32 = sig.trim().parse().unwrap_or(0);
-    Some(if code == 0 && sig != 0 { 128 + sig } else { code })
+    Some(if code == 0 && sig != 0 {
+        128 + sig
+    } else {
+        code
+    })
 }
 
 /// `[D-]HH:MM:SS[.mmm]`, `MM:SS[.mmm]` → seconds.
@@ -130,7 +139,10 @@ pub fn expand_nodelist(s: &str) -> Vec<String> {
         }
     }
     items.push(&s[start..]);
-    for item in items.into_iter().filter(|i| !i.is_empty() && *i != "None assigned" && *i != "(null)") {
+    for item in items
+        .into_iter()
+        .filter(|i| !i.is_empty() && *i != "None assigned" && *i != "(null)")
+    {
         match (item.find('['), item.rfind(']')) {
             (Some(open), Some(close)) if close > open => {
                 let prefix = &item[..open];
@@ -233,7 +245,9 @@ pub fn job_metrics(rows: &[&SacctRow], requested_mem: Option<u64>) -> Option<Met
 /// A start/end time as `sacct` prints it (local time of the cluster, no zone).
 pub fn parse_time(s: &str) -> Option<jiff::Timestamp> {
     let dt: jiff::civil::DateTime = s.trim().parse().ok()?;
-    dt.to_zoned(jiff::tz::TimeZone::system()).ok().map(|z| z.timestamp())
+    dt.to_zoned(jiff::tz::TimeZone::system())
+        .ok()
+        .map(|z| z.timestamp())
 }
 
 #[cfg(test)]
@@ -243,7 +257,10 @@ mod tests {
     #[test]
     fn every_slurm_state_maps() {
         use JobState::*;
-        let k = |r: &str| Killed { reason: r.into(), exit_code: Some(0) };
+        let k = |r: &str| Killed {
+            reason: r.into(),
+            exit_code: Some(0),
+        };
         let cases: Vec<(&str, &str, JobState)> = vec![
             ("PENDING", "0:0", Queued),
             ("CONFIGURING", "0:0", Queued),
@@ -256,15 +273,46 @@ mod tests {
             ("FAILED", "3:0", Exited { exit_code: 3 }),
             ("FAILED", "0:0", k("FAILED")),
             ("TIMEOUT", "0:0", k("TIMEOUT")),
-            ("OUT_OF_MEMORY", "0:125", Killed { reason: "OUT_OF_MEMORY".into(), exit_code: Some(253) }),
+            (
+                "OUT_OF_MEMORY",
+                "0:125",
+                Killed {
+                    reason: "OUT_OF_MEMORY".into(),
+                    exit_code: Some(253),
+                },
+            ),
             ("DEADLINE", "0:0", k("DEADLINE")),
             ("SPECIAL_EXIT", "0:0", k("SPECIAL_EXIT")),
             ("REVOKED", "0:0", k("REVOKED")),
-            ("NODE_FAIL", "0:0", Infrastructure { reason: "NODE_FAIL".into() }),
-            ("BOOT_FAIL", "0:0", Infrastructure { reason: "BOOT_FAIL".into() }),
-            ("PREEMPTED", "0:0", Infrastructure { reason: "PREEMPTED".into() }),
+            (
+                "NODE_FAIL",
+                "0:0",
+                Infrastructure {
+                    reason: "NODE_FAIL".into(),
+                },
+            ),
+            (
+                "BOOT_FAIL",
+                "0:0",
+                Infrastructure {
+                    reason: "BOOT_FAIL".into(),
+                },
+            ),
+            (
+                "PREEMPTED",
+                "0:0",
+                Infrastructure {
+                    reason: "PREEMPTED".into(),
+                },
+            ),
             ("CANCELLED", "0:15", Cancelled { by: None }),
-            ("CANCELLED by 1001", "0:15", Cancelled { by: Some("uid 1001".into()) }),
+            (
+                "CANCELLED by 1001",
+                "0:15",
+                Cancelled {
+                    by: Some("uid 1001".into()),
+                },
+            ),
             ("CANCELLED+", "0:0", Cancelled { by: None }),
         ];
         for (state, code, want) in cases {
@@ -284,7 +332,10 @@ mod tests {
         assert_eq!(parse_bytes("1.5M"), Some(3 << 19));
         assert_eq!(parse_bytes(""), None);
         assert_eq!(gpus_in_tres("billing=2,cpu=2,gres/gpu=2,mem=1G,node=1"), 2);
-        assert_eq!(expand_nodelist("n[1-3,5],login"), vec!["n1", "n2", "n3", "n5", "login"]);
+        assert_eq!(
+            expand_nodelist("n[1-3,5],login"),
+            vec!["n1", "n2", "n3", "n5", "login"]
+        );
         assert_eq!(expand_nodelist("node[01-02]"), vec!["node01", "node02"]);
         assert_eq!(expand_nodelist("None assigned"), Vec::<String>::new());
     }

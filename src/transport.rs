@@ -80,12 +80,21 @@ impl Connection {
             .arg(&log)
             .args(["-o", "ControlPersist=300"])
             .args(["-o", "StrictHostKeyChecking=yes"])
-            .args(["-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=3"])
-            .args(["-o", &format!("ConnectTimeout={}", target.connect_timeout.as_secs().max(1))])
+            .args([
+                "-o",
+                "ServerAliveInterval=15",
+                "-o",
+                "ServerAliveCountMax=3",
+            ])
+            .args([
+                "-o",
+                &format!("ConnectTimeout={}", target.connect_timeout.as_secs().max(1)),
+            ])
             .args(["-p", &target.port.to_string()])
             .args(["-l", &target.user]);
         if let Some(kh) = &target.known_hosts {
-            cmd.arg("-o").arg(format!("UserKnownHostsFile={}", kh.display()));
+            cmd.arg("-o")
+                .arg(format!("UserKnownHostsFile={}", kh.display()));
         }
         if !target.jump_hosts.is_empty() {
             cmd.arg("-J").arg(target.jump_hosts.join(","));
@@ -182,9 +191,12 @@ impl Connection {
                 stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
             })
         };
-        tokio::time::timeout(timeout, fut)
-            .await
-            .map_err(|_| Error::Transport(format!("remote command timed out after {}s", timeout.as_secs())))?
+        tokio::time::timeout(timeout, fut).await.map_err(|_| {
+            Error::Transport(format!(
+                "remote command timed out after {}s",
+                timeout.as_secs()
+            ))
+        })?
     }
 
     /// Stops the master.

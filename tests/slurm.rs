@@ -9,24 +9,54 @@ use std::time::Duration;
 fn setup(test: &str) -> (tempfile::TempDir, TestCluster) {
     let c = test_cluster();
     let dir = tempfile::tempdir().unwrap();
-    write(dir.path(), "cluster.yaml", &c.manifest("hpc", &remote_base(test)));
+    write(
+        dir.path(),
+        "cluster.yaml",
+        &c.manifest("hpc", &remote_base(test)),
+    );
     (dir, c)
 }
 
 fn metric(s: &Value, k: &str) -> f64 {
-    s["metrics"][k].as_f64().unwrap_or_else(|| panic!("metrics.{k} missing: {s:#}"))
+    s["metrics"][k]
+        .as_f64()
+        .unwrap_or_else(|| panic!("metrics.{k} missing: {s:#}"))
 }
 
 #[test]
 fn success_metrics_and_pipes_over_slurm() {
     let (dir, _) = setup("success");
     let d = dir.path();
-    std::fs::copy(concat!(env!("CARGO_MANIFEST_DIR"), "/config/examples/train.py"), d.join("train.py")).unwrap();
-    write(d, "train.yaml", "apiVersion: dagster-slurm.io/v1alpha1\nkind: SlurmAsset\nmetadata: {name: train}\nspec:\n  assetKey: analytics/train\n  clusterRef: hpc\n  payload: {path: train.py}\n  extras: {rows: 42}\n");
-    write(d, "busy.yaml", &slurm_asset("busy", "end=$((SECONDS+4)); while [ $SECONDS -lt $end ]; do :; done; echo busy done", ""));
-    write(d, "sleepy.yaml", &slurm_asset("sleepy", "sleep 4; echo slept", ""));
+    std::fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/config/examples/train.py"),
+        d.join("train.py"),
+    )
+    .unwrap();
+    write(
+        d,
+        "train.yaml",
+        "apiVersion: dagster-slurm.io/v1alpha1\nkind: SlurmAsset\nmetadata: {name: train}\nspec:\n  assetKey: analytics/train\n  clusterRef: hpc\n  payload: {path: train.py}\n  extras: {rows: 42}\n",
+    );
+    write(
+        d,
+        "busy.yaml",
+        &slurm_asset(
+            "busy",
+            "end=$((SECONDS+4)); while [ $SECONDS -lt $end ]; do :; done; echo busy done",
+            "",
+        ),
+    );
+    write(
+        d,
+        "sleepy.yaml",
+        &slurm_asset("sleepy", "sleep 4; echo slept", ""),
+    );
     let out = run_once(d, None);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let train = status(d, "train");
     assert_eq!(train["phase"], "Succeeded", "{train:#}");
@@ -35,14 +65,27 @@ fn success_metrics_and_pipes_over_slurm() {
     let m = &train["pipes"]["materializations"][0];
     assert_eq!(m["metadata"]["rows"]["raw_value"], 42);
     assert_eq!(m["metadata"]["model"]["raw_value"], "ridge");
-    assert!(train["logTail"]["stdout"].as_str().unwrap().starts_with("trained, checksum "));
-    assert!(train["remoteRunDir"].as_str().unwrap().starts_with("/home/saotest/sao-tests/success-"));
+    assert!(
+        train["logTail"]["stdout"]
+            .as_str()
+            .unwrap()
+            .starts_with("trained, checksum ")
+    );
+    assert!(
+        train["remoteRunDir"]
+            .as_str()
+            .unwrap()
+            .starts_with("/home/saotest/sao-tests/success-")
+    );
 
     let busy = status(d, "busy");
     assert_eq!(busy["slurmState"], "COMPLETED");
     assert!(metric(&busy, "cpuEfficiency") > 0.5, "{busy:#}");
     assert!(metric(&busy, "elapsedSeconds") >= 4.0);
-    assert!(busy["metrics"]["maxRssBytes"].as_u64().unwrap() > 0, "{busy:#}");
+    assert!(
+        busy["metrics"]["maxRssBytes"].as_u64().unwrap() > 0,
+        "{busy:#}"
+    );
     let sleepy = status(d, "sleepy");
     assert!(metric(&sleepy, "cpuEfficiency") < 0.1, "{sleepy:#}");
     assert_eq!(sleepy["logTail"]["stdout"], "slept");
@@ -53,9 +96,17 @@ fn two_node_job_with_srun_counts_both_nodes_and_the_step() {
     let (dir, _) = setup("twonode");
     let d = dir.path();
     let script = "srun --ntasks=2 --ntasks-per-node=1 bash -c 'end=$((SECONDS+3)); while [ $SECONDS -lt $end ]; do :; done; hostname'";
-    write(d, "two.yaml", &slurm_asset("two", script, "  resources: {nodes: 2, ntasks: 2}\n"));
+    write(
+        d,
+        "two.yaml",
+        &slurm_asset("two", script, "  resources: {nodes: 2, ntasks: 2}\n"),
+    );
     let out = run_once(d, None);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let s = status(d, "two");
     assert_eq!(s["metrics"]["allocNodes"], 2, "{s:#}");
     assert_eq!(s["nodes"].as_array().unwrap().len(), 2);
@@ -69,11 +120,32 @@ fn two_node_job_with_srun_counts_both_nodes_and_the_step() {
 fn failures_exit_code_timeout_and_memory() {
     let (dir, _) = setup("failures");
     let d = dir.path();
-    write(d, "three.yaml", &slurm_asset("three", "echo partial; echo broken >&2; exit 3", ""));
-    write(d, "slow.yaml", &slurm_asset("slow", "sleep 300", "  resources: {timeLimit: '1'}\n"));
-    write(d, "hog.yaml", &slurm_asset("hog", "python3 -c 'import time; x = bytearray(300 * 1024 * 1024); time.sleep(20)'", "  resources: {mem: 50M}\n"));
+    write(
+        d,
+        "three.yaml",
+        &slurm_asset("three", "echo partial; echo broken >&2; exit 3", ""),
+    );
+    write(
+        d,
+        "slow.yaml",
+        &slurm_asset("slow", "sleep 300", "  resources: {timeLimit: '1'}\n"),
+    );
+    write(
+        d,
+        "hog.yaml",
+        &slurm_asset(
+            "hog",
+            "python3 -c 'import time; x = bytearray(300 * 1024 * 1024); time.sleep(20)'",
+            "  resources: {mem: 50M}\n",
+        ),
+    );
     let out = run_once(d, None);
-    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let three = status(d, "three");
     assert_eq!(three["phase"], "Failed");
     assert_eq!(three["exitCode"], 3);
@@ -100,12 +172,18 @@ fn deleting_a_running_asset_cancels_its_job() {
     assert_eq!(obj["status"]["reason"], "Deleted");
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let out = std::process::Command::new("sacct").args(["-X", "-P", "-n", "-o", "State", "-j", &job]).output().unwrap();
+        let out = std::process::Command::new("sacct")
+            .args(["-X", "-P", "-n", "-o", "State", "-j", &job])
+            .output()
+            .unwrap();
         let state = String::from_utf8_lossy(&out.stdout).trim().to_string();
         if state.starts_with("CANCELLED") {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "sacct state of {job}: {state:?}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "sacct state of {job}: {state:?}"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 }
@@ -118,7 +196,15 @@ fn sigkill_at_random_points_never_duplicates_jobs() {
     let d = dir.path();
     for i in 0..20 {
         let code = if i % 5 == 0 { 2 } else { 0 };
-        write(d, &format!("a{i}.yaml"), &slurm_asset(&format!("a{i}"), &format!("sleep {}; exit {code}", 1 + i % 4), ""));
+        write(
+            d,
+            &format!("a{i}.yaml"),
+            &slurm_asset(
+                &format!("a{i}"),
+                &format!("sleep {}; exit {code}", 1 + i % 4),
+                "",
+            ),
+        );
     }
     // Deterministic "random" kill points (ms after start), spread over the run.
     let mut seed: u64 = 0x9e3779b97f4a7c15;
@@ -132,7 +218,12 @@ fn sigkill_at_random_points_never_duplicates_jobs() {
         op.sigkill();
     }
     let out = run_once(d, None);
-    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for i in 0..20 {
         let obj = read_object(d, &format!("a{i}")).unwrap();
         let s = &obj["status"];
@@ -151,12 +242,20 @@ fn fifty_assets_share_one_connection_and_batched_polls() {
     let (dir, _) = setup("fifty");
     let d = dir.path();
     for i in 0..50 {
-        write(d, &format!("f{i}.yaml"), &slurm_asset(&format!("f{i}"), "sleep 2", "  resources: {mem: 10M}\n"));
+        write(
+            d,
+            &format!("f{i}.yaml"),
+            &slurm_asset(&format!("f{i}"), "sleep 2", "  resources: {mem: 10M}\n"),
+        );
     }
     let start = std::time::Instant::now();
     let out = run_once(d, None);
     let secs = start.elapsed().as_secs_f64();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let m = operator_metrics(d);
     assert_eq!(m["sshConnects"], 1, "{m:#}");
     let polls = m["schedulerPolls"].as_f64().unwrap();
@@ -170,12 +269,17 @@ fn password_login_is_multiplexed_too() {
     let c = test_cluster();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let manifest = c
-        .manifest("hpc", &remote_base("password"))
-        .replace(&format!("keyPath: {}", c.key), "passwordEnv: SAO_TEST_PASSWORD");
+    let manifest = c.manifest("hpc", &remote_base("password")).replace(
+        &format!("keyPath: {}", c.key),
+        "passwordEnv: SAO_TEST_PASSWORD",
+    );
     write(d, "cluster.yaml", &manifest);
     for i in 0..3 {
-        write(d, &format!("p{i}.yaml"), &slurm_asset(&format!("p{i}"), "echo via password", ""));
+        write(
+            d,
+            &format!("p{i}.yaml"),
+            &slurm_asset(&format!("p{i}"), "echo via password", ""),
+        );
     }
     let out = std::process::Command::new(BIN)
         .args(["standalone", "--once", "--dir"])
@@ -185,13 +289,22 @@ fn password_login_is_multiplexed_too() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
-    assert!(!stderr.contains(&c.password), "the password never reaches the log");
+    assert!(
+        !stderr.contains(&c.password),
+        "the password never reaches the log"
+    );
     for i in 0..3 {
-        assert_eq!(status(d, &format!("p{i}"))["logTail"]["stdout"], "via password");
+        assert_eq!(
+            status(d, &format!("p{i}"))["logTail"]["stdout"],
+            "via password"
+        );
     }
     assert_eq!(operator_metrics(d)["sshConnects"], 1);
     let all = walk_text(d);
-    assert!(!all.contains(&c.password), "the password is in no written file");
+    assert!(
+        !all.contains(&c.password),
+        "the password is in no written file"
+    );
 }
 
 fn walk_text(dir: &std::path::Path) -> String {
@@ -226,14 +339,37 @@ fn shell_metacharacters_stay_intact_and_inert() {
     write(&sub, "meta.yaml", &manifest);
     write(d, "cluster.yaml", &c.manifest("hpc", &base));
     let out = run_once(d, None);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let s = status(d, "meta");
     let stdout = s["logTail"]["stdout"].as_str().unwrap();
-    assert_eq!(stdout, format!("{value}\n<$(touch pwned-arg)><a b><'><;|&>"), "{s:#}");
-    assert!(s["remoteRunDir"].as_str().unwrap().contains("$(touch pwned-base) 'q'"));
+    assert_eq!(
+        stdout,
+        format!("{value}\n<$(touch pwned-arg)><a b><'><;|&>"),
+        "{s:#}"
+    );
+    assert!(
+        s["remoteRunDir"]
+            .as_str()
+            .unwrap()
+            .contains("$(touch pwned-base) 'q'")
+    );
     let found = std::process::Command::new("find")
-        .args(["/home/saotest", "/tmp", d.to_str().unwrap(), "-name", "pwned*"])
+        .args([
+            "/home/saotest",
+            "/tmp",
+            d.to_str().unwrap(),
+            "-name",
+            "pwned*",
+        ])
         .output()
         .unwrap();
-    assert_eq!(String::from_utf8_lossy(&found.stdout), "", "nothing a string contained was executed");
+    assert_eq!(
+        String::from_utf8_lossy(&found.stdout),
+        "",
+        "nothing a string contained was executed"
+    );
 }

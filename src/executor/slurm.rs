@@ -103,7 +103,9 @@ impl SlurmExecutor {
 
     async fn run(&self, script: &str) -> Result<crate::transport::RemoteOutput> {
         let conn = self.connection().await?;
-        self.counters.remote_commands.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .remote_commands
+            .fetch_add(1, Ordering::Relaxed);
         match conn.run(script, COMMAND_TIMEOUT).await {
             Ok(o) => Ok(o),
             Err(e) => {
@@ -144,7 +146,9 @@ impl SlurmExecutor {
             accounting: get("ACCT=") == "yes",
         };
         if facts.home.is_empty() {
-            return Err(Error::Transport("could not read $HOME on the cluster".into()));
+            return Err(Error::Transport(
+                "could not read $HOME on the cluster".into(),
+            ));
         }
         *self.facts.lock().await = Some(facts.clone());
         Ok(facts)
@@ -174,11 +178,8 @@ impl SlurmExecutor {
         ));
         s.push_str("if [ -n \"$existing\" ]; then echo \"ADOPT $existing\"; exit 0; fi\n");
         s.push_str("umask 077\nmkdir -p \"$dir\" && chmod 700 \"$dir\" && cd \"$dir\" || { echo \"ERROR cannot create $dir\"; exit 0; }\n");
-        let mut files: Vec<(&str, Vec<u8>, &str)> = vec![(
-            JOB_SCRIPT,
-            render_script(plan).into_bytes(),
-            "700",
-        )];
+        let mut files: Vec<(&str, Vec<u8>, &str)> =
+            vec![(JOB_SCRIPT, render_script(plan).into_bytes(), "700")];
         if let Some((name, content)) = &plan.payload_file {
             files.push((name.as_str(), content.clone(), "600"));
         }
@@ -196,7 +197,10 @@ impl SlurmExecutor {
                 q = quote(name)
             ));
         }
-        s.push_str(&format!("out=$({} 2>&1)\nrc=$?\n", join(&sbatch_argv(plan))));
+        s.push_str(&format!(
+            "out=$({} 2>&1)\nrc=$?\n",
+            join(&sbatch_argv(plan))
+        ));
         s.push_str(&format!(
             "if [ $rc -ne 0 ]; then printf 'SBATCH_FAILED %s\\n' \"$out\" | tr '\\n' ' '; echo; exit 0; fi\n\
              id=${{out%%;*}}\nprintf '%s %s\\n' \"$tag\" \"$id\" > {JOBID_FILE}\necho \"SUBMITTED $id\"\n"
@@ -267,7 +271,9 @@ impl SlurmExecutor {
             ));
         }
         let out = self.run(&s).await?;
-        self.counters.scheduler_polls.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .scheduler_polls
+            .fetch_add(1, Ordering::Relaxed);
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         Ok(parse_poll(&text, jobs, accounting))
     }
@@ -278,13 +284,21 @@ impl SlurmExecutor {
             Some(id) => quote(id),
             None => format!("--name={}", quote(tag)),
         };
-        let out = self.run(&format!("scancel {target} 2>&1; echo \"rc=$?\"")).await?;
+        let out = self
+            .run(&format!("scancel {target} 2>&1; echo \"rc=$?\""))
+            .await?;
         let text = String::from_utf8_lossy(&out.stdout);
-        Ok(format!("scancel {}: {}", job_id.unwrap_or(tag), text.trim()))
+        Ok(format!(
+            "scancel {}: {}",
+            job_id.unwrap_or(tag),
+            text.trim()
+        ))
     }
 
     pub async fn cleanup(&self, run_dir: &str) -> Result<()> {
-        self.run(&format!("rm -rf -- {}", quote(run_dir))).await.map(|_| ())
+        self.run(&format!("rm -rf -- {}", quote(run_dir)))
+            .await
+            .map(|_| ())
     }
 
     pub async fn close(&self) {
@@ -424,7 +438,13 @@ fn parse_poll(text: &str, jobs: &mut [Watched<'_>], accounting: bool) -> Vec<Obs
                 // which it records as FAILED by SIGKILL: name it for what it was.
                 let rss = obs.metrics.as_ref().and_then(|m| m.max_rss_bytes);
                 let killed = matches!(obs.state, JobState::Exited { exit_code: 137 })
-                    || matches!(&obs.state, JobState::Killed { exit_code: Some(137), .. });
+                    || matches!(
+                        &obs.state,
+                        JobState::Killed {
+                            exit_code: Some(137),
+                            ..
+                        }
+                    );
                 if let (true, Some(rss), Some(req)) = (killed, rss, w.requested_mem)
                     && rss >= req
                 {

@@ -13,16 +13,16 @@ use crate::core::{self, Action, Event, Input};
 use crate::executor::JobRef;
 use crate::executor::local::LocalExecutor;
 use crate::executor::slurm::{Counters, SlurmExecutor, Watched};
-use crate::transport::{SshAuth, SshTarget};
 use crate::jobscript::{PlanContext, RunId, RunPlan, plan};
 use crate::manifest::{Kind, Loaded, ManifestError, describe};
 use crate::pipes::MessageReader;
+use crate::transport::{SshAuth, SshTarget};
 use crate::{Error, Result};
 use jiff::Timestamp;
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 use store::{ObjectKey, Stored, WriteCache};
 use tokio::time::Instant;
@@ -336,7 +336,11 @@ impl Driver {
     }
 
     /// Resolves the asset's cluster: an explicit `clusterRef`, else the implicit local cluster.
-    fn cluster_for(&self, key: &ObjectKey, cluster_ref: Option<&str>) -> std::result::Result<ResolvedCluster, String> {
+    fn cluster_for(
+        &self,
+        key: &ObjectKey,
+        cluster_ref: Option<&str>,
+    ) -> std::result::Result<ResolvedCluster, String> {
         let Some(name) = cluster_ref else {
             return Ok(ResolvedCluster {
                 spec: implicit_local(),
@@ -383,7 +387,10 @@ impl Driver {
 
     /// The executor of a Slurm cluster, created on first use and replaced when its
     /// connection settings change.
-    fn slurm_for(&mut self, rc: &ResolvedCluster) -> std::result::Result<Option<Arc<SlurmExecutor>>, String> {
+    fn slurm_for(
+        &mut self,
+        rc: &ResolvedCluster,
+    ) -> std::result::Result<Option<Arc<SlurmExecutor>>, String> {
         if rc.spec.mode != ClusterMode::Slurm {
             return Ok(None);
         }
@@ -394,7 +401,11 @@ impl Driver {
         {
             return Ok(Some(ex.clone()));
         }
-        let ex = Arc::new(SlurmExecutor::new(target, self.exe.clone(), self.counters.clone()));
+        let ex = Arc::new(SlurmExecutor::new(
+            target,
+            self.exe.clone(),
+            self.counters.clone(),
+        ));
         self.slurm.insert(key, ex.clone());
         Ok(Some(ex))
     }
@@ -542,7 +553,6 @@ impl Driver {
                         };
                         if report {
                             next = Some(Event::CancelDone { message });
-
                         }
                     }
                     Action::Cleanup { run_dir } => {
@@ -597,7 +607,9 @@ impl Driver {
                     run_dir: s.run_dir,
                     adopted: s.adopted,
                 },
-                Err(e) => Event::SubmitFailed { message: e.to_string() },
+                Err(e) => Event::SubmitFailed {
+                    message: e.to_string(),
+                },
             });
         };
         let outcome = match slurm.facts().await {
@@ -615,7 +627,10 @@ impl Driver {
             }),
             Ok(Err(message)) => Some(Event::SubmitFailed { message }),
             Err(e) => {
-                warn!("{key}: {e}; retrying the submission in {}s", TRANSPORT_RETRY.as_secs());
+                warn!(
+                    "{key}: {e}; retrying the submission in {}s",
+                    TRANSPORT_RETRY.as_secs()
+                );
                 let entry = self.assets.get_mut(key).expect("known");
                 entry.submit_at = Some(Instant::now() + TRANSPORT_RETRY);
                 entry.status.message = Some(format!("cluster unreachable, retrying: {e}"));
@@ -636,9 +651,16 @@ impl Driver {
         .tag()
     }
 
-    async fn cancel(&mut self, key: &ObjectKey, job_id: Option<&str>, run_dir: Option<&str>) -> Result<String> {
+    async fn cancel(
+        &mut self,
+        key: &ObjectKey,
+        job_id: Option<&str>,
+        run_dir: Option<&str>,
+    ) -> Result<String> {
         let cluster_ref = self.assets[key].cluster_ref.clone();
-        let rc = self.cluster_for(key, cluster_ref.as_deref()).map_err(Error::Executor)?;
+        let rc = self
+            .cluster_for(key, cluster_ref.as_deref())
+            .map_err(Error::Executor)?;
         match self.slurm_for(&rc).map_err(Error::Executor)? {
             Some(slurm) => slurm.cancel(job_id, &self.tag_of(key)).await,
             None => self.executor.cancel(job_id, run_dir).await,
@@ -647,7 +669,9 @@ impl Driver {
 
     async fn cleanup(&mut self, key: &ObjectKey, run_dir: &str) -> Result<()> {
         let cluster_ref = self.assets[key].cluster_ref.clone();
-        let rc = self.cluster_for(key, cluster_ref.as_deref()).map_err(Error::Executor)?;
+        let rc = self
+            .cluster_for(key, cluster_ref.as_deref())
+            .map_err(Error::Executor)?;
         match self.slurm_for(&rc).map_err(Error::Executor)? {
             Some(slurm) => slurm.cleanup(run_dir).await,
             None => self.executor.cleanup(run_dir),
@@ -685,7 +709,12 @@ impl Driver {
         // others ride along, so the scheduler sees one query per interval, not one per asset.
         let due_clusters: HashSet<String> = due
             .iter()
-            .filter_map(|k| self.assets[k].cluster_ref.clone().map(|c| format!("{}/{c}", k.namespace)))
+            .filter_map(|k| {
+                self.assets[k]
+                    .cluster_ref
+                    .clone()
+                    .map(|c| format!("{}/{c}", k.namespace))
+            })
             .collect();
         for (k, a) in &self.assets {
             let riding = a.submit_at.is_none()
@@ -697,7 +726,8 @@ impl Driver {
                 due.push(k.clone());
             }
         }
-        let mut batches: BTreeMap<ObjectKey, (Arc<SlurmExecutor>, Vec<ObjectKey>)> = BTreeMap::new();
+        let mut batches: BTreeMap<ObjectKey, (Arc<SlurmExecutor>, Vec<ObjectKey>)> =
+            BTreeMap::new();
         for key in due {
             let cluster_ref = self.assets[&key].cluster_ref.clone();
             let rc = self.cluster_for(&key, cluster_ref.as_deref());
@@ -705,7 +735,10 @@ impl Driver {
                 (Ok(rc), Some(s)) => s.resources.merged_over(&rc.spec.queue),
                 _ => Default::default(),
             };
-            let slurm = rc.as_ref().ok().and_then(|rc| self.slurm_for(rc).ok().flatten());
+            let slurm = rc
+                .as_ref()
+                .ok()
+                .and_then(|rc| self.slurm_for(rc).ok().flatten());
             let entry = self.assets.get_mut(&key).expect("known");
             entry.next_poll = None;
             let Some(run_dir) = entry.status.remote_run_dir.clone() else {
@@ -716,8 +749,16 @@ impl Driver {
                 entry.reader_dir = Some(run_dir.clone());
             }
             if let Some(slurm) = slurm {
-                let ckey = rc.as_ref().ok().and_then(|r| r.key.clone()).expect("slurm cluster");
-                batches.entry(ckey).or_insert_with(|| (slurm, vec![])).1.push(key);
+                let ckey = rc
+                    .as_ref()
+                    .ok()
+                    .and_then(|r| r.key.clone())
+                    .expect("slurm cluster");
+                batches
+                    .entry(ckey)
+                    .or_insert_with(|| (slurm, vec![]))
+                    .1
+                    .push(key);
                 continue;
             }
             let job = JobRef {
@@ -732,16 +773,18 @@ impl Driver {
             let observations = {
                 let mut readers: Vec<(ObjectKey, MessageReader)> = keys
                     .iter()
-                    .map(|k| (k.clone(), std::mem::take(&mut self.assets.get_mut(k).expect("known").reader)))
+                    .map(|k| {
+                        (
+                            k.clone(),
+                            std::mem::take(&mut self.assets.get_mut(k).expect("known").reader),
+                        )
+                    })
                     .collect();
                 let mut watched: Vec<Watched> = readers
                     .iter_mut()
                     .map(|(k, reader)| {
                         let a = &self.assets[k];
-                        let resources = a
-                            .spec()
-                            .map(|s| s.resources.clone())
-                            .unwrap_or_default();
+                        let resources = a.spec().map(|s| s.resources.clone()).unwrap_or_default();
                         Watched {
                             job: JobRef {
                                 job_id: a.status.job_id.clone(),
@@ -771,7 +814,8 @@ impl Driver {
                     warn!("{ckey}: polling failed: {e}");
                     for key in &keys {
                         let poll = self.poll_interval(key);
-                        self.assets.get_mut(key).expect("known").next_poll = Some(Instant::now() + poll);
+                        self.assets.get_mut(key).expect("known").next_poll =
+                            Some(Instant::now() + poll);
                     }
                 }
             }
@@ -787,7 +831,10 @@ impl Driver {
             "schedulerPolls": c.scheduler_polls.load(Ordering::Relaxed),
             "remoteCommands": c.remote_commands.load(Ordering::Relaxed),
         });
-        let path = self.dir.join(store::STATUS_DIR).join("operator-metrics.yaml");
+        let path = self
+            .dir
+            .join(store::STATUS_DIR)
+            .join("operator-metrics.yaml");
         if let Ok(text) = serde_saphyr::to_string(&v)
             && let Err(e) = self.cache.write(&path, text)
         {
@@ -981,7 +1028,11 @@ fn requested_memory(r: &crate::api::Resources) -> Option<u64> {
 
 /// Resolves a Slurm cluster's SSH settings (standalone mode: files and environment variables;
 /// the Python tool's `SLURM_EDGE_NODE_*` names fill what the manifest leaves out).
-fn ssh_target(spec: &SlurmClusterSpec, dir: &Path, key: &ObjectKey) -> std::result::Result<SshTarget, String> {
+fn ssh_target(
+    spec: &SlurmClusterSpec,
+    dir: &Path,
+    key: &ObjectKey,
+) -> std::result::Result<SshTarget, String> {
     let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
     let ssh = spec.ssh.clone().unwrap_or_default();
     let host = Some(ssh.host.clone())
@@ -995,7 +1046,9 @@ fn ssh_target(spec: &SlurmClusterSpec, dir: &Path, key: &ObjectKey) -> std::resu
     let port = if spec.ssh.is_some() {
         ssh.port
     } else {
-        env("SLURM_EDGE_NODE_PORT").and_then(|p| p.parse().ok()).unwrap_or(22)
+        env("SLURM_EDGE_NODE_PORT")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(22)
     };
     let auth = if let Some(k) = &ssh.key_path {
         SshAuth::KeyFile(dir.join(k))
@@ -1004,13 +1057,17 @@ fn ssh_target(spec: &SlurmClusterSpec, dir: &Path, key: &ObjectKey) -> std::resu
             format!("{key}: spec.ssh.passwordEnv: environment variable {var} is not set")
         })?)
     } else if ssh.key_secret_ref.is_some() || ssh.password_secret_ref.is_some() {
-        return Err(format!("{key}: spec.ssh: Secret references need Kubernetes mode"));
+        return Err(format!(
+            "{key}: spec.ssh: Secret references need Kubernetes mode"
+        ));
     } else if let Some(k) = env("SLURM_EDGE_NODE_KEY_PATH") {
         SshAuth::KeyFile(PathBuf::from(k))
     } else if let Some(p) = env("SLURM_EDGE_NODE_PASSWORD") {
         SshAuth::Password(p)
     } else {
-        return Err(format!("{key}: spec.ssh: no key or password (set keyPath or passwordEnv)"));
+        return Err(format!(
+            "{key}: spec.ssh: no key or password (set keyPath or passwordEnv)"
+        ));
     };
     let known_hosts = match ssh.known_hosts.as_ref() {
         Some(kh) if kh.path.is_some() => kh.path.as_ref().map(|p| dir.join(p)),

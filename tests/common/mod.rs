@@ -168,13 +168,24 @@ pub fn remote_base(test: &str) -> String {
 
 /// An inline bash asset on cluster `hpc` with extra spec lines (indented by two spaces).
 pub fn slurm_asset(name: &str, script: &str, extra: &str) -> String {
-    asset(name, script).replace("  payload:", &format!("  clusterRef: hpc\n{extra}  payload:"))
+    asset(name, script).replace(
+        "  payload:",
+        &format!("  clusterRef: hpc\n{extra}  payload:"),
+    )
 }
 
 /// sacct rows (JobName|State|JobID) of every allocation whose name starts with `prefix`.
 pub fn sacct_jobs(prefix: &str) -> Vec<(String, String, String)> {
     let out = Command::new("sacct")
-        .args(["-a", "-X", "-P", "-n", "-S", "now-2hours", "--format=JobName%200,State,JobID"])
+        .args([
+            "-a",
+            "-X",
+            "-P",
+            "-n",
+            "-S",
+            "now-2hours",
+            "--format=JobName%200,State,JobID",
+        ])
         .output()
         .expect("sacct");
     String::from_utf8_lossy(&out.stdout)

@@ -439,7 +439,8 @@ fn merge(s: &mut SlurmAssetStatus, o: &Observation) {
     if o.end_time.is_some() {
         s.end_time = o.end_time;
     }
-    if !o.nodes.is_empty() {
+    // An attempt's allocation never shrinks; a COMPLETING job lists only the nodes still busy.
+    if o.nodes.len() >= s.nodes.len() && !o.nodes.is_empty() {
         s.nodes = o.nodes.clone();
     }
     if o.metrics.is_some() {

@@ -200,10 +200,10 @@ fn render(file: &std::path::Path, name: Option<&str>) -> anyhow::Result<String> 
     let plan = plan(spec, id, &ctx).map_err(anyhow::Error::msg)?;
     let exe = std::env::current_exe()?.display().to_string();
     let mut out = format!(
-        "# submit command ({} mode):\n",
+        "# submit command ({}):\n",
         match plan.mode {
-            ClusterMode::Local => "local",
-            ClusterMode::Slurm => "slurm",
+            ClusterMode::Local => "local mode",
+            ClusterMode::Slurm => "slurm mode; the remote home shows as $HOME",
         }
     );
     out.push_str(&shell::join(&submit_argv(&plan, &exe)));

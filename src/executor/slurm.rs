@@ -472,3 +472,87 @@ fn parse_poll(text: &str, jobs: &mut [Watched<'_>], accounting: bool) -> Vec<Obs
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn watched<'a>(reader: &'a mut MessageReader, id: &str) -> Watched<'a> {
+        Watched {
+            job: JobRef {
+                job_id: Some(id.into()),
+                run_dir: "/r".into(),
+                resources: Default::default(),
+            },
+            requested_mem: None,
+            reader,
+        }
+    }
+
+    fn b64(s: &str) -> String {
+        base64::engine::general_purpose::STANDARD.encode(s)
+    }
+
+    #[test]
+    fn without_accounting_the_exit_file_decides_once_squeue_forgot() {
+        let mut r = MessageReader::default();
+        let mut jobs = [watched(&mut r, "9")];
+        let text = format!(
+            "@@SAO SACCT\n@@SAO JOB 0\nEXIT {}\nOUT {}\nERR \nMSG \n",
+            b64("exit_code=4\nstart=1\nend=2\n"),
+            b64("hello\n")
+        );
+        let obs = parse_poll(&text, &mut jobs, false);
+        assert_eq!(obs[0].state, JobState::Exited { exit_code: 4 });
+        assert_eq!(obs[0].log_tail.as_ref().unwrap().stdout, "hello");
+    }
+
+    #[test]
+    fn squeue_wins_while_the_job_is_live() {
+        let mut r = MessageReader::default();
+        let mut jobs = [watched(&mut r, "9")];
+        let obs = parse_poll(
+            "9|RUNNING|None|n[1-2]\n@@SAO SACCT\n@@SAO JOB 0\n",
+            &mut jobs,
+            true,
+        );
+        assert_eq!(obs[0].state, JobState::Running);
+        assert_eq!(obs[0].nodes, vec!["n1", "n2"]);
+    }
+
+    #[test]
+    fn a_job_missing_from_every_source_is_lost_not_succeeded() {
+        let mut r = MessageReader::default();
+        let mut jobs = [watched(&mut r, "9")];
+        let obs = parse_poll("@@SAO SACCT\n@@SAO JOB 0\nEXIT \n", &mut jobs, true);
+        assert_eq!(
+            obs[0].state,
+            JobState::Infrastructure {
+                reason: "Lost".into()
+            }
+        );
+        assert!(
+            obs[0]
+                .message
+                .as_ref()
+                .unwrap()
+                .contains("unknown to squeue and sacct")
+        );
+    }
+
+    #[test]
+    fn pipes_messages_advance_the_offset() {
+        let mut r = MessageReader::default();
+        let msg = "{\"method\":\"opened\",\"params\":{}}\n";
+        {
+            let mut jobs = [watched(&mut r, "9")];
+            let text = format!(
+                "9|RUNNING|None|n1\n@@SAO SACCT\n@@SAO JOB 0\nMSG {}\n",
+                b64(msg)
+            );
+            parse_poll(&text, &mut jobs, true);
+        }
+        assert_eq!(r.offset as usize, msg.len());
+        assert!(r.status.opened);
+    }
+}

@@ -1,6 +1,7 @@
 # Shared settings of the test-cluster scripts (sourced).
 STATE=/var/lib/sao-test-cluster          # keys, known_hosts, logs, pid files
 SSH_PORT=${SAO_TEST_SSH_PORT:-2222}
+SSH_LISTEN=${SAO_TEST_SSH_LISTEN:-127.0.0.1}   # 0.0.0.0 inside the dev container
 TEST_USER=saotest
 TEST_PASSWORD=saotest-password
 TEST_HOME=/home/$TEST_USER

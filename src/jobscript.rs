@@ -368,14 +368,7 @@ mod tests {
             path: Some("t.py".into()),
             ..Default::default()
         });
-        let cluster = SlurmClusterSpec {
-            mode: ClusterMode::Local,
-            ssh: None,
-            queue: Default::default(),
-            remote_base: None,
-            environment: Default::default(),
-            poll_interval: None,
-        };
+        let cluster = SlurmClusterSpec::default();
         let ctx = PlanContext {
             asset_dir: dir.path(),
             cluster: &cluster,

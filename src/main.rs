@@ -150,14 +150,7 @@ fn render(file: &std::path::Path, name: Option<&str>) -> anyhow::Result<String> 
         Err(e) => anyhow::bail!("{}: {}", file.display(), describe(e)),
     };
     let mut cluster = (
-        slurm_asset_operator::api::SlurmClusterSpec {
-            mode: ClusterMode::Local,
-            ssh: None,
-            queue: Default::default(),
-            remote_base: None,
-            environment: Default::default(),
-            poll_interval: None,
-        },
+        slurm_asset_operator::api::SlurmClusterSpec::default(),
         dir.clone(),
     );
     if let Some(cref) = &spec.cluster_ref {

@@ -7,8 +7,9 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
-/// A Slurm cluster (or the operator's own host, in `local` mode).
-#[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+/// A Slurm cluster (or the operator's own host, in `local` mode). The default is the implicit
+/// local cluster of assets without `clusterRef`.
+#[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[kube(
     group = "dagster-slurm.io",
     version = "v1alpha1",

@@ -343,7 +343,7 @@ impl Driver {
     ) -> std::result::Result<ResolvedCluster, String> {
         let Some(name) = cluster_ref else {
             return Ok(ResolvedCluster {
-                spec: implicit_local(),
+                spec: SlurmClusterSpec::default(),
                 dir: self.dir.clone(),
                 key: None,
             });
@@ -1108,17 +1108,6 @@ fn ssh_target(
             .map(|t| t.duration())
             .unwrap_or(Duration::from_secs(10)),
     })
-}
-
-fn implicit_local() -> SlurmClusterSpec {
-    SlurmClusterSpec {
-        mode: ClusterMode::Local,
-        ssh: None,
-        queue: Default::default(),
-        remote_base: None,
-        environment: Default::default(),
-        poll_interval: None,
-    }
 }
 
 /// The platform name in conda/pixi's spelling.

@@ -412,6 +412,15 @@ fn crds_in_repo_match_the_types() {
         generated == committed,
         "crds/crds.yaml is stale: run `cargo run -- crds > crds/crds.yaml`"
     );
+    let chart_copy = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/charts/slurm-asset-operator/crds/crds.yaml"
+    ))
+    .unwrap();
+    assert!(
+        chart_copy == committed,
+        "the chart's CRDs are stale: cp crds/crds.yaml charts/slurm-asset-operator/crds/"
+    );
     for kind in [
         "kind: SlurmAsset",
         "kind: SlurmCluster",

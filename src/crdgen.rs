@@ -56,3 +56,38 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod cel_tests {
+    use crate::api::{Payload, Resources, SshSettings};
+    use serde_json::json;
+
+    /// The admission rules, evaluated by kube's CEL engine exactly as written into the CRDs.
+    #[test]
+    fn admission_rules_accept_and_reject() {
+        assert!(Payload::validate_cel(&json!({"inline": "echo"}), None).is_ok());
+        let two = Payload::validate_cel(&json!({"inline": "echo", "command": ["ls"]}), None);
+        assert!(format!("{:?}", two.unwrap_err()).contains("exactly one of path, inline"));
+        assert!(Payload::validate_cel(&json!({"args": ["x"]}), None).is_err());
+
+        let ssh = json!({"host": "h", "user": "u", "port": 22, "keySecretRef": {"name": "s", "key": "k"}});
+        assert!(SshSettings::validate_cel(&ssh, None).is_ok());
+        let mut both = ssh.clone();
+        both["passwordEnv"] = json!("PW");
+        assert!(SshSettings::validate_cel(&both, None).is_err());
+
+        assert!(Resources::validate_cel(&json!({"mem": "1G"}), None).is_ok());
+        assert!(Resources::validate_cel(&json!({"mem": "1G", "memPerCpu": "1G"}), None).is_err());
+    }
+
+    #[test]
+    fn crds_carry_rules_and_selectable_phase() {
+        let yaml = super::crds_yaml();
+        assert!(yaml.contains("x-kubernetes-validations"));
+        assert!(yaml.contains(
+            "exactly one of keySecretRef, keyPath, passwordSecretRef, passwordEnv must be set"
+        ));
+        assert!(yaml.contains("jsonPath: .status.phase"));
+        assert!(yaml.contains("selectableFields"));
+    }
+}

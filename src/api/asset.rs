@@ -3,7 +3,7 @@
 use super::common::{Condition, ConfigMapKeyRef, EnvironmentSettings, Resources, SecretKeyRef};
 use crate::quantity::Interval;
 use jiff::Timestamp;
-use kube::CustomResource;
+use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -22,7 +22,8 @@ use std::collections::BTreeMap;
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
     printcolumn = r#"{"name":"Job","type":"string","jsonPath":".status.jobId"}"#,
     printcolumn = r#"{"name":"CPU-Eff","type":"number","jsonPath":".status.metrics.cpuEfficiency"}"#,
-    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    selectable = ".status.phase"
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SlurmAssetSpec {
@@ -78,7 +79,12 @@ fn free_json(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
 }
 
 /// The payload: exactly one of `path`, `inline`, `configMapRef`, `remotePath`, `command`.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[x_kube(
+    cel,
+    validation = Rule::new("[has(self.path), has(self.inline), has(self.configMapRef), has(self.remotePath), has(self.command)].filter(x, x).size() == 1")
+        .message("exactly one of path, inline, configMapRef, remotePath, command must be set")
+)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Payload {
     /// A script file; in standalone mode relative to the manifest's directory.

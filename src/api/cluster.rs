@@ -2,7 +2,7 @@
 
 use super::common::{Condition, EnvironmentSettings, Resources, SecretKeyRef};
 use crate::quantity::Interval;
-use kube::CustomResource;
+use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -58,7 +58,12 @@ pub enum ClusterMode {
 }
 
 /// SSH connection settings. Exactly one authentication method must be set.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[x_kube(
+    cel,
+    validation = Rule::new("[has(self.keySecretRef), has(self.keyPath), has(self.passwordSecretRef), has(self.passwordEnv)].filter(x, x).size() == 1")
+        .message("exactly one of keySecretRef, keyPath, passwordSecretRef, passwordEnv must be set")
+)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SshSettings {
     /// Host name or address of the login node.

@@ -2,12 +2,18 @@
 
 use crate::quantity::{Memory, TimeLimit};
 use jiff::Timestamp;
+use kube::KubeSchema;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// Scheduler settings. On a `SlurmCluster` they are the defaults; on a `SlurmAsset` they
 /// override the cluster's defaults field by field.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[x_kube(
+    cel,
+    validation = Rule::new("!(has(self.mem) && has(self.memPerCpu))")
+        .message("mem and memPerCpu are mutually exclusive")
+)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Resources {
     /// Slurm partition (`--partition`).

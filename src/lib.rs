@@ -4,12 +4,15 @@
 //! thin adapters ([`executor`], [`standalone`]) perform I/O.
 
 pub mod api;
+pub mod backend;
 pub mod conditions;
+pub mod controller;
 pub mod core;
 pub mod crdgen;
 pub mod executor;
 pub mod jobscript;
 pub mod manifest;
+pub mod metrics;
 pub mod pipes;
 pub mod quantity;
 pub mod shell;

@@ -42,6 +42,29 @@ enum Command {
     },
     /// Print the CustomResourceDefinitions of all kinds.
     Crds,
+    /// Kubernetes mode: reconcile SlurmAsset resources (in-cluster config, or KUBECONFIG).
+    Run {
+        /// Kubeconfig context to use instead of the current one.
+        #[arg(long)]
+        context: Option<String>,
+        /// Watch only this namespace (default: all namespaces).
+        #[arg(long)]
+        namespace: Option<String>,
+        /// Port of /metrics, /healthz and /readyz.
+        #[arg(long, default_value_t = 8080)]
+        metrics_port: u16,
+        /// Take a Lease before reconciling, so that several replicas can run.
+        #[arg(long)]
+        leader_election: bool,
+        #[arg(long, default_value = "slurm-asset-operator")]
+        lease_name: String,
+        /// Namespace of the Lease (default: the namespace of the service account).
+        #[arg(long)]
+        lease_namespace: Option<String>,
+        /// Private working directory (SSH key files, local run directories).
+        #[arg(long, default_value = "/tmp/slurm-asset-operator")]
+        work_dir: PathBuf,
+    },
     /// Print a table of every asset's status under DIR.
     Status {
         #[arg(long)]
@@ -110,6 +133,27 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             print!("{}", render(&file, name.as_deref())?);
             Ok(ExitCode::SUCCESS)
         }
+        Command::Run {
+            context,
+            namespace,
+            metrics_port,
+            leader_election,
+            lease_name,
+            lease_namespace,
+            work_dir,
+        } => {
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(run_kubernetes(RunOptions {
+                context,
+                namespace,
+                metrics_port,
+                leader_election,
+                lease_name,
+                lease_namespace,
+                work_dir,
+            }))?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Crds => {
             print!("{}", crdgen::crds_yaml());
             Ok(ExitCode::SUCCESS)
@@ -120,6 +164,94 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::LocalSupervise { .. } => unreachable!("handled before logging starts"),
     }
+}
+
+struct RunOptions {
+    context: Option<String>,
+    namespace: Option<String>,
+    metrics_port: u16,
+    leader_election: bool,
+    lease_name: String,
+    lease_namespace: Option<String>,
+    work_dir: PathBuf,
+}
+
+/// Kubernetes mode: metrics server, optional leader election, then the controller. Losing the
+/// lease stops the controller and the process, so that a restarted pod campaigns again.
+async fn run_kubernetes(o: RunOptions) -> anyhow::Result<()> {
+    use slurm_asset_operator::{controller, metrics};
+    use std::os::unix::fs::PermissionsExt;
+    let config = kube::Config::from_kubeconfig(&kube::config::KubeConfigOptions {
+        context: o.context.clone(),
+        ..Default::default()
+    })
+    .await
+    .or_else(|_| kube::Config::incluster())
+    .context("loading a kubeconfig or the in-cluster configuration")?;
+    let default_ns = config.default_namespace.clone();
+    let client = kube::Client::try_from(config)?;
+    std::fs::create_dir_all(&o.work_dir)?;
+    std::fs::set_permissions(&o.work_dir, std::fs::Permissions::from_mode(0o700))?;
+    let metrics = std::sync::Arc::new(metrics::Metrics::default());
+    let server = tokio::spawn(metrics::serve(metrics.clone(), o.metrics_port));
+    let (leader_tx, leader_rx) = tokio::sync::watch::channel(true);
+    let _lease = if o.leader_election {
+        let identity =
+            std::env::var("POD_NAME").unwrap_or_else(|_| uuid::Uuid::new_v4().to_string());
+        let manager = kube_lease_manager::LeaseManagerBuilder::new(client.clone(), &o.lease_name)
+            .with_namespace(o.lease_namespace.clone().unwrap_or(default_ns))
+            .with_identity(identity)
+            .build()
+            .await?;
+        let (mut rx, task) = manager.watch().await;
+        tracing::info!("waiting for the lease {}", o.lease_name);
+        while !*rx.borrow_and_update() {
+            rx.changed().await?;
+        }
+        tracing::info!("leading");
+        let tx = leader_tx.clone();
+        tokio::spawn(async move {
+            while rx.changed().await.is_ok() {
+                if !*rx.borrow() {
+                    let _ = tx.send(false);
+                    break;
+                }
+            }
+        });
+        Some(task)
+    } else {
+        None
+    };
+    metrics
+        .ready
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let exe = std::env::current_exe()?;
+    let ctx = std::sync::Arc::new(controller::Context::new(
+        client,
+        exe,
+        o.work_dir.clone(),
+        metrics,
+    ));
+    let mut rx = leader_rx;
+    let shutdown = async move {
+        let stop = async {
+            loop {
+                if !*rx.borrow_and_update() || rx.changed().await.is_err() {
+                    break;
+                }
+            }
+        };
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = stop => tracing::warn!("lost the lease; stopping"),
+            _ = tokio::signal::ctrl_c() => {},
+            _ = term.recv() => {},
+        }
+    };
+    controller::run(ctx, o.namespace, shutdown).await;
+    server.abort();
+    Ok(())
 }
 
 /// Renders the job script and submit command of one asset in `file`; its cluster is looked up

@@ -1,0 +1,200 @@
+//! Where one asset's jobs run, as one handle: the local executor or a Slurm cluster's
+//! executor. [`drive`] carries out the core's actions through it; Kubernetes mode uses it per
+//! reconcile.
+
+use crate::api::SlurmAssetStatus;
+use crate::core::{self, Action, Event, Input, Observation};
+use crate::executor::JobRef;
+use crate::executor::local::LocalExecutor;
+use crate::executor::slurm::{SlurmExecutor, Watched};
+use crate::jobscript::RunPlan;
+use crate::pipes::MessageReader;
+use crate::{Error, Result};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Clone)]
+pub enum Backend {
+    Local(LocalExecutor),
+    Slurm(Arc<SlurmExecutor>),
+}
+
+/// Builds the plan of one attempt, given the remote home (Slurm) or `None` (local).
+pub type PlanFn<'a> =
+    dyn Fn(u64, u32, Option<&str>) -> std::result::Result<RunPlan, String> + Send + Sync + 'a;
+
+/// What [`drive`] needs to know about the asset beyond its status.
+pub struct Work<'a> {
+    pub backend: Backend,
+    pub plan: &'a PlanFn<'a>,
+    /// The tag of the current attempt (cancellation by name before a job ID is known).
+    pub tag: String,
+    pub job: JobRef,
+    pub requested_mem: Option<u64>,
+}
+
+/// The result of driving: the new status, whether to keep watching, and a delay after which a
+/// (re)submission is due.
+pub struct Driven {
+    pub status: SlurmAssetStatus,
+    pub watch: bool,
+    pub submit_after: Option<Duration>,
+}
+
+impl Backend {
+    /// Submits or adopts; `Ok(None)`: the cluster could not be reached, try again later.
+    pub async fn submit(
+        &self,
+        plan: &(dyn Fn(Option<&str>) -> std::result::Result<RunPlan, String> + Send + Sync),
+    ) -> Result<Event> {
+        let result = match self {
+            Backend::Local(l) => {
+                let p = plan(None).map_err(Error::Executor)?;
+                l.submit(&p)
+                    .await
+                    .map_err(|e| Error::Executor(e.to_string()))
+            }
+            Backend::Slurm(s) => {
+                let facts = s.facts().await?;
+                let p = plan(Some(&facts.home)).map_err(Error::Executor)?;
+                match s.submit(&p).await? {
+                    Ok(sub) => Ok(sub),
+                    Err(msg) => return Ok(Event::SubmitFailed { message: msg }),
+                }
+            }
+        };
+        Ok(match result {
+            Ok(s) => Event::Submitted {
+                job_id: s.job_id,
+                run_dir: s.run_dir,
+                adopted: s.adopted,
+            },
+            Err(Error::Executor(message)) => Event::SubmitFailed { message },
+            Err(e) => return Err(e),
+        })
+    }
+
+    pub async fn cancel(
+        &self,
+        job_id: Option<&str>,
+        run_dir: Option<&str>,
+        tag: &str,
+    ) -> Result<String> {
+        match self {
+            Backend::Local(l) => l.cancel(job_id, run_dir).await,
+            Backend::Slurm(s) => s.cancel(job_id, tag).await,
+        }
+    }
+
+    pub async fn cleanup(&self, run_dir: &str) -> Result<()> {
+        match self {
+            Backend::Local(l) => l.cleanup(run_dir),
+            Backend::Slurm(s) => s.cleanup(run_dir).await,
+        }
+    }
+
+    pub async fn observe(
+        &self,
+        job: &JobRef,
+        requested_mem: Option<u64>,
+        reader: &mut MessageReader,
+    ) -> Result<Observation> {
+        match self {
+            Backend::Local(l) => Ok(l.observe(job, reader)),
+            Backend::Slurm(s) => {
+                let mut w = [Watched {
+                    job: job.clone(),
+                    requested_mem,
+                    reader,
+                }];
+                let mut obs = s.observe(&mut w).await?;
+                obs.pop()
+                    .ok_or_else(|| Error::Executor("no observation".into()))
+            }
+        }
+    }
+}
+
+/// Feeds `event` to the core and carries out its actions, observing the job once when the
+/// core asks to watch it. Transport errors leave the status as it is (never a failure).
+pub async fn drive(
+    mut status: SlurmAssetStatus,
+    input: &Input<'_>,
+    mut event: Event,
+    work: &Work<'_>,
+    reader: &mut MessageReader,
+) -> Driven {
+    let mut observed = false;
+    let mut submit_after = None;
+    let mut watch = false;
+    for _ in 0..8 {
+        let decision = core::reconcile(&status, input, event);
+        status = decision.status;
+        watch = false;
+        let mut next = None;
+        for action in decision.actions {
+            match action {
+                Action::Submit { delay: Some(d), .. } => submit_after = Some(d),
+                Action::Submit {
+                    run,
+                    attempt,
+                    delay: None,
+                } => {
+                    let plan = |home: Option<&str>| (work.plan)(run, attempt, home);
+                    match work.backend.submit(&plan).await {
+                        Ok(ev) => next = Some(ev),
+                        Err(e) => {
+                            tracing::warn!("submission deferred: {e}");
+                            status.message = Some(format!("cluster unreachable, retrying: {e}"));
+                            submit_after = Some(Duration::from_secs(5));
+                        }
+                    }
+                }
+                Action::Watch => watch = true,
+                Action::Cancel {
+                    job_id,
+                    run_dir,
+                    report,
+                } => {
+                    let message = match work
+                        .backend
+                        .cancel(job_id.as_deref(), run_dir.as_deref(), &work.tag)
+                        .await
+                    {
+                        Ok(m) => m,
+                        Err(e) => format!("cancel failed: {e}"),
+                    };
+                    if report {
+                        next = Some(Event::CancelDone { message });
+                    }
+                }
+                Action::Cleanup { run_dir } => {
+                    if let Err(e) = work.backend.cleanup(&run_dir).await {
+                        tracing::warn!("cleanup of {run_dir}: {e}");
+                    }
+                }
+            }
+        }
+        if next.is_none() && watch && !observed {
+            observed = true;
+            let mut job = work.job.clone();
+            job.job_id = status.job_id.clone();
+            if let Some(dir) = &status.remote_run_dir {
+                job.run_dir = dir.clone();
+                match work.backend.observe(&job, work.requested_mem, reader).await {
+                    Ok(obs) => next = Some(Event::Observed(Box::new(obs))),
+                    Err(e) => tracing::warn!("observing {}: {e}", job.run_dir),
+                }
+            }
+        }
+        match next {
+            Some(e) => event = e,
+            None => break,
+        }
+    }
+    Driven {
+        status,
+        watch,
+        submit_after,
+    }
+}

@@ -1,0 +1,612 @@
+//! Kubernetes mode: a kube-runtime `Controller` for `SlurmAsset`, also watching the
+//! `SlurmCluster`s and Secrets that assets depend on. Each reconcile resolves the spec
+//! (cluster, Secrets, ConfigMap payload) and hands it to the shared core through
+//! [`crate::backend::drive`]; status is written by server-side apply to the status subresource.
+
+use crate::api::{
+    API_VERSION, ClusterMode, Phase, SlurmAsset, SlurmAssetSpec, SlurmAssetStatus, SlurmCluster,
+    SlurmClusterSpec,
+};
+use crate::backend::{Backend, Work, drive};
+use crate::conditions;
+use crate::core::{Event, Input};
+use crate::executor::JobRef;
+use crate::executor::local::LocalExecutor;
+use crate::executor::slurm::{Counters, SlurmExecutor};
+use crate::jobscript::{PlanContext, RunId, plan};
+use crate::manifest::{StoreKind, describe, validate_asset, validate_cluster};
+use crate::pipes::MessageReader;
+use crate::transport::{SshAuth, SshTarget};
+use futures::StreamExt;
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use kube::api::{Api, Patch, PatchParams};
+use kube::core::error_boundary::DeserializeGuard;
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Client, Resource, ResourceExt};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Mutex;
+
+pub const FINALIZER: &str = "dagster-slurm.io/job-cleanup";
+pub const FIELD_MANAGER: &str = "slurm-asset-operator";
+/// Set to "true" on an asset whose cluster is gone for good to release it without `scancel`.
+pub const FORCE_RELEASE: &str = "dagster-slurm.io/force-release";
+/// How long a deletion waits for an unreachable cluster before releasing the object anyway.
+pub const RELEASE_GRACE: Duration = Duration::from_secs(600);
+const POLL_LOCAL: Duration = Duration::from_secs(2);
+const POLL_SLURM: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("finalizer: {0}")]
+    Finalizer(String),
+    #[error("cancel not confirmed yet: {0}")]
+    CancelPending(String),
+    #[error("{0}")]
+    Io(String),
+}
+
+/// Shared state of the controller.
+pub struct Context {
+    pub client: Client,
+    pub local: LocalExecutor,
+    pub slurm: Mutex<HashMap<String, Arc<SlurmExecutor>>>,
+    pub counters: Arc<Counters>,
+    pub readers: Mutex<HashMap<String, MessageReader>>,
+    pub recorder: Recorder,
+    /// Private directory for key files and local run directories.
+    pub work_dir: PathBuf,
+    pub exe: PathBuf,
+    pub metrics: Arc<crate::metrics::Metrics>,
+}
+
+impl Context {
+    pub fn new(
+        client: Client,
+        exe: PathBuf,
+        work_dir: PathBuf,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Context {
+        let reporter = Reporter {
+            controller: FIELD_MANAGER.into(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
+        Context {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            local: LocalExecutor::new(exe.clone()),
+            slurm: Mutex::new(HashMap::new()),
+            counters: metrics.counters.clone(),
+            readers: Mutex::new(HashMap::new()),
+            work_dir,
+            exe,
+            metrics,
+        }
+    }
+}
+
+/// A spec with every reference resolved.
+struct Resolved {
+    spec: SlurmAssetSpec,
+    cluster: SlurmClusterSpec,
+    backend: Backend,
+    poll: Duration,
+}
+
+/// Runs the controller until the stream ends (or `shutdown` resolves).
+pub async fn run(
+    ctx: Arc<Context>,
+    namespace: Option<String>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let client = ctx.client.clone();
+    let (assets, clusters, secrets) = match &namespace {
+        Some(ns) => (
+            Api::<DeserializeGuard<SlurmAsset>>::namespaced(client.clone(), ns),
+            Api::<SlurmCluster>::namespaced(client.clone(), ns),
+            Api::<Secret>::namespaced(client.clone(), ns),
+        ),
+        None => (
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+        ),
+    };
+    let controller = Controller::new(assets, watcher::Config::default());
+    let store = controller.store();
+    let store2 = store.clone();
+    controller
+        .watches(clusters, watcher::Config::default(), move |cluster| {
+            let (ns, name) = (cluster.namespace(), cluster.name_any());
+            store
+                .state()
+                .iter()
+                .filter(|a| {
+                    a.0.as_ref().is_ok_and(|a| {
+                        a.namespace() == ns && a.spec.cluster_ref.as_deref() == Some(name.as_str())
+                    })
+                })
+                .map(|a| ObjectRef::from_obj(&**a))
+                .collect::<Vec<_>>()
+        })
+        .watches(secrets, watcher::Config::default(), move |secret| {
+            // Assets that read this Secret directly, and every asset on a cluster in the same
+            // namespace (clusters hold SSH credentials in Secrets).
+            let (ns, name) = (secret.namespace(), secret.name_any());
+            store2
+                .state()
+                .iter()
+                .filter(|a| {
+                    a.0.as_ref().is_ok_and(|a| {
+                        a.namespace() == ns
+                            && (a.spec.cluster_ref.is_some()
+                                || a.spec.env.iter().any(|e| {
+                                    e.value_from
+                                        .as_ref()
+                                        .is_some_and(|v| v.secret_key_ref.name == name)
+                                }))
+                    })
+                })
+                .map(|a| ObjectRef::from_obj(&**a))
+                .collect::<Vec<_>>()
+        })
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                tracing::debug!("reconcile: {e}");
+            }
+        })
+        .await;
+}
+
+pub fn error_policy(
+    _obj: Arc<DeserializeGuard<SlurmAsset>>,
+    err: &Error,
+    ctx: Arc<Context>,
+) -> Action {
+    ctx.metrics.reconcile_error(err);
+    Action::requeue(Duration::from_secs(15))
+}
+
+/// One reconcile of one asset.
+pub async fn reconcile(
+    obj: Arc<DeserializeGuard<SlurmAsset>>,
+    ctx: Arc<Context>,
+) -> Result<Action, Error> {
+    ctx.metrics.reconciles.inc();
+    let asset = match &obj.0 {
+        Ok(a) => a.clone(),
+        Err(invalid) => {
+            // A malformed object never breaks the watch: it gets a condition and an Event.
+            let ns = invalid
+                .metadata
+                .namespace
+                .clone()
+                .unwrap_or_else(|| "default".into());
+            let name = invalid.metadata.name.clone().unwrap_or_default();
+            let mut status = SlurmAssetStatus {
+                phase: Phase::Failed,
+                reason: Some(crate::core::REASON_INVALID.into()),
+                message: Some(format!("spec: {}", invalid.error)),
+                observed_generation: invalid.metadata.generation,
+                ..Default::default()
+            };
+            conditions::set(
+                &mut status.conditions,
+                "Invalid",
+                true,
+                crate::core::REASON_INVALID,
+                &format!("spec: {}", invalid.error),
+                invalid.metadata.generation,
+                Timestamp::now(),
+            );
+            let api: Api<SlurmAsset> = Api::namespaced(ctx.client.clone(), &ns);
+            patch_status(&api, &name, &status).await?;
+            return Ok(Action::await_change());
+        }
+    };
+    let ns = asset.namespace().unwrap_or_else(|| "default".into());
+    let api: Api<SlurmAsset> = Api::namespaced(ctx.client.clone(), &ns);
+    finalizer(&api, FINALIZER, Arc::new(asset), |event| async {
+        match event {
+            Finalizer::Apply(a) => apply(&a, &ctx, false).await,
+            Finalizer::Cleanup(a) => apply(&a, &ctx, true).await,
+        }
+    })
+    .await
+    .map_err(|e| match e {
+        kube::runtime::finalizer::Error::ApplyFailed(e)
+        | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
+        other => Error::Finalizer(other.to_string()),
+    })
+}
+
+async fn apply(asset: &SlurmAsset, ctx: &Context, deleted: bool) -> Result<Action, Error> {
+    let ns = asset.namespace().unwrap_or_else(|| "default".into());
+    let name = asset.name_any();
+    let uid = asset.uid().unwrap_or_default();
+    let api: Api<SlurmAsset> = Api::namespaced(ctx.client.clone(), &ns);
+    let before = asset.status.clone().unwrap_or_default();
+    let generation = asset.metadata.generation.unwrap_or(1);
+    let resolved = resolve(asset, ctx).await;
+    let invalid = resolved.as_ref().err().cloned();
+    let spec = &asset.spec;
+    let input = Input {
+        generation,
+        run_key: spec.run_key.as_deref(),
+        invalid: invalid.as_deref(),
+        suspend: spec.suspend,
+        retry_limit: spec.retry.limit,
+        retry_backoff: spec.retry.backoff.duration(),
+        retry_on_payload_failure: spec.retry.on_payload_failure,
+        cleanup_on_failure: spec.cleanup_on_failure,
+        debug: spec.debug,
+        deleted,
+        now: Timestamp::now(),
+    };
+    let (backend, poll, resources, cluster) = match &resolved {
+        Ok(r) => (
+            r.backend.clone(),
+            r.poll,
+            r.spec.resources.merged_over(&r.cluster.queue),
+            Some(r),
+        ),
+        Err(_) => (
+            Backend::Local(ctx.local.clone()),
+            POLL_LOCAL,
+            Default::default(),
+            None,
+        ),
+    };
+    let id = |run: u64, attempt: u32| RunId {
+        namespace: ns.clone(),
+        name: name.clone(),
+        uid: uid.clone(),
+        run,
+        attempt,
+    };
+    let local_base = ctx.work_dir.join("runs");
+    let plan_fn = |run: u64, attempt: u32, home: Option<&str>| {
+        let r = cluster.ok_or_else(|| "the spec is invalid".to_string())?;
+        let ctx_plan = PlanContext {
+            asset_dir: &local_base,
+            cluster: &r.cluster,
+            cluster_dir: &local_base,
+            default_base: match home {
+                Some(h) => PathBuf::from(format!("{h}/.slurm-asset-operator")),
+                None => local_base.clone(),
+            },
+            remote_home: home,
+        };
+        plan(&r.spec, id(run, attempt), &ctx_plan)
+    };
+    let work = Work {
+        backend,
+        plan: &plan_fn,
+        tag: id(before.run, before.attempts.max(1)).tag(),
+        job: JobRef {
+            job_id: before.job_id.clone(),
+            run_dir: before.remote_run_dir.clone().unwrap_or_default(),
+            resources: resources.clone(),
+        },
+        requested_mem: resources
+            .mem
+            .as_ref()
+            .map(|m| m.bytes() * u64::from(resources.nodes.unwrap_or(1))),
+    };
+    let mut reader = ctx.readers.lock().await.remove(&uid).unwrap_or_default();
+    let driven = drive(before.clone(), &input, Event::Resync, &work, &mut reader).await;
+    ctx.readers.lock().await.insert(uid.clone(), reader);
+    let after = driven.status;
+    if after != before {
+        patch_status(&api, &name, &after).await?;
+    }
+    if after.phase != before.phase || after.run != before.run {
+        ctx.metrics.phase_change(after.phase);
+        let warn = matches!(after.phase, Phase::Failed);
+        let ev = KubeEvent {
+            type_: if warn {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: after
+                .reason
+                .clone()
+                .unwrap_or_else(|| after.phase.as_str().to_string()),
+            note: Some(format!(
+                "run {}: {} → {}{}",
+                after.run,
+                before.phase.as_str(),
+                after.phase.as_str(),
+                after
+                    .message
+                    .as_deref()
+                    .map(|m| format!(": {m}"))
+                    .unwrap_or_default()
+            )),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(e) = ctx.recorder.publish(&ev, &asset.object_ref(&())).await {
+            tracing::warn!("publishing an event: {e}");
+        }
+    }
+    if deleted {
+        let active = matches!(
+            after.phase,
+            Phase::Submitting | Phase::Queued | Phase::Running
+        );
+        if active {
+            let since = asset
+                .meta()
+                .deletion_timestamp
+                .as_ref()
+                .map(|t| Timestamp::now().duration_since(t.0).as_secs())
+                .unwrap_or(0);
+            let forced = asset
+                .annotations()
+                .get(FORCE_RELEASE)
+                .is_some_and(|v| v == "true");
+            if !forced && since < RELEASE_GRACE.as_secs() as i64 {
+                return Err(Error::CancelPending(after.message.unwrap_or_default()));
+            }
+            let ev = KubeEvent {
+                type_: EventType::Warning,
+                reason: "ReleasedWithoutCancel".into(),
+                note: Some(format!(
+                    "job {} could not be cancelled; released {}",
+                    after.job_id.unwrap_or_default(),
+                    if forced {
+                        "by annotation"
+                    } else {
+                        "after the grace period"
+                    }
+                )),
+                action: "Delete".into(),
+                secondary: None,
+            };
+            let _ = ctx.recorder.publish(&ev, &asset.object_ref(&())).await;
+        }
+        ctx.readers.lock().await.remove(&uid);
+        return Ok(Action::await_change());
+    }
+    Ok(match (driven.submit_after, driven.watch) {
+        (Some(d), _) => Action::requeue(d),
+        (None, true) => Action::requeue(poll),
+        (None, false) => Action::await_change(),
+    })
+}
+
+/// Writes status by server-side apply to the status subresource.
+pub async fn patch_status(
+    api: &Api<SlurmAsset>,
+    name: &str,
+    status: &SlurmAssetStatus,
+) -> Result<(), Error> {
+    let patch = serde_json::json!({
+        "apiVersion": API_VERSION,
+        "kind": "SlurmAsset",
+        "status": status,
+    });
+    api.patch_status(
+        name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Resolves the asset's references, or says which field is wrong and why.
+async fn resolve(asset: &SlurmAsset, ctx: &Context) -> Result<Resolved, String> {
+    let ns = asset.namespace().unwrap_or_else(|| "default".into());
+    let mut spec = asset.spec.clone();
+    let errors = validate_asset(&spec, StoreKind::Kubernetes, std::path::Path::new("/"));
+    if !errors.is_empty() {
+        return Err(describe(&errors));
+    }
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    if let Some(r) = spec.payload.config_map_ref.take() {
+        let cms: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
+        let cm = cms
+            .get_opt(&r.name)
+            .await
+            .map_err(|e| format!("spec.payload.configMapRef: {e}"))?
+            .ok_or_else(|| {
+                format!(
+                    "spec.payload.configMapRef: ConfigMap {:?} not found",
+                    r.name
+                )
+            })?;
+        let text = cm
+            .data
+            .and_then(|d| d.get(&r.key).cloned())
+            .ok_or_else(|| {
+                format!(
+                    "spec.payload.configMapRef: ConfigMap {:?} has no key {:?}",
+                    r.name, r.key
+                )
+            })?;
+        spec.payload.inline = Some(text);
+    }
+    for (i, e) in spec.env.iter_mut().enumerate() {
+        if let Some(from) = e.value_from.take() {
+            let r = from.secret_key_ref;
+            e.value = Some(
+                secret_value(
+                    &secrets,
+                    &r.name,
+                    &r.key,
+                    &format!("spec.env[{i}].valueFrom.secretKeyRef"),
+                )
+                .await?,
+            );
+        }
+    }
+    let cluster = match &spec.cluster_ref {
+        None => SlurmClusterSpec::default(),
+        Some(name) => {
+            let api: Api<SlurmCluster> = Api::namespaced(ctx.client.clone(), &ns);
+            let c = api
+                .get_opt(name)
+                .await
+                .map_err(|e| format!("spec.clusterRef: {e}"))?
+                .ok_or_else(|| {
+                    format!("spec.clusterRef: SlurmCluster {name:?} not found in namespace {ns:?}")
+                })?;
+            let errors = validate_cluster(&c.spec, StoreKind::Kubernetes);
+            if !errors.is_empty() {
+                return Err(format!(
+                    "spec.clusterRef: SlurmCluster {name:?} is invalid: {}",
+                    describe(&errors)
+                ));
+            }
+            c.spec
+        }
+    };
+    let (backend, poll) = match cluster.mode {
+        ClusterMode::Local => (Backend::Local(ctx.local.clone()), POLL_LOCAL),
+        ClusterMode::Slurm => {
+            let key = format!("{ns}/{}", spec.cluster_ref.clone().unwrap_or_default());
+            let target = ssh_target(&cluster, &secrets, &ctx.work_dir, &key).await?;
+            let mut map = ctx.slurm.lock().await;
+            let ex = match map.get(&key) {
+                Some(ex) if *ex.target() == target => ex.clone(),
+                _ => {
+                    let ex = Arc::new(SlurmExecutor::new(
+                        target,
+                        ctx.exe.clone(),
+                        ctx.counters.clone(),
+                    ));
+                    map.insert(key, ex.clone());
+                    ex
+                }
+            };
+            (Backend::Slurm(ex), POLL_SLURM)
+        }
+    };
+    let poll = cluster
+        .poll_interval
+        .as_ref()
+        .map(|i| i.duration())
+        .unwrap_or(poll);
+    Ok(Resolved {
+        spec,
+        cluster,
+        backend,
+        poll,
+    })
+}
+
+async fn secret_value(
+    api: &Api<Secret>,
+    name: &str,
+    key: &str,
+    field: &str,
+) -> Result<String, String> {
+    let s = api
+        .get_opt(name)
+        .await
+        .map_err(|e| format!("{field}: {e}"))?
+        .ok_or_else(|| format!("{field}: Secret {name:?} not found"))?;
+    let bytes = s
+        .data
+        .and_then(|d| d.get(key).cloned())
+        .ok_or_else(|| format!("{field}: Secret {name:?} has no key {key:?}"))?;
+    String::from_utf8(bytes.0)
+        .map_err(|_| format!("{field}: Secret {name:?} key {key:?} is not UTF-8"))
+}
+
+/// SSH settings from the cluster spec and its Secrets. Key and known-hosts material go to
+/// private files (0600) in the operator's work directory; nothing is logged.
+async fn ssh_target(
+    c: &SlurmClusterSpec,
+    secrets: &Api<Secret>,
+    work: &std::path::Path,
+    key: &str,
+) -> Result<SshTarget, String> {
+    let ssh = c.ssh.clone().ok_or("spec.ssh: required in slurm mode")?;
+    let private = |name: &str, content: &str| -> Result<PathBuf, String> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let dir = work.join("ssh");
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let file = dir.join(format!(
+            "{}-{name}",
+            crate::manifest::hash_value(&serde_json::json!(key))
+        ));
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&file)
+            .map_err(|e| format!("{}: {e}", file.display()))?;
+        let mut text = content.to_string();
+        if !text.ends_with('\n') {
+            text.push('\n');
+        }
+        f.write_all(text.as_bytes())
+            .map_err(|e| format!("{}: {e}", file.display()))?;
+        Ok(file)
+    };
+    let auth = if let Some(r) = &ssh.key_secret_ref {
+        let k = secret_value(secrets, &r.name, &r.key, "spec.ssh.keySecretRef").await?;
+        SshAuth::KeyFile(private("key", &k)?)
+    } else if let Some(r) = &ssh.password_secret_ref {
+        SshAuth::Password(
+            secret_value(secrets, &r.name, &r.key, "spec.ssh.passwordSecretRef").await?,
+        )
+    } else {
+        return Err("spec.ssh: set keySecretRef or passwordSecretRef".into());
+    };
+    let known_hosts = match &ssh.known_hosts {
+        Some(kh) if kh.secret_ref.is_some() => {
+            let r = kh.secret_ref.as_ref().expect("checked");
+            let text =
+                secret_value(secrets, &r.name, &r.key, "spec.ssh.knownHosts.secretRef").await?;
+            Some(private("known_hosts", &text)?)
+        }
+        Some(kh) if kh.entries.is_some() => Some(private(
+            "known_hosts",
+            &kh.entries.clone().unwrap_or_default().join("\n"),
+        )?),
+        Some(kh) => kh.path.as_ref().map(PathBuf::from),
+        None => None,
+    };
+    Ok(SshTarget {
+        jump_hosts: ssh
+            .jump_hosts
+            .iter()
+            .map(|j| {
+                format!(
+                    "{}@{}:{}",
+                    j.user.clone().unwrap_or_else(|| ssh.user.clone()),
+                    j.host,
+                    j.port
+                )
+            })
+            .collect(),
+        host: ssh.host,
+        port: ssh.port,
+        user: ssh.user,
+        auth,
+        known_hosts,
+        extra_options: ssh.extra_options.into_iter().collect(),
+        connect_timeout: ssh
+            .connect_timeout
+            .map(|t| t.duration())
+            .unwrap_or(Duration::from_secs(10)),
+    })
+}

@@ -1,0 +1,168 @@
+//! Prometheus metrics (`/metrics`) and health endpoints (`/healthz`, `/readyz`).
+
+use crate::api::Phase;
+use crate::executor::slurm::Counters;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabels {
+    pub phase: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub reconciles: Counter,
+    pub errors: Family<ErrorLabels, Counter>,
+    pub phases: Family<PhaseLabels, Counter>,
+    /// Transport and scheduler counters shared with the executors.
+    pub counters: Arc<Counters>,
+    pub ready: AtomicBool,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("slurm_asset_operator");
+        let reconciles = Counter::default();
+        let errors = Family::<ErrorLabels, Counter>::default();
+        let phases = Family::<PhaseLabels, Counter>::default();
+        registry.register("reconciles", "Reconciles run", reconciles.clone());
+        registry.register(
+            "reconcile_errors",
+            "Reconcile errors by kind",
+            errors.clone(),
+        );
+        registry.register(
+            "phase_transitions",
+            "Assets entering each phase",
+            phases.clone(),
+        );
+        Metrics {
+            registry,
+            reconciles,
+            errors,
+            phases,
+            counters: Arc::new(Counters::default()),
+            ready: AtomicBool::new(false),
+        }
+    }
+}
+
+impl Metrics {
+    pub fn reconcile_error(&self, err: &crate::controller::Error) {
+        let kind = match err {
+            crate::controller::Error::Kube(_) => "kube",
+            crate::controller::Error::Finalizer(_) => "finalizer",
+            crate::controller::Error::CancelPending(_) => "cancel_pending",
+            crate::controller::Error::Io(_) => "io",
+        };
+        self.errors
+            .get_or_create(&ErrorLabels { kind: kind.into() })
+            .inc();
+    }
+
+    pub fn phase_change(&self, phase: Phase) {
+        self.phases
+            .get_or_create(&PhaseLabels {
+                phase: phase.as_str().into(),
+            })
+            .inc();
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode_registry(&mut out, &self.registry)
+            .expect("writing to a String");
+        let c = &self.counters;
+        for (name, help, v) in [
+            (
+                "ssh_connects",
+                "SSH master connections established",
+                &c.ssh_connects,
+            ),
+            (
+                "scheduler_polls",
+                "Batched squeue/sacct polls",
+                &c.scheduler_polls,
+            ),
+            (
+                "remote_commands",
+                "Remote commands run over SSH",
+                &c.remote_commands,
+            ),
+        ] {
+            out.push_str(&format!(
+                "# HELP slurm_asset_operator_{name} {help}.\n# TYPE slurm_asset_operator_{name} counter\nslurm_asset_operator_{name}_total {}\n",
+                v.load(Ordering::Relaxed)
+            ));
+        }
+        out.push_str("# EOF\n");
+        out
+    }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on `port` until the process ends.
+pub async fn serve(metrics: Arc<Metrics>, port: u16) -> std::io::Result<()> {
+    use axum::{Router, http::StatusCode, routing::get};
+    let m = metrics.clone();
+    let app = Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let m = m.clone();
+                async move { m.render() }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let m = metrics.clone();
+                async move {
+                    if m.ready.load(Ordering::Relaxed) {
+                        (StatusCode::OK, "ready")
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+                    }
+                }
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind(("0.0.0.0", port)).await?;
+    axum::serve(listener, app).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_all_families() {
+        let m = Metrics::default();
+        m.reconciles.inc();
+        m.phase_change(Phase::Running);
+        m.counters.ssh_connects.fetch_add(2, Ordering::Relaxed);
+        let text = m.render();
+        assert!(
+            text.contains("slurm_asset_operator_reconciles_total 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("slurm_asset_operator_phase_transitions_total{phase=\"Running\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("slurm_asset_operator_ssh_connects_total 2"),
+            "{text}"
+        );
+    }
+}

@@ -6,7 +6,7 @@ use crate::api::SlurmAssetStatus;
 use crate::core::{self, Action, Event, Input, Observation};
 use crate::executor::JobRef;
 use crate::executor::local::LocalExecutor;
-use crate::executor::slurm::{SlurmExecutor, Watched};
+use crate::executor::slurm::SlurmExecutor;
 use crate::jobscript::RunPlan;
 use crate::pipes::MessageReader;
 use crate::{Error, Result};
@@ -31,6 +31,8 @@ pub struct Work<'a> {
     pub tag: String,
     pub job: JobRef,
     pub requested_mem: Option<u64>,
+    /// The cluster's poll interval (Slurm jobs are observed in one batch per interval).
+    pub poll: Duration,
 }
 
 /// The result of driving: the new status, whether to keep watching, and a delay after which a
@@ -93,24 +95,18 @@ impl Backend {
         }
     }
 
+    /// Observes one job. Slurm jobs go through the cluster's shared batch, so that
+    /// per-asset reconciles still cost one scheduler query per cluster per `poll`.
     pub async fn observe(
         &self,
         job: &JobRef,
         requested_mem: Option<u64>,
+        poll: Duration,
         reader: &mut MessageReader,
     ) -> Result<Observation> {
         match self {
             Backend::Local(l) => Ok(l.observe(job, reader)),
-            Backend::Slurm(s) => {
-                let mut w = [Watched {
-                    job: job.clone(),
-                    requested_mem,
-                    reader,
-                }];
-                let mut obs = s.observe(&mut w).await?;
-                obs.pop()
-                    .ok_or_else(|| Error::Executor("no observation".into()))
-            }
+            Backend::Slurm(s) => s.observe_shared(job, requested_mem, poll).await,
         }
     }
 }
@@ -143,6 +139,11 @@ pub async fn drive(
                     let plan = |home: Option<&str>| (work.plan)(run, attempt, home);
                     match work.backend.submit(&plan).await {
                         Ok(ev) => next = Some(ev),
+                        Err(e @ Error::Fenced { .. }) => {
+                            // A newer leader owns the asset; the status is its to write.
+                            tracing::error!("submission refused: {e}");
+                            submit_after = Some(Duration::from_secs(60));
+                        }
                         Err(e) => {
                             tracing::warn!("submission deferred: {e}");
                             status.message = Some(format!("cluster unreachable, retrying: {e}"));
@@ -181,7 +182,11 @@ pub async fn drive(
             job.job_id = status.job_id.clone();
             if let Some(dir) = &status.remote_run_dir {
                 job.run_dir = dir.clone();
-                match work.backend.observe(&job, work.requested_mem, reader).await {
+                match work
+                    .backend
+                    .observe(&job, work.requested_mem, work.poll, reader)
+                    .await
+                {
                     Ok(obs) => next = Some(Event::Observed(Box::new(obs))),
                     Err(e) => tracing::warn!("observing {}: {e}", job.run_dir),
                 }

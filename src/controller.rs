@@ -67,6 +67,8 @@ pub struct Context {
     pub work_dir: PathBuf,
     pub exe: PathBuf,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Leadership epoch, the fencing token of every submission (0 without leader election).
+    pub epoch: u64,
 }
 
 impl Context {
@@ -90,7 +92,14 @@ impl Context {
             work_dir,
             exe,
             metrics,
+            epoch: 0,
         }
+    }
+
+    /// Sets the leadership epoch (the Lease's `leaseTransitions` when this replica took it).
+    pub fn with_epoch(mut self, epoch: u64) -> Context {
+        self.epoch = epoch;
+        self
     }
 }
 
@@ -274,6 +283,7 @@ async fn apply(asset: &SlurmAsset, ctx: &Context, deleted: bool) -> Result<Actio
         uid: uid.clone(),
         run,
         attempt,
+        epoch: ctx.epoch,
     };
     let local_base = ctx.work_dir.join("runs");
     let plan_fn = |run: u64, attempt: u32, home: Option<&str>| {
@@ -299,10 +309,8 @@ async fn apply(asset: &SlurmAsset, ctx: &Context, deleted: bool) -> Result<Actio
             run_dir: before.remote_run_dir.clone().unwrap_or_default(),
             resources: resources.clone(),
         },
-        requested_mem: resources
-            .mem
-            .as_ref()
-            .map(|m| m.bytes() * u64::from(resources.nodes.unwrap_or(1))),
+        requested_mem: resources.requested_memory(),
+        poll,
     };
     let mut reader = ctx.readers.lock().await.remove(&uid).unwrap_or_default();
     let driven = drive(before.clone(), &input, Event::Resync, &work, &mut reader).await;

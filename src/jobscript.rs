@@ -22,6 +22,9 @@ pub struct RunId {
     pub uid: String,
     pub run: u64,
     pub attempt: u32,
+    /// The operator's leadership epoch (the Lease's transition count; 0 without leader
+    /// election): the fencing token a submission carries, so a deposed leader cannot submit.
+    pub epoch: u64,
 }
 
 impl RunId {
@@ -253,8 +256,8 @@ pub fn sbatch_argv(plan: &RunPlan) -> Vec<String> {
         // The tag is the job name: squeue and sacct can both find it by name after a restart.
         format!("--job-name={}", plan.id.tag()),
         format!(
-            "--comment={}/{} run {} attempt {}",
-            plan.id.namespace, plan.id.name, plan.id.run, plan.id.attempt
+            "--comment={}/{} run {} attempt {} epoch {}",
+            plan.id.namespace, plan.id.name, plan.id.run, plan.id.attempt, plan.id.epoch
         ),
         format!("--chdir={dir}"),
         format!("--output={dir}/{STDOUT_FILE}"),
@@ -322,6 +325,7 @@ mod tests {
             uid: "u1".into(),
             run: 2,
             attempt: 1,
+            epoch: 0,
         }
     }
 

@@ -38,6 +38,11 @@ pub enum Error {
     Executor(String),
     #[error("ssh: {0}")]
     Transport(String),
+    /// A newer leader has submitted for this asset: this replica must not.
+    #[error(
+        "fenced: leadership epoch {epoch} is older than epoch {fence}, which already submitted for this asset; this replica no longer submits"
+    )]
+    Fenced { epoch: u64, fence: u64 },
     #[error("file watcher: {0}")]
     Watch(#[from] notify::Error),
 }

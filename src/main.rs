@@ -195,12 +195,14 @@ async fn run_kubernetes(o: RunOptions) -> anyhow::Result<()> {
     let metrics = std::sync::Arc::new(metrics::Metrics::default());
     let server = tokio::spawn(metrics::serve(metrics.clone(), o.metrics_port));
     let (leader_tx, leader_rx) = tokio::sync::watch::channel(true);
+    let mut epoch = 0;
     let _lease = if o.leader_election {
         let identity =
             std::env::var("POD_NAME").unwrap_or_else(|_| uuid::Uuid::new_v4().to_string());
+        let lease_ns = o.lease_namespace.clone().unwrap_or(default_ns);
         let manager = kube_lease_manager::LeaseManagerBuilder::new(client.clone(), &o.lease_name)
-            .with_namespace(o.lease_namespace.clone().unwrap_or(default_ns))
-            .with_identity(identity)
+            .with_namespace(&lease_ns)
+            .with_identity(&identity)
             .build()
             .await?;
         let (mut rx, task) = manager.watch().await;
@@ -208,7 +210,8 @@ async fn run_kubernetes(o: RunOptions) -> anyhow::Result<()> {
         while !*rx.borrow_and_update() {
             rx.changed().await?;
         }
-        tracing::info!("leading");
+        epoch = leadership_epoch(&client, &lease_ns, &o.lease_name, &identity).await?;
+        tracing::info!(epoch, "leading");
         let tx = leader_tx.clone();
         tokio::spawn(async move {
             while rx.changed().await.is_ok() {
@@ -226,12 +229,9 @@ async fn run_kubernetes(o: RunOptions) -> anyhow::Result<()> {
         .ready
         .store(true, std::sync::atomic::Ordering::Relaxed);
     let exe = std::env::current_exe()?;
-    let ctx = std::sync::Arc::new(controller::Context::new(
-        client,
-        exe,
-        o.work_dir.clone(),
-        metrics,
-    ));
+    let ctx = std::sync::Arc::new(
+        controller::Context::new(client, exe, o.work_dir.clone(), metrics).with_epoch(epoch),
+    );
     let mut rx = leader_rx;
     let shutdown = async move {
         let stop = async {
@@ -252,6 +252,29 @@ async fn run_kubernetes(o: RunOptions) -> anyhow::Result<()> {
     controller::run(ctx, o.namespace, shutdown).await;
     server.abort();
     Ok(())
+}
+
+/// The leadership epoch: the Lease's `leaseTransitions` once this replica holds it. It only
+/// grows, so every submission carries it as a fencing token (see `executor::slurm`).
+async fn leadership_epoch(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+    identity: &str,
+) -> anyhow::Result<u64> {
+    use k8s_openapi::api::coordination::v1::Lease;
+    let lease = kube::Api::<Lease>::namespaced(client.clone(), namespace)
+        .get(name)
+        .await
+        .with_context(|| format!("reading the Lease {namespace}/{name}"))?;
+    let spec = lease.spec.unwrap_or_default();
+    anyhow::ensure!(
+        spec.holder_identity.as_deref() == Some(identity),
+        "the Lease {namespace}/{name} is held by {:?}, not by this replica",
+        spec.holder_identity
+    );
+    // +1: the first leader of a new Lease has transitions 0, and epoch 0 means "not fenced".
+    Ok(spec.lease_transitions.unwrap_or(0).max(0) as u64 + 1)
 }
 
 /// Renders the job script and submit command of one asset in `file`; its cluster is looked up
@@ -321,6 +344,7 @@ fn render(file: &std::path::Path, name: Option<&str>) -> anyhow::Result<String> 
         uid: "<uid>".into(),
         run: 1,
         attempt: 1,
+        epoch: 0,
     };
     let plan = plan(spec, id, &ctx).map_err(anyhow::Error::msg)?;
     let exe = std::env::current_exe()?.display().to_string();

@@ -62,6 +62,16 @@ pub struct Resources {
 }
 
 impl Resources {
+    /// Memory requested for the whole job, in bytes, when any was requested.
+    pub fn requested_memory(&self) -> Option<u64> {
+        let cpus = u64::from(self.cpus_per_task.unwrap_or(1) * self.ntasks.unwrap_or(1));
+        let nodes = u64::from(self.nodes.unwrap_or(1));
+        self.mem
+            .as_ref()
+            .map(|m| m.bytes() * nodes)
+            .or_else(|| self.mem_per_cpu.as_ref().map(|m| m.bytes() * cpus))
+    }
+
     /// Field-by-field override: values set on `self` win over `defaults`.
     pub fn merged_over(&self, defaults: &Resources) -> Resources {
         macro_rules! pick {

@@ -205,11 +205,7 @@ impl LocalExecutor {
                 .unwrap_or(0.0)
         });
         let cpus = r.cpus_per_task.unwrap_or(1) * r.ntasks.unwrap_or(1);
-        let mem = r
-            .mem
-            .as_ref()
-            .map(|m| m.bytes())
-            .or_else(|| r.mem_per_cpu.as_ref().map(|m| m.bytes() * u64::from(cpus)));
+        let mem = r.requested_memory();
         efficiency(
             elapsed,
             usage.as_ref().map(|u| u.cpu_seconds),

@@ -27,6 +27,10 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 /// Pipes bytes read per job per poll, at most.
 const MESSAGES_CHUNK: u64 = 1 << 20;
 const JOBID_FILE: &str = "jobid";
+/// Per-asset lock (beside the run dirs) held from the tag lookup to the `sbatch`.
+const SUBMIT_LOCK: &str = ".submit.lock";
+/// Per-asset fence: the highest leadership epoch that submitted for the asset.
+const FENCE_FILE: &str = ".leader-epoch";
 
 /// Counters the tests and `/metrics` read.
 #[derive(Debug, Default)]
@@ -52,6 +56,18 @@ pub struct SlurmExecutor {
     conn: Mutex<Option<Arc<Connection>>>,
     facts: Mutex<Option<ClusterFacts>>,
     pub counters: Arc<Counters>,
+    shared: Mutex<SharedPoll>,
+}
+
+/// Jobs observed one by one (Kubernetes mode reconciles each asset on its own) are still
+/// polled in one batch per interval: the first caller after the interval polls every watched
+/// job, the others read the result.
+#[derive(Default)]
+struct SharedPoll {
+    last: Option<std::time::Instant>,
+    /// run dir → (job, requested memory, Pipes reader)
+    watched: HashMap<String, (JobRef, Option<u64>, MessageReader)>,
+    results: HashMap<String, Observation>,
 }
 
 /// One job to observe, with its Pipes reader (offset carried between polls).
@@ -69,7 +85,51 @@ impl SlurmExecutor {
             conn: Mutex::new(None),
             facts: Mutex::new(None),
             counters,
+            shared: Mutex::new(SharedPoll::default()),
         }
+    }
+
+    /// Observes one job through the shared batch (see [`SharedPoll`]).
+    pub async fn observe_shared(
+        &self,
+        job: &JobRef,
+        requested_mem: Option<u64>,
+        interval: Duration,
+    ) -> Result<Observation> {
+        let mut shared = self.shared.lock().await;
+        let key = job.run_dir.clone();
+        shared
+            .watched
+            .entry(key.clone())
+            .and_modify(|w| w.0 = job.clone())
+            .or_insert_with(|| (job.clone(), requested_mem, MessageReader::default()));
+        let due = shared.last.is_none_or(|t| t.elapsed() >= interval);
+        if due {
+            let SharedPoll { watched, .. } = &mut *shared;
+            let keys: Vec<String> = watched.keys().cloned().collect();
+            let mut batch: Vec<Watched> = watched
+                .values_mut()
+                .map(|(j, mem, reader)| Watched {
+                    job: j.clone(),
+                    requested_mem: *mem,
+                    reader,
+                })
+                .collect();
+            let observed = self.observe(&mut batch).await?;
+            drop(batch);
+            shared.results = keys.into_iter().zip(observed).collect();
+            shared.last = Some(std::time::Instant::now());
+        }
+        let obs = match shared.results.get(&key) {
+            Some(o) => o.clone(),
+            // Submitted since the last batch: it is in the queue until the next one says more.
+            None => Observation::of(JobState::Queued),
+        };
+        if is_final(&obs.state) {
+            shared.watched.remove(&key);
+            shared.results.remove(&key);
+        }
+        Ok(obs)
     }
 
     pub fn target(&self) -> &SshTarget {
@@ -161,8 +221,33 @@ impl SlurmExecutor {
         let tag = plan.id.tag();
         let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
         let mut s = String::new();
-        s.push_str("set -u\n");
-        s.push_str(&format!("tag={}\ndir={}\n", quote(&tag), quote(dir)));
+        let asset_dir = std::path::Path::new(dir)
+            .parent()
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_else(|| ".".into());
+        s.push_str("set -u\numask 077\n");
+        s.push_str(&format!(
+            "tag={}\ndir={}\nadir={}\nepoch={}\n",
+            quote(&tag),
+            quote(dir),
+            quote(&asset_dir),
+            plan.id.epoch
+        ));
+        // Lookup and sbatch run under one lock per asset, so two operators (say, an old and a
+        // new leader) can never both miss each other's job. The highest leadership epoch that
+        // submitted for this asset is kept beside it: a lower epoch is a deposed leader and
+        // is refused (a fencing token; epoch 0 means no leader election and is not fenced).
+        s.push_str(&format!(
+            "mkdir -p \"$adir\" || {{ echo \"ERROR cannot create $adir\"; exit 0; }}\n\
+             exec 9>>\"$adir/{SUBMIT_LOCK}\"\n\
+             if command -v flock >/dev/null 2>&1; then flock -w 30 9 || {{ echo BUSY; exit 0; }}; fi\n\
+             if [ \"$epoch\" -gt 0 ]; then\n\
+             fence=$(cat \"$adir/{FENCE_FILE}\" 2>/dev/null)\n\
+             case $fence in ''|*[!0-9]*) fence=0 ;; esac\n\
+             if [ \"$fence\" -gt \"$epoch\" ]; then echo \"FENCED $fence\"; exit 0; fi\n\
+             if [ \"$fence\" -lt \"$epoch\" ]; then printf '%s\\n' \"$epoch\" > \"$adir/{FENCE_FILE}\"; fi\n\
+             fi\n"
+        ));
         s.push_str(
             "existing=$(squeue -h -o %i --name=\"$tag\" 2>/dev/null | head -n1)\n\
              [ -z \"$existing\" ] && existing=$(sacct -n -X -P -o JobID --name=\"$tag\" -S now-60days 2>/dev/null | head -n1)\n",
@@ -177,7 +262,7 @@ impl SlurmExecutor {
              fi\n"
         ));
         s.push_str("if [ -n \"$existing\" ]; then echo \"ADOPT $existing\"; exit 0; fi\n");
-        s.push_str("umask 077\nmkdir -p \"$dir\" && chmod 700 \"$dir\" && cd \"$dir\" || { echo \"ERROR cannot create $dir\"; exit 0; }\n");
+        s.push_str("mkdir -p \"$dir\" && chmod 700 \"$dir\" && cd \"$dir\" || { echo \"ERROR cannot create $dir\"; exit 0; }\n");
         let mut files: Vec<(&str, Vec<u8>, &str)> =
             vec![(JOB_SCRIPT, render_script(plan).into_bytes(), "700")];
         if let Some((name, content)) = &plan.payload_file {
@@ -220,6 +305,15 @@ impl SlurmExecutor {
                 run_dir: dir.clone(),
                 adopted: false,
             })
+        } else if let Some(fence) = line.strip_prefix("FENCED ") {
+            return Err(Error::Fenced {
+                epoch: plan.id.epoch,
+                fence: fence.trim().parse().unwrap_or(0),
+            });
+        } else if line == "BUSY" {
+            return Err(Error::Transport(
+                "another submission for this asset holds its lock".into(),
+            ));
         } else if let Some(msg) = line.strip_prefix("SBATCH_FAILED ") {
             Err(msg.trim().to_string())
         } else if let Some(msg) = line.strip_prefix("ERROR ") {

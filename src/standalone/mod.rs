@@ -479,6 +479,7 @@ impl Driver {
             uid: entry.uid.clone(),
             run,
             attempt,
+            epoch: 0,
         };
         plan(spec, id, &ctx)
     }
@@ -647,6 +648,7 @@ impl Driver {
             uid: e.uid.clone(),
             run: e.status.run,
             attempt: e.status.attempts.max(1),
+            epoch: 0,
         }
         .tag()
     }
@@ -791,7 +793,7 @@ impl Driver {
                                 run_dir: a.status.remote_run_dir.clone().unwrap_or_default(),
                                 resources: resources.clone(),
                             },
-                            requested_mem: requested_memory(&resources),
+                            requested_mem: resources.requested_memory(),
                             reader,
                         }
                     })
@@ -1015,15 +1017,6 @@ impl Driver {
             Err(e) => error!("{key}: writing status: {e}"),
         }
     }
-}
-
-fn requested_memory(r: &crate::api::Resources) -> Option<u64> {
-    let cpus = u64::from(r.cpus_per_task.unwrap_or(1) * r.ntasks.unwrap_or(1));
-    let nodes = u64::from(r.nodes.unwrap_or(1));
-    r.mem
-        .as_ref()
-        .map(|m| m.bytes() * nodes)
-        .or_else(|| r.mem_per_cpu.as_ref().map(|m| m.bytes() * cpus))
 }
 
 /// Resolves a Slurm cluster's SSH settings (standalone mode: files and environment variables;

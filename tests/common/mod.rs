@@ -2,6 +2,8 @@
 //! manifests and read back its status files.
 #![allow(dead_code)]
 
+pub mod fake_api;
+
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

@@ -62,6 +62,8 @@ pub struct Context {
     pub slurm: Mutex<HashMap<String, Arc<SlurmExecutor>>>,
     pub counters: Arc<Counters>,
     pub readers: Mutex<HashMap<String, MessageReader>>,
+    /// Malformed objects already reported: uid → (generation, error).
+    invalid: Mutex<HashMap<String, (Option<i64>, String)>>,
     pub recorder: Recorder,
     /// Private directory for key files and local run directories.
     pub work_dir: PathBuf,
@@ -89,6 +91,7 @@ impl Context {
             slurm: Mutex::new(HashMap::new()),
             counters: metrics.counters.clone(),
             readers: Mutex::new(HashMap::new()),
+            invalid: Mutex::new(HashMap::new()),
             work_dir,
             exe,
             metrics,
@@ -219,8 +222,35 @@ pub async fn reconcile(
                 invalid.metadata.generation,
                 Timestamp::now(),
             );
+            // The guard keeps no status to compare with: remember what was written instead,
+            // so that a resync writes (and tells) nothing new.
+            let seen = (invalid.metadata.generation, invalid.error.clone());
+            let uid = invalid.metadata.uid.clone().unwrap_or_default();
+            if ctx.invalid.lock().await.get(&uid) == Some(&seen) {
+                return Ok(Action::await_change());
+            }
             let api: Api<SlurmAsset> = Api::namespaced(ctx.client.clone(), &ns);
             patch_status(&api, &name, &status).await?;
+            ctx.metrics.asset_phase(&uid, Some(Phase::Failed));
+            let reference = k8s_openapi::api::core::v1::ObjectReference {
+                api_version: Some(API_VERSION.into()),
+                kind: Some("SlurmAsset".into()),
+                name: Some(name),
+                namespace: Some(ns),
+                uid: Some(uid.clone()),
+                ..Default::default()
+            };
+            let ev = KubeEvent {
+                type_: EventType::Warning,
+                reason: crate::core::REASON_INVALID.into(),
+                note: status.message.clone(),
+                action: "Validate".into(),
+                secondary: None,
+            };
+            if let Err(e) = ctx.recorder.publish(&ev, &reference).await {
+                tracing::warn!("publishing an event: {e}");
+            }
+            ctx.invalid.lock().await.insert(uid, seen);
             return Ok(Action::await_change());
         }
     };
@@ -319,6 +349,8 @@ async fn apply(asset: &SlurmAsset, ctx: &Context, deleted: bool) -> Result<Actio
     if after != before {
         patch_status(&api, &name, &after).await?;
     }
+    ctx.invalid.lock().await.remove(&uid);
+    ctx.metrics.asset_phase(&uid, Some(after.phase));
     if after.phase != before.phase || after.run != before.run {
         ctx.metrics.phase_change(after.phase);
         let warn = matches!(after.phase, Phase::Failed);
@@ -387,6 +419,7 @@ async fn apply(asset: &SlurmAsset, ctx: &Context, deleted: bool) -> Result<Actio
             let _ = ctx.recorder.publish(&ev, &asset.object_ref(&())).await;
         }
         ctx.readers.lock().await.remove(&uid);
+        ctx.metrics.asset_phase(&uid, None);
         return Ok(Action::await_change());
     }
     Ok(match (driven.submit_after, driven.watch) {

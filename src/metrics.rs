@@ -5,6 +5,7 @@ use crate::executor::slurm::Counters;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,6 +25,9 @@ pub struct Metrics {
     pub reconciles: Counter,
     pub errors: Family<ErrorLabels, Counter>,
     pub phases: Family<PhaseLabels, Counter>,
+    /// Assets currently in each phase (Kubernetes mode), from the last reconcile of each.
+    pub assets: Family<PhaseLabels, Gauge>,
+    current: std::sync::Mutex<std::collections::HashMap<String, Phase>>,
     /// Transport and scheduler counters shared with the executors.
     pub counters: Arc<Counters>,
     pub ready: AtomicBool,
@@ -35,6 +39,8 @@ impl Default for Metrics {
         let reconciles = Counter::default();
         let errors = Family::<ErrorLabels, Counter>::default();
         let phases = Family::<PhaseLabels, Counter>::default();
+        let assets = Family::<PhaseLabels, Gauge>::default();
+        let counters = Arc::new(Counters::default());
         registry.register("reconciles", "Reconciles run", reconciles.clone());
         registry.register(
             "reconcile_errors",
@@ -46,12 +52,20 @@ impl Default for Metrics {
             "Assets entering each phase",
             phases.clone(),
         );
+        registry.register("assets", "Assets currently in each phase", assets.clone());
+        registry.register(
+            "submit_latency_seconds",
+            "Time from the start of a Slurm submission to its job ID",
+            counters.submit_latency.clone(),
+        );
         Metrics {
             registry,
             reconciles,
             errors,
             phases,
-            counters: Arc::new(Counters::default()),
+            assets,
+            current: Default::default(),
+            counters,
             ready: AtomicBool::new(false),
         }
     }
@@ -78,6 +92,29 @@ impl Metrics {
             .inc();
     }
 
+    /// Records the phase an asset (by UID) is in now; `None` once it is gone.
+    pub fn asset_phase(&self, uid: &str, phase: Option<Phase>) {
+        let mut current = self.current.lock().expect("metrics lock");
+        let before = match phase {
+            Some(p) => current.insert(uid.to_string(), p),
+            None => current.remove(uid),
+        };
+        if before == phase {
+            return;
+        }
+        let gauge = |p: Phase| {
+            self.assets.get_or_create(&PhaseLabels {
+                phase: p.as_str().into(),
+            })
+        };
+        if let Some(p) = before {
+            gauge(p).dec();
+        }
+        if let Some(p) = phase {
+            gauge(p).inc();
+        }
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -89,6 +126,11 @@ impl Metrics {
                 "ssh_connects",
                 "SSH master connections established",
                 &c.ssh_connects,
+            ),
+            (
+                "ssh_reconnects",
+                "SSH masters lost and re-established",
+                &c.ssh_reconnects,
             ),
             (
                 "scheduler_polls",
@@ -151,6 +193,11 @@ mod tests {
         m.reconciles.inc();
         m.phase_change(Phase::Running);
         m.counters.ssh_connects.fetch_add(2, Ordering::Relaxed);
+        m.counters.submit_latency.observe(0.3);
+        m.asset_phase("a", Some(Phase::Queued));
+        m.asset_phase("b", Some(Phase::Queued));
+        m.asset_phase("a", Some(Phase::Running));
+        m.asset_phase("b", None);
         let text = m.render();
         assert!(
             text.contains("slurm_asset_operator_reconciles_total 1"),
@@ -162,6 +209,26 @@ mod tests {
         );
         assert!(
             text.contains("slurm_asset_operator_ssh_connects_total 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("slurm_asset_operator_ssh_reconnects_total 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("slurm_asset_operator_submit_latency_seconds_count 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("slurm_asset_operator_submit_latency_seconds_bucket{le=\"0.4\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("slurm_asset_operator_assets{phase=\"Running\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("slurm_asset_operator_assets{phase=\"Queued\"} 0"),
             "{text}"
         );
     }

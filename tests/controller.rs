@@ -203,12 +203,22 @@ async fn malformed_object_gets_a_condition_and_reconcile_succeeds() {
     // What the watcher yields for an object that does not deserialize: the guard keeps the error.
     let g: DeserializeGuard<SlurmAsset> = serde_json::from_value(bad).unwrap();
     assert!(g.0.is_err());
-    let action = reconcile(Arc::new(g), context(client, dir.path())).await;
+    let g = Arc::new(g);
+    let ctx = context(client, dir.path());
+    let action = reconcile(g.clone(), ctx.clone()).await;
     assert!(action.is_ok());
-    let log = log.lock().unwrap().clone();
-    assert_eq!(log.len(), 1, "{log:#?}");
-    assert!(log[0].uri.contains("/slurmassets/a/status"));
-    let s = &log[0].body["status"];
+    let sent = log.lock().unwrap().drain(..).collect::<Vec<_>>();
+    assert_eq!(sent.len(), 2, "a status patch and an Event: {sent:#?}");
+    assert!(sent[0].uri.contains("/slurmassets/a/status"));
+    assert_eq!(sent[1].method, "POST");
+    assert!(sent[1].uri.contains("/events"), "{}", sent[1].uri);
+    assert_eq!(sent[1].body["type"], "Warning");
+    assert_eq!(sent[1].body["reason"], "InvalidSpec");
+    assert_eq!(sent[1].body["regarding"]["name"], "a");
+    // A resync of the same object changes nothing: no write, no second Event.
+    reconcile(g, ctx).await.unwrap();
+    assert!(log.lock().unwrap().is_empty(), "nothing new to say");
+    let s = &sent[0].body["status"];
     assert_eq!(s["phase"], "Failed");
     assert!(
         s["message"]

@@ -268,4 +268,13 @@ async fn kubectl_apply_runs_on_slurm_to_succeeded_and_delete_cancels() {
     // One SSH master for both assets; the scheduler is polled in batches.
     assert_eq!(metrics.counters.ssh_connects.load(Ordering::Relaxed), 1);
     assert!(metrics.counters.scheduler_polls.load(Ordering::Relaxed) >= 1);
+    let text = metrics.render();
+    for line in [
+        "slurm_asset_operator_submit_latency_seconds_count 2",
+        "slurm_asset_operator_assets{phase=\"Succeeded\"} 1",
+        "slurm_asset_operator_assets{phase=\"Running\"} 0",
+        "slurm_asset_operator_ssh_connects_total 1",
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line} missing:\n{text}");
+    }
 }

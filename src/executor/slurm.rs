@@ -16,6 +16,7 @@ use crate::slurm::{
 use crate::transport::{Connection, SshTarget};
 use crate::{Error, Result};
 use base64::Engine;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -33,11 +34,27 @@ const SUBMIT_LOCK: &str = ".submit.lock";
 const FENCE_FILE: &str = ".leader-epoch";
 
 /// Counters the tests and `/metrics` read.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Counters {
     pub ssh_connects: AtomicU64,
+    /// Masters re-established after one died (a subset of `ssh_connects`).
+    pub ssh_reconnects: AtomicU64,
     pub scheduler_polls: AtomicU64,
     pub remote_commands: AtomicU64,
+    /// Seconds from the start of a submission to Slurm's job ID (one SSH round trip).
+    pub submit_latency: Histogram,
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        Counters {
+            ssh_connects: AtomicU64::new(0),
+            ssh_reconnects: AtomicU64::new(0),
+            scheduler_polls: AtomicU64::new(0),
+            remote_commands: AtomicU64::new(0),
+            submit_latency: Histogram::new(exponential_buckets(0.05, 2.0, 10)),
+        }
+    }
 }
 
 /// What the cluster told us when we first connected.
@@ -144,6 +161,7 @@ impl SlurmExecutor {
                 return Ok(c.clone());
             }
             tracing::warn!("ssh master to {:?} is gone; reconnecting", self.target);
+            self.counters.ssh_reconnects.fetch_add(1, Ordering::Relaxed);
         }
         use backon::Retryable;
         let conn = (|| Connection::open(&self.target, &self.exe))
@@ -170,7 +188,9 @@ impl SlurmExecutor {
             Ok(o) => Ok(o),
             Err(e) => {
                 // Drop the connection so the next command reconnects.
-                *self.conn.lock().await = None;
+                if self.conn.lock().await.take().is_some() {
+                    self.counters.ssh_reconnects.fetch_add(1, Ordering::Relaxed);
+                }
                 Err(e)
             }
         }
@@ -290,7 +310,11 @@ impl SlurmExecutor {
             "if [ $rc -ne 0 ]; then printf 'SBATCH_FAILED %s\\n' \"$out\" | tr '\\n' ' '; echo; exit 0; fi\n\
              id=${{out%%;*}}\nprintf '%s %s\\n' \"$tag\" \"$id\" > {JOBID_FILE}\necho \"SUBMITTED $id\"\n"
         ));
+        let started = std::time::Instant::now();
         let out = self.run(&s).await?;
+        self.counters
+            .submit_latency
+            .observe(started.elapsed().as_secs_f64());
         let text = String::from_utf8_lossy(&out.stdout);
         let line = text.lines().last().unwrap_or("").trim();
         let result = if let Some(id) = line.strip_prefix("ADOPT ") {

@@ -830,6 +830,7 @@ impl Driver {
         let c = &self.counters;
         let v = serde_json::json!({
             "sshConnects": c.ssh_connects.load(Ordering::Relaxed),
+            "sshReconnects": c.ssh_reconnects.load(Ordering::Relaxed),
             "schedulerPolls": c.scheduler_polls.load(Ordering::Relaxed),
             "remoteCommands": c.remote_commands.load(Ordering::Relaxed),
         });

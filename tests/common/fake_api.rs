@@ -93,7 +93,7 @@ impl FakeApi {
         s.version += 1;
         obj["metadata"]["resourceVersion"] = json!(s.version.to_string());
         if obj["metadata"]["uid"].is_null() {
-            obj["metadata"]["uid"] = json!(format!("uid-{}", s.version));
+            obj["metadata"]["uid"] = json!(uuid::Uuid::new_v4().to_string());
         }
         // The real API server's JSON patch treats an absent field as null (kube's finalizer
         // helper tests for that); the json-patch crate needs it spelled out.

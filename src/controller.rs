@@ -612,6 +612,16 @@ async fn ssh_target(
     } else {
         return Err("spec.ssh: set keySecretRef or passwordSecretRef".into());
     };
+    let totp_seed = match &ssh.totp_secret_ref {
+        Some(r) => {
+            let field = "spec.ssh.totpSecretRef";
+            let seed = secret_value(secrets, &r.name, &r.key, field).await?;
+            crate::transport::totp_code(&seed, 0)
+                .map_err(|e| format!("{field}: Secret {:?} key {:?}: {e}", r.name, r.key))?;
+            Some(seed)
+        }
+        None => None,
+    };
     let known_hosts = match &ssh.known_hosts {
         Some(kh) if kh.secret_ref.is_some() => {
             let r = kh.secret_ref.as_ref().expect("checked");
@@ -649,5 +659,6 @@ async fn ssh_target(
             .connect_timeout
             .map(|t| t.duration())
             .unwrap_or(Duration::from_secs(10)),
+        totp_seed,
     })
 }

@@ -75,6 +75,12 @@ mod cel_tests {
         let mut both = ssh.clone();
         both["passwordEnv"] = json!("PW");
         assert!(SshSettings::validate_cel(&both, None).is_err());
+        let mut otp = ssh.clone();
+        otp["totpSecretRef"] = json!({"name": "s", "key": "totp"});
+        assert!(SshSettings::validate_cel(&otp, None).is_ok());
+        otp["totpEnv"] = json!("SEED");
+        let two_seeds = SshSettings::validate_cel(&otp, None);
+        assert!(format!("{:?}", two_seeds.unwrap_err()).contains("at most one of totpSecretRef"));
 
         assert!(Resources::validate_cel(&json!({"mem": "1G"}), None).is_ok());
         assert!(Resources::validate_cel(&json!({"mem": "1G", "memPerCpu": "1G"}), None).is_err());

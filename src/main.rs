@@ -81,9 +81,21 @@ enum Command {
 fn main() -> ExitCode {
     // Invoked by ssh as SSH_ASKPASS (with the prompt as the only argument): answer with the
     // password that the operator put into this one ssh process's environment.
-    if let Ok(secret) = std::env::var(slurm_asset_operator::transport::ASKPASS_ENV) {
-        println!("{secret}");
-        return ExitCode::SUCCESS;
+    {
+        use slurm_asset_operator::transport::{ASKPASS_ENV, ASKPASS_TOTP_ENV, askpass_answer};
+        let password = std::env::var(ASKPASS_ENV).ok();
+        let totp = std::env::var(ASKPASS_TOTP_ENV).ok();
+        if password.is_some() || totp.is_some() {
+            let prompt = std::env::args().nth(1).unwrap_or_default();
+            let now = jiff::Timestamp::now().as_second().max(0) as u64;
+            return match askpass_answer(&prompt, password.as_deref(), totp.as_deref(), now) {
+                Some(answer) => {
+                    println!("{answer}");
+                    ExitCode::SUCCESS
+                }
+                None => ExitCode::FAILURE,
+            };
+        }
     }
     let cli = Cli::parse();
     if let Command::LocalSupervise { run_dir } = &cli.command {

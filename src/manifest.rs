@@ -555,11 +555,18 @@ pub fn validate_cluster(s: &SlurmClusterSpec, store: StoreKind) -> Vec<FieldErro
                 ),
             ));
         }
-        if store == StoreKind::Kubernetes && (ssh.key_path.is_some() || ssh.password_env.is_some())
+        if store == StoreKind::Kubernetes
+            && (ssh.key_path.is_some() || ssh.password_env.is_some() || ssh.totp_env.is_some())
         {
             errors.push(field_err(
                 "spec.ssh",
-                "keyPath and passwordEnv are for standalone mode; use a Secret reference",
+                "keyPath, passwordEnv and totpEnv are for standalone mode; use a Secret reference",
+            ));
+        }
+        if ssh.totp_secret_ref.is_some() && ssh.totp_env.is_some() {
+            errors.push(field_err(
+                "spec.ssh",
+                "set at most one of totpSecretRef, totpEnv",
             ));
         }
         if ssh.host.is_empty()

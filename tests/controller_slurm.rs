@@ -278,3 +278,103 @@ async fn kubectl_apply_runs_on_slurm_to_succeeded_and_delete_cancels() {
         assert!(text.lines().any(|l| l == line), "{line} missing:\n{text}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn password_and_one_time_code_from_secrets() {
+    // The test cluster's second sshd asks for the password, then a TOTP code (PAM).
+    let c = test_cluster();
+    let work = tempfile::tempdir().unwrap();
+    let (api, client) = FakeApi::start();
+    let known = std::fs::read_to_string(&c.known_hosts).unwrap();
+    api.put(json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "login", "namespace": "default"},
+        "data": {"password": b64(&c.password), "totp": b64(&c.totp_seed), "known_hosts": b64(&known)},
+    }));
+    api.put(json!({
+        "apiVersion": "dagster-slurm.io/v1alpha1", "kind": "SlurmCluster",
+        "metadata": {"name": "hpc", "namespace": "default"},
+        "spec": {
+            "mode": "slurm",
+            "pollInterval": "1s",
+            "remoteBase": remote_base("k8s-totp"),
+            "ssh": {
+                "host": c.host, "port": c.otp_port.parse::<u16>().unwrap(), "user": c.user,
+                "passwordSecretRef": {"name": "login", "key": "password"},
+                "totpSecretRef": {"name": "login", "key": "totp"},
+                "knownHosts": {"secretRef": {"name": "login", "key": "known_hosts"}},
+            },
+        },
+    }));
+    apply_asset(
+        &api,
+        "otp",
+        json!({"assetKey": "t/otp", "clusterRef": "hpc", "payload": {"inline": "echo via otp"}}),
+    );
+    let ctx = Arc::new(Context::new(
+        client,
+        BIN.into(),
+        work.path().to_path_buf(),
+        Arc::new(Metrics::default()),
+    ));
+    let done = reconcile_until(&api, &ctx, "otp", "Succeeded", |o| {
+        matches!(phase(o), "Succeeded" | "Failed")
+    })
+    .await;
+    assert_eq!(done["status"]["phase"], "Succeeded", "{done:#}");
+    assert_eq!(done["status"]["logTail"]["stdout"], "via otp");
+    for r in api.log() {
+        let text = r.body.to_string();
+        assert!(!text.contains(&c.totp_seed), "seed leaked in {r:?}");
+        assert!(!text.contains(&c.password), "password leaked in {r:?}");
+    }
+    // Password and seed stay in memory: no file of the work dir holds them.
+    for f in walkdir(work.path()) {
+        let text = std::fs::read_to_string(&f).unwrap_or_default();
+        assert!(!text.contains(&c.totp_seed), "{}", f.display());
+        assert!(!text.contains(&c.password), "{}", f.display());
+    }
+
+    // A Secret whose seed is not base32 is named in the status, never echoed.
+    api.put(json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "login", "namespace": "default"},
+        "data": {"password": b64(&c.password), "totp": b64("not a seed!"), "known_hosts": b64(&known)},
+    }));
+    apply_asset(
+        &api,
+        "bad-seed",
+        json!({"assetKey": "t/bad", "clusterRef": "hpc", "payload": {"inline": "true"}}),
+    );
+    let bad = reconcile_until(&api, &ctx, "bad-seed", "Failed", |o| phase(o) == "Failed").await;
+    let message = bad["status"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("spec.ssh.totpSecretRef") && message.contains("not a base32 TOTP seed"),
+        "{message}"
+    );
+    assert!(!message.contains("not a seed!"), "{message}");
+    // Fixing the Secret (its watch re-reconciles the asset) lets the same spec run.
+    api.put(json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "login", "namespace": "default"},
+        "data": {"password": b64(&c.password), "totp": b64(&c.totp_seed), "known_hosts": b64(&known)},
+    }));
+    let fixed = reconcile_until(&api, &ctx, "bad-seed", "Succeeded", |o| {
+        phase(o) == "Succeeded"
+    })
+    .await;
+    assert_eq!(fixed["status"]["observedGeneration"], 1);
+}
+
+fn walkdir(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = vec![];
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walkdir(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}

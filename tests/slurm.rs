@@ -309,6 +309,79 @@ fn password_login_is_multiplexed_too() {
     );
 }
 
+#[test]
+fn password_and_one_time_code_login() {
+    // The second sshd of the test cluster asks for the password, then a TOTP code, through
+    // PAM's pam_google_authenticator: the operator answers both prompts itself.
+    let c = test_cluster();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let manifest = c
+        .manifest("hpc", &remote_base("totp"))
+        .replace(
+            &format!("keyPath: {}", c.key),
+            "passwordEnv: SAO_TEST_PASSWORD, totpEnv: SAO_TEST_TOTP",
+        )
+        .replace(
+            &format!("port: {}", c.port),
+            &format!("port: {}", c.otp_port),
+        );
+    write(d, "cluster.yaml", &manifest);
+    write(
+        d,
+        "otp.yaml",
+        &slurm_asset("otp", "echo via one-time code", ""),
+    );
+    let run = |seed: &str| {
+        std::process::Command::new(BIN)
+            .args(["standalone", "--once", "--dir"])
+            .arg(d)
+            .env("SAO_TEST_PASSWORD", &c.password)
+            .env("SAO_TEST_TOTP", seed)
+            .output()
+            .unwrap()
+    };
+    let out = run(&c.totp_seed.to_lowercase());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let s = status(d, "otp");
+    assert_eq!(s["logTail"]["stdout"], "via one-time code", "{s:#}");
+    assert_eq!(operator_metrics(d)["sshConnects"], 1);
+    let all = walk_text(d) + &stderr;
+    assert!(!all.contains(&c.totp_seed), "the seed is in no file or log");
+    assert!(
+        !all.contains(&c.password),
+        "the password is in no file or log"
+    );
+
+    // A wrong seed is refused by the server: the submission waits and retries, it does not fail.
+    std::fs::remove_dir_all(d.join(".status")).unwrap();
+    let mut op = std::process::Command::new(BIN)
+        .args(["standalone", "--dir"])
+        .arg(d)
+        .env("SAO_TEST_PASSWORD", &c.password)
+        .env("SAO_TEST_TOTP", "GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let waiting = wait_for(d, "otp", "a login failure", |o| {
+        o["status"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("cluster unreachable"))
+    });
+    let _ = op.kill();
+    let _ = op.wait();
+    assert_eq!(phase(&waiting), "Submitting", "{waiting:#}");
+    assert!(waiting["status"]["jobId"].is_null(), "{waiting:#}");
+    assert!(
+        waiting["status"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("Permission denied"),
+        "{waiting:#}"
+    );
+}
+
 fn walk_text(dir: &std::path::Path) -> String {
     let mut s = String::new();
     for e in std::fs::read_dir(dir).unwrap().flatten() {

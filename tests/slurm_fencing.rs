@@ -23,6 +23,7 @@ fn executor(c: &TestCluster) -> SlurmExecutor {
         jump_hosts: vec![],
         extra_options: vec![],
         connect_timeout: Duration::from_secs(10),
+        totp_seed: None,
     };
     SlurmExecutor::new(target, BIN.into(), Arc::new(Counters::default()))
 }

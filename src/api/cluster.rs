@@ -62,7 +62,9 @@ pub enum ClusterMode {
 #[x_kube(
     cel,
     validation = Rule::new("[has(self.keySecretRef), has(self.keyPath), has(self.passwordSecretRef), has(self.passwordEnv)].filter(x, x).size() == 1")
-        .message("exactly one of keySecretRef, keyPath, passwordSecretRef, passwordEnv must be set")
+        .message("exactly one of keySecretRef, keyPath, passwordSecretRef, passwordEnv must be set"),
+    validation = Rule::new("!(has(self.totpSecretRef) && has(self.totpEnv))")
+        .message("set at most one of totpSecretRef, totpEnv")
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SshSettings {
@@ -85,9 +87,13 @@ pub struct SshSettings {
     /// Name of an environment variable of the operator that holds the password (standalone mode).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password_env: Option<String>,
-    /// TOTP seed for non-interactive one-time codes, from a Secret key.
+    /// TOTP seed (base32, as in an `otpauth://` URI) from a Secret key (Kubernetes mode): the
+    /// operator answers the login's one-time-code prompt itself (RFC 6238, SHA-1, 6 digits, 30 s).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub totp_secret_ref: Option<SecretKeyRef>,
+    /// Name of an environment variable of the operator that holds the TOTP seed (standalone mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub totp_env: Option<String>,
     /// Known-hosts entries for strict host-key checking (the default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub known_hosts: Option<KnownHosts>,

@@ -1050,7 +1050,10 @@ fn ssh_target(
         SshAuth::Password(env(var).ok_or_else(|| {
             format!("{key}: spec.ssh.passwordEnv: environment variable {var} is not set")
         })?)
-    } else if ssh.key_secret_ref.is_some() || ssh.password_secret_ref.is_some() {
+    } else if ssh.key_secret_ref.is_some()
+        || ssh.password_secret_ref.is_some()
+        || ssh.totp_secret_ref.is_some()
+    {
         return Err(format!(
             "{key}: spec.ssh: Secret references need Kubernetes mode"
         ));
@@ -1062,6 +1065,22 @@ fn ssh_target(
         return Err(format!(
             "{key}: spec.ssh: no key or password (set keyPath or passwordEnv)"
         ));
+    };
+    if ssh.totp_secret_ref.is_some() {
+        return Err(format!(
+            "{key}: spec.ssh.totpSecretRef: Secret references need Kubernetes mode (use totpEnv)"
+        ));
+    }
+    let totp_seed = match &ssh.totp_env {
+        Some(var) => {
+            let seed = env(var).ok_or_else(|| {
+                format!("{key}: spec.ssh.totpEnv: environment variable {var} is not set")
+            })?;
+            crate::transport::totp_code(&seed, 0)
+                .map_err(|e| format!("{key}: spec.ssh.totpEnv: {var}: {e}"))?;
+            Some(seed)
+        }
+        None => None,
     };
     let known_hosts = match ssh.known_hosts.as_ref() {
         Some(kh) if kh.path.is_some() => kh.path.as_ref().map(|p| dir.join(p)),
@@ -1101,6 +1120,7 @@ fn ssh_target(
             .connect_timeout
             .map(|t| t.duration())
             .unwrap_or(Duration::from_secs(10)),
+        totp_seed,
     })
 }
 

@@ -129,6 +129,9 @@ pub struct TestCluster {
     pub password: String,
     pub known_hosts: String,
     pub env_path: String,
+    /// The second sshd: password, then a TOTP code (PAM google-authenticator).
+    pub otp_port: String,
+    pub totp_seed: String,
 }
 
 /// The running test cluster. Fails (not skips) when it is down: .ci/run starts it.
@@ -149,6 +152,8 @@ pub fn test_cluster() -> TestCluster {
         password: get("SLURM_EDGE_NODE_PASSWORD"),
         known_hosts: get("SLURM_EDGE_NODE_KNOWN_HOSTS"),
         env_path: get("CI_DEPLOYED_ENVIRONMENT_PATH"),
+        otp_port: get("SAO_TEST_OTP_SSH_PORT"),
+        totp_seed: get("SAO_TEST_TOTP_SEED"),
     }
 }
 

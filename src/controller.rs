@@ -20,7 +20,7 @@ use crate::transport::{SshAuth, SshTarget};
 use futures::StreamExt;
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, PartialObjectMeta, Patch, PatchParams};
 use kube::core::error_boundary::DeserializeGuard;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
@@ -125,7 +125,7 @@ pub async fn run(
         Some(ns) => (
             Api::<DeserializeGuard<SlurmAsset>>::namespaced(client.clone(), ns),
             Api::<SlurmCluster>::namespaced(client.clone(), ns),
-            Api::<Secret>::namespaced(client.clone(), ns),
+            Api::<PartialObjectMeta<Secret>>::namespaced(client.clone(), ns),
         ),
         None => (
             Api::all(client.clone()),
@@ -150,6 +150,7 @@ pub async fn run(
                 .map(|a| ObjectRef::from_obj(&**a))
                 .collect::<Vec<_>>()
         })
+        // Metadata only (`PartialObjectMeta`): Secret values never travel through the watch.
         .watches(secrets, watcher::Config::default(), move |secret| {
             // Assets that read this Secret directly, and every asset on a cluster in the same
             // namespace (clusters hold SSH credentials in Secrets).

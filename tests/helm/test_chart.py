@@ -85,7 +85,7 @@ def test_non_default_values():
     objs = render({
         "replicas": 3,
         "serviceMonitor": {"enabled": True, "labels": {"release": "prom"}},
-        "sshSecret": {"create": True, "privateKey": "KEY", "knownHosts": "host ssh-ed25519 AAAA"},
+        "sshSecret": {"create": True, "privateKey": "KEY", "knownHosts": "host ssh-ed25519 AAAA", "totpSeed": "JBSWY3DP"},
         "image": {"tag": "v9"},
     })
     d = deployment(objs)
@@ -95,7 +95,7 @@ def test_non_default_values():
     assert sm["metadata"]["labels"]["release"] == "prom"
     assert sm["spec"]["endpoints"][0]["path"] == "/metrics"
     (secret,) = by_kind(objs, "Secret")
-    assert secret["stringData"] == {"ssh-privatekey": "KEY", "known_hosts": "host ssh-ed25519 AAAA"}
+    assert secret["stringData"] == {"ssh-privatekey": "KEY", "known_hosts": "host ssh-ed25519 AAAA", "totp-seed": "JBSWY3DP"}
 
 
 def test_chart_crds_equal_the_generated_ones():

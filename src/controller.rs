@@ -207,10 +207,15 @@ pub async fn reconcile(
                 .clone()
                 .unwrap_or_else(|| "default".into());
             let name = invalid.metadata.name.clone().unwrap_or_default();
+            // serde's position ("at line 1 column 345") moves with every status write: drop it.
+            let error = match invalid.error.rfind(" at line ") {
+                Some(i) => invalid.error[..i].to_string(),
+                None => invalid.error.clone(),
+            };
             let mut status = SlurmAssetStatus {
                 phase: Phase::Failed,
                 reason: Some(crate::core::REASON_INVALID.into()),
-                message: Some(format!("spec: {}", invalid.error)),
+                message: Some(format!("spec: {error}")),
                 observed_generation: invalid.metadata.generation,
                 ..Default::default()
             };
@@ -219,18 +224,18 @@ pub async fn reconcile(
                 "Invalid",
                 true,
                 crate::core::REASON_INVALID,
-                &format!("spec: {}", invalid.error),
+                &format!("spec: {error}"),
                 invalid.metadata.generation,
                 Timestamp::now(),
             );
             // The guard keeps no status to compare with: remember what was written instead,
             // so that a resync writes (and tells) nothing new.
-            let seen = (invalid.metadata.generation, invalid.error.clone());
+            let seen = (invalid.metadata.generation, error.clone());
             let uid = invalid.metadata.uid.clone().unwrap_or_default();
             if ctx.invalid.lock().await.get(&uid) == Some(&seen) {
                 return Ok(Action::await_change());
             }
-            let api: Api<SlurmAsset> = Api::namespaced(ctx.client.clone(), &ns);
+            let api = Api::namespaced(ctx.client.clone(), &ns);
             patch_status(&api, &name, &status).await?;
             ctx.metrics.asset_phase(&uid, Some(Phase::Failed));
             let reference = k8s_openapi::api::core::v1::ObjectReference {
@@ -275,7 +280,7 @@ async fn apply(asset: &SlurmAsset, ctx: &Context, deleted: bool) -> Result<Actio
     let ns = asset.namespace().unwrap_or_else(|| "default".into());
     let name = asset.name_any();
     let uid = asset.uid().unwrap_or_default();
-    let api: Api<SlurmAsset> = Api::namespaced(ctx.client.clone(), &ns);
+    let api: Api<DeserializeGuard<SlurmAsset>> = Api::namespaced(ctx.client.clone(), &ns);
     let before = asset.status.clone().unwrap_or_default();
     let generation = asset.metadata.generation.unwrap_or(1);
     let resolved = resolve(asset, ctx).await;
@@ -430,9 +435,10 @@ async fn apply(asset: &SlurmAsset, ctx: &Context, deleted: bool) -> Result<Actio
     })
 }
 
-/// Writes status by server-side apply to the status subresource.
+/// Writes status by server-side apply to the status subresource. The answer is read through
+/// `DeserializeGuard`: the object returned may be one whose spec does not parse.
 pub async fn patch_status(
-    api: &Api<SlurmAsset>,
+    api: &Api<DeserializeGuard<SlurmAsset>>,
     name: &str,
     status: &SlurmAssetStatus,
 ) -> Result<(), Error> {

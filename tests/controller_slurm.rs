@@ -171,10 +171,13 @@ async fn kubectl_apply_runs_on_slurm_to_succeeded_and_delete_cancels() {
             .any(|c| c["type"] == "Complete" && c["status"] == "True"),
         "{s:#}"
     );
-    let sacct = sacct_jobs(&format!(
-        "sao.{}.1.1",
-        done["metadata"]["uid"].as_str().unwrap()
-    ));
+    let tag = format!("sao.{}.1.1", done["metadata"]["uid"].as_str().unwrap());
+    // Accounting may record the job a moment after the operator saw it end.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while sacct_jobs(&tag).is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let sacct = sacct_jobs(&tag);
     assert_eq!(sacct.len(), 1, "exactly one Slurm job: {sacct:?}");
     assert_eq!(sacct[0].2, job_id);
 

@@ -1,8 +1,10 @@
 //! A MOCKED Kubernetes API server (tower-test): no real API server can run on these machines.
 //! Unlike a canned responder it keeps objects, so a reconcile reads what the previous one
-//! wrote: GET answers the stored object (404 when absent), JSON patches (finalizers) and
-//! server-side-apply status patches change it, Events are accepted. Every request is recorded
-//! for the tests to assert.
+//! wrote: GET answers the stored object (404 when absent) or a list, `watch=true` streams the
+//! changes since a resourceVersion (answered after a short wait, as a real watch that times
+//! out), metadata-only requests (`as=PartialObjectMetadata`) get metadata only, JSON patches
+//! (finalizers) and server-side-apply status patches change objects, Events are accepted.
+//! Every request is recorded for the tests to assert.
 
 use http::{Request, Response, StatusCode};
 use kube::Client;
@@ -10,13 +12,23 @@ use kube::client::Body;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 #[derive(Debug, Clone)]
 pub struct Recorded {
     pub method: String,
     pub uri: String,
     pub content_type: String,
+    pub accept: String,
     pub body: Value,
+}
+
+/// One change, as a watch reports it.
+struct Change {
+    version: u64,
+    collection: String,
+    kind: &'static str,
+    object: Value,
 }
 
 #[derive(Default)]
@@ -24,6 +36,27 @@ struct State {
     objects: BTreeMap<String, Value>,
     log: Vec<Recorded>,
     version: u64,
+    changes: Vec<Change>,
+}
+
+impl State {
+    /// Stores `obj` at `path` under a new resourceVersion and reports the change to watches.
+    fn store(&mut self, path: &str, mut obj: Value, kind: &'static str) -> Value {
+        self.version += 1;
+        obj["metadata"]["resourceVersion"] = json!(self.version.to_string());
+        self.changes.push(Change {
+            version: self.version,
+            collection: collection_of(path),
+            kind,
+            object: obj.clone(),
+        });
+        if kind == "DELETED" {
+            self.objects.remove(path);
+        } else {
+            self.objects.insert(path.to_string(), obj.clone());
+        }
+        obj
+    }
 }
 
 /// The fake API server's handle: its objects and its request log.
@@ -44,6 +77,25 @@ pub fn asset_path(name: &str) -> String {
     path("dagster-slurm.io/v1alpha1", "slurmassets", "default", name)
 }
 
+fn collection_of(path: &str) -> String {
+    path.rsplit_once('/')
+        .map(|(c, _)| c)
+        .unwrap_or("")
+        .to_string()
+}
+
+const COLLECTIONS: [&str; 4] = ["slurmassets", "slurmclusters", "secrets", "configmaps"];
+
+/// How a request is answered: at once, or (a watch) after a short wait.
+enum Reply {
+    Now(StatusCode, Value),
+    Watch {
+        collection: String,
+        since: u64,
+        meta_only: bool,
+    },
+}
+
 impl FakeApi {
     /// A client whose every request is answered by this fake.
     pub fn start() -> (FakeApi, Client) {
@@ -52,35 +104,57 @@ impl FakeApi {
         let state = api.clone();
         tokio::spawn(async move {
             while let Some((req, send)) = handle.next_request().await {
-                let method = req.method().to_string();
-                let uri = req.uri().to_string();
-                let content_type = req
-                    .headers()
-                    .get("content-type")
-                    .map(|v| v.to_str().unwrap().to_string())
-                    .unwrap_or_default();
-                let bytes = req.into_body().collect_bytes().await.unwrap();
+                let (parts, body) = req.into_parts();
+                let header = |name: &str| {
+                    parts
+                        .headers
+                        .get(name)
+                        .map(|v| v.to_str().unwrap().to_string())
+                        .unwrap_or_default()
+                };
+                let (content_type, accept) = (header("content-type"), header("accept"));
+                let (method, uri) = (parts.method.to_string(), parts.uri.to_string());
+                let bytes = body.collect_bytes().await.unwrap();
                 let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
                 let rec = Recorded {
                     method,
                     uri,
                     content_type,
+                    accept,
                     body,
                 };
-                let (code, answer) = state.answer(&rec);
+                let reply = state.answer(&rec);
                 state.0.lock().unwrap().log.push(rec);
-                send.send_response(
-                    Response::builder()
-                        .status(code)
-                        .body(Body::from(serde_json::to_vec(&answer).unwrap()))
-                        .unwrap(),
-                );
+                match reply {
+                    Reply::Now(code, answer) => send.send_response(
+                        Response::builder()
+                            .status(code)
+                            .body(Body::from(serde_json::to_vec(&answer).unwrap()))
+                            .unwrap(),
+                    ),
+                    Reply::Watch {
+                        collection,
+                        since,
+                        meta_only,
+                    } => {
+                        let state = state.clone();
+                        tokio::spawn(async move {
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                            let text = state.watch_events(&collection, since, meta_only);
+                            send.send_response(
+                                Response::builder()
+                                    .body(Body::from(text.into_bytes()))
+                                    .unwrap(),
+                            );
+                        });
+                    }
+                }
             }
         });
         (api.clone(), Client::new(svc, "default"))
     }
 
-    /// Stores an object (a copy of what `kubectl apply` would create).
+    /// Stores an object, as `kubectl apply` would create or replace it.
     pub fn put(&self, mut obj: Value) {
         let md = &obj["metadata"];
         let p = path(
@@ -90,20 +164,35 @@ impl FakeApi {
             md["name"].as_str().unwrap(),
         );
         let mut s = self.0.lock().unwrap();
-        s.version += 1;
-        obj["metadata"]["resourceVersion"] = json!(s.version.to_string());
+        let existing = s.objects.get(&p).cloned();
         if obj["metadata"]["uid"].is_null() {
-            obj["metadata"]["uid"] = json!(uuid::Uuid::new_v4().to_string());
+            obj["metadata"]["uid"] = existing
+                .as_ref()
+                .map(|e| e["metadata"]["uid"].clone())
+                .unwrap_or_else(|| json!(uuid::Uuid::new_v4().to_string()));
         }
         // The real API server's JSON patch treats an absent field as null (kube's finalizer
         // helper tests for that); the json-patch crate needs it spelled out.
         if obj["metadata"]["finalizers"].is_null() {
-            obj["metadata"]["finalizers"] = Value::Null;
+            obj["metadata"]["finalizers"] = existing
+                .as_ref()
+                .map(|e| e["metadata"]["finalizers"].clone())
+                .unwrap_or(Value::Null);
         }
         if obj["metadata"]["generation"].is_null() {
             obj["metadata"]["generation"] = json!(1);
         }
-        s.objects.insert(p, obj);
+        if let Some(e) = &existing
+            && obj["status"].is_null()
+        {
+            obj["status"] = e["status"].clone();
+        }
+        let kind = if existing.is_some() {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
+        s.store(&p, obj, kind);
     }
 
     pub fn get(&self, path: &str) -> Option<Value> {
@@ -113,7 +202,7 @@ impl FakeApi {
     /// What `kubectl delete` does: with finalizers, only a deletionTimestamp is set.
     pub fn delete(&self, path: &str) {
         let mut s = self.0.lock().unwrap();
-        let Some(obj) = s.objects.get_mut(path) else {
+        let Some(mut obj) = s.objects.get(path).cloned() else {
             return;
         };
         if obj["metadata"]["finalizers"]
@@ -121,8 +210,9 @@ impl FakeApi {
             .is_some_and(|f| !f.is_empty())
         {
             obj["metadata"]["deletionTimestamp"] = json!(jiff::Timestamp::now().to_string());
+            s.store(path, obj, "MODIFIED");
         } else {
-            s.objects.remove(path);
+            s.store(path, obj, "DELETED");
         }
     }
 
@@ -130,56 +220,106 @@ impl FakeApi {
         self.0.lock().unwrap().log.clone()
     }
 
-    fn answer(&self, r: &Recorded) -> (StatusCode, Value) {
+    fn watch_events(&self, collection: &str, since: u64, meta_only: bool) -> String {
+        let s = self.0.lock().unwrap();
+        s.changes
+            .iter()
+            .filter(|c| c.version > since && c.collection == collection)
+            .map(|c| {
+                let object = if meta_only {
+                    metadata_only(&c.object)
+                } else {
+                    c.object.clone()
+                };
+                format!("{}\n", json!({"type": c.kind, "object": object}))
+            })
+            .collect()
+    }
+
+    fn answer(&self, r: &Recorded) -> Reply {
         let mut s = self.0.lock().unwrap();
-        let p = r.uri.split('?').next().unwrap().to_string();
+        let (p, query) = r.uri.split_once('?').unwrap_or((&r.uri, ""));
+        let param = |k: &str| {
+            query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix(&format!("{k}=")))
+                .map(str::to_string)
+        };
+        let meta_only = r.accept.contains("as=PartialObjectMetadata");
         if p.ends_with("/events") && r.method == "POST" {
-            return (StatusCode::CREATED, r.body.clone());
+            return Reply::Now(StatusCode::CREATED, r.body.clone());
+        }
+        let last = p.rsplit('/').next().unwrap_or("");
+        if r.method == "GET" && COLLECTIONS.contains(&last) {
+            if param("watch").as_deref() == Some("true") {
+                let since = param("resourceVersion")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                return Reply::Watch {
+                    collection: p.to_string(),
+                    since,
+                    meta_only,
+                };
+            }
+            let items: Vec<Value> = s
+                .objects
+                .iter()
+                .filter(|(k, _)| collection_of(k) == p)
+                .map(|(_, o)| {
+                    if meta_only {
+                        metadata_only(o)
+                    } else {
+                        o.clone()
+                    }
+                })
+                .collect();
+            return Reply::Now(
+                StatusCode::OK,
+                json!({"apiVersion": "v1", "kind": "List", "items": items,
+                       "metadata": {"resourceVersion": s.version.to_string()}}),
+            );
         }
         let (obj_path, subresource) = match p.strip_suffix("/status") {
             Some(base) => (base.to_string(), true),
-            None => (p.clone(), false),
+            None => (p.to_string(), false),
         };
-        s.version += 1;
-        let version = s.version.to_string();
-        let Some(obj) = s.objects.get_mut(&obj_path) else {
+        let Some(mut obj) = s.objects.get(&obj_path).cloned() else {
             return not_found(&obj_path);
         };
         match r.method.as_str() {
-            "GET" => (StatusCode::OK, obj.clone()),
+            "GET" => Reply::Now(StatusCode::OK, obj),
             "PATCH" if subresource && r.content_type == "application/apply-patch+yaml" => {
                 // Server-side apply of the status: this operator is the status's only manager.
                 obj["status"] = r.body["status"].clone();
-                obj["metadata"]["resourceVersion"] = json!(version);
-                (StatusCode::OK, obj.clone())
+                Reply::Now(StatusCode::OK, s.store(&obj_path, obj, "MODIFIED"))
             }
             "PATCH" if r.content_type == "application/json-patch+json" => {
                 let patch: json_patch::Patch = serde_json::from_value(r.body.clone()).unwrap();
-                if let Err(e) = json_patch::patch(obj, &patch) {
-                    return (
+                if let Err(e) = json_patch::patch(&mut obj, &patch) {
+                    return Reply::Now(
                         StatusCode::UNPROCESSABLE_ENTITY,
                         json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
                                "reason": "Invalid", "code": 422, "message": e.to_string()}),
                     );
                 }
-                obj["metadata"]["resourceVersion"] = json!(version);
-                let answer = obj.clone();
-                let released = answer["metadata"]["deletionTimestamp"].is_string()
-                    && answer["metadata"]["finalizers"]
+                let released = obj["metadata"]["deletionTimestamp"].is_string()
+                    && obj["metadata"]["finalizers"]
                         .as_array()
                         .is_none_or(|f| f.is_empty());
-                if released {
-                    s.objects.remove(&obj_path);
-                }
-                (StatusCode::OK, answer)
+                let kind = if released { "DELETED" } else { "MODIFIED" };
+                Reply::Now(StatusCode::OK, s.store(&obj_path, obj, kind))
             }
             other => panic!("the fake API does not serve {other} {}", r.uri),
         }
     }
 }
 
-fn not_found(path: &str) -> (StatusCode, Value) {
-    (
+fn metadata_only(obj: &Value) -> Value {
+    json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata", "metadata": obj["metadata"]})
+}
+
+fn not_found(path: &str) -> Reply {
+    Reply::Now(
         StatusCode::NOT_FOUND,
         json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
                "reason": "NotFound", "code": 404, "message": format!("{path} not found")}),

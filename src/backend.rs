@@ -157,16 +157,19 @@ pub async fn drive(
                     run_dir,
                     report,
                 } => {
-                    let message = match work
+                    match work
                         .backend
                         .cancel(job_id.as_deref(), run_dir.as_deref(), &work.tag)
                         .await
                     {
-                        Ok(m) => m,
-                        Err(e) => format!("cancel failed: {e}"),
-                    };
-                    if report {
-                        next = Some(Event::CancelDone { message });
+                        Ok(message) if report => next = Some(Event::CancelDone { message }),
+                        Ok(_) => {}
+                        // Not Cancelled before the job is known to be: the caller keeps the
+                        // object (finalizer) and tries again.
+                        Err(e) => {
+                            tracing::warn!("cancel deferred: {e}");
+                            status.message = Some(format!("cancel not confirmed yet: {e}"));
+                        }
                     }
                 }
                 Action::Cleanup { run_dir } => {

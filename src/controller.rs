@@ -387,11 +387,26 @@ async fn apply(asset: &SlurmAsset, ctx: &Context, deleted: bool) -> Result<Actio
         if let Err(e) = ctx.recorder.publish(&ev, &asset.object_ref(&())).await {
             tracing::warn!("publishing an event: {e}");
         }
+    } else if let Some(reason) = needs_action(after.message.as_deref())
+        && needs_action(before.message.as_deref()) != Some(reason)
+    {
+        // No phase change, but something a user must act on (credentials, network, a job
+        // that cannot be cancelled): say it once, when it starts.
+        let ev = KubeEvent {
+            type_: EventType::Warning,
+            reason: reason.into(),
+            note: after.message.clone(),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(e) = ctx.recorder.publish(&ev, &asset.object_ref(&())).await {
+            tracing::warn!("publishing an event: {e}");
+        }
     }
     if deleted {
         let active = matches!(
             after.phase,
-            Phase::Submitting | Phase::Queued | Phase::Running
+            Phase::Packing | Phase::Uploading | Phase::Submitting | Phase::Queued | Phase::Running
         );
         if active {
             let since = asset
@@ -433,6 +448,18 @@ async fn apply(asset: &SlurmAsset, ctx: &Context, deleted: bool) -> Result<Actio
         (None, true) => Action::requeue(poll),
         (None, false) => Action::await_change(),
     })
+}
+
+/// The Event reason of a status message that asks a user to act, if it does.
+fn needs_action(message: Option<&str>) -> Option<&'static str> {
+    let m = message?;
+    if m.starts_with("cluster unreachable") {
+        Some("ClusterUnreachable")
+    } else if m.starts_with("cancel not confirmed") {
+        Some("CancelNotConfirmed")
+    } else {
+        None
+    }
 }
 
 /// Writes status by server-side apply to the status subresource. The answer is read through

@@ -157,3 +157,101 @@ async fn watches_drive_assets_and_dependencies_wake_them() {
         .expect("the controller stops on shutdown")
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_cluster_holds_a_deletion_until_forced() {
+    use kube::core::error_boundary::DeserializeGuard;
+    use slurm_asset_operator::api::SlurmAsset;
+    use slurm_asset_operator::controller::{FORCE_RELEASE, reconcile};
+    let work = tempfile::tempdir().unwrap();
+    let (api, client) = FakeApi::start();
+    // Nothing listens on port 1: every connection is refused.
+    api.put(json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "ssh", "namespace": "default"},
+        "data": {"key": "bm90IGEga2V5"},
+    }));
+    api.put(json!({
+        "apiVersion": "dagster-slurm.io/v1alpha1", "kind": "SlurmCluster",
+        "metadata": {"name": "gone", "namespace": "default"},
+        "spec": {"mode": "slurm", "ssh": {"host": "127.0.0.1", "port": 1, "user": "u",
+                 "keySecretRef": {"name": "ssh", "key": "key"}, "connectTimeout": "1s"}},
+    }));
+    let mut running = asset(
+        "orphan",
+        json!({"assetKey": "t/o", "clusterRef": "gone", "payload": {"inline": "sleep 1000"}}),
+    );
+    running["metadata"]["finalizers"] = json!([FINALIZER]);
+    running["status"] = json!({"phase": "Running", "run": 1, "attempts": 1, "jobId": "4242",
+                               "observedGeneration": 1, "remoteRunDir": "/nowhere/1-1"});
+    api.put(running);
+    api.delete(&asset_path("orphan"));
+    let ctx = Arc::new(Context::new(
+        client,
+        BIN.into(),
+        work.path().to_path_buf(),
+        Arc::new(Metrics::default()),
+    ));
+    let current = || -> Arc<DeserializeGuard<SlurmAsset>> {
+        Arc::new(serde_json::from_value(api.get(&asset_path("orphan")).unwrap()).unwrap())
+    };
+
+    // The cancel cannot reach the cluster: the object is held, not reported Cancelled.
+    let err = reconcile(current(), ctx.clone()).await.unwrap_err();
+    assert!(err.to_string().contains("cancel not confirmed"), "{err}");
+    let held = api.get(&asset_path("orphan")).unwrap();
+    assert_eq!(held["metadata"]["finalizers"], json!([FINALIZER]));
+    assert_eq!(phase(&held), "Running");
+    assert!(
+        message(&held).contains("cancel not confirmed yet"),
+        "{held:#}"
+    );
+    let warned = api
+        .log()
+        .into_iter()
+        .filter(|r| r.body["reason"] == "CancelNotConfirmed")
+        .count();
+    assert_eq!(warned, 1, "a Warning Event when the cancel first fails");
+
+    // The annotation releases it at once, with a Warning Event that names the job.
+    let mut forced = api.get(&asset_path("orphan")).unwrap();
+    forced["metadata"]["annotations"] = json!({FORCE_RELEASE: "true"});
+    api.put(forced);
+    reconcile(current(), ctx.clone()).await.unwrap();
+    assert!(api.get(&asset_path("orphan")).is_none(), "released");
+    let warning = api
+        .log()
+        .into_iter()
+        .find(|r| r.method == "POST" && r.body["reason"] == "ReleasedWithoutCancel")
+        .expect("a Warning Event");
+    assert_eq!(warning.body["type"], "Warning");
+    assert!(
+        warning.body["note"].as_str().unwrap().contains("job 4242"),
+        "{warning:?}"
+    );
+
+    // Without the annotation, the wait is bounded: past the grace period it is released too.
+    let mut stale = asset(
+        "stale",
+        json!({"assetKey": "t/s", "clusterRef": "gone", "payload": {"inline": "sleep 1000"}}),
+    );
+    stale["metadata"]["finalizers"] = json!([FINALIZER]);
+    let long_ago = jiff::Timestamp::now() - jiff::SignedDuration::from_secs(11 * 60);
+    stale["metadata"]["deletionTimestamp"] = json!(long_ago.to_string());
+    stale["status"] = json!({"phase": "Queued", "run": 1, "attempts": 1, "jobId": "4343",
+                             "observedGeneration": 1, "remoteRunDir": "/nowhere/1-1"});
+    api.put(stale);
+    let guard = Arc::new(serde_json::from_value(api.get(&asset_path("stale")).unwrap()).unwrap());
+    reconcile(guard, ctx).await.unwrap();
+    assert!(
+        api.get(&asset_path("stale")).is_none(),
+        "released after the grace period"
+    );
+    assert!(api.log().iter().any(|r| {
+        r.body["reason"] == "ReleasedWithoutCancel"
+            && r.body["note"]
+                .as_str()
+                .unwrap_or("")
+                .contains("after the grace period")
+    }));
+}

@@ -28,6 +28,8 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 /// Pipes bytes read per job per poll, at most.
 const MESSAGES_CHUNK: u64 = 1 << 20;
 const JOBID_FILE: &str = "jobid";
+/// How long an ended job may wait for its batch step's accounting record.
+const BATCH_RECORD_WAIT: jiff::SignedDuration = jiff::SignedDuration::from_secs(30);
 /// Per-asset lock (beside the run dirs) held from the tag lookup to the `sbatch`.
 const SUBMIT_LOCK: &str = ".submit.lock";
 /// Per-asset fence: the highest leadership epoch that submitted for the asset.
@@ -393,7 +395,7 @@ impl SlurmExecutor {
             .scheduler_polls
             .fetch_add(1, Ordering::Relaxed);
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        Ok(parse_poll(&text, jobs, accounting))
+        Ok(parse_poll(&text, jobs, accounting, jiff::Timestamp::now()))
     }
 
     /// Cancels a job by ID, or by tag when the ID is not known yet.
@@ -442,7 +444,12 @@ fn tail_decoded(b64: &str) -> String {
 }
 
 /// Turns the poll script's output into one observation per job.
-fn parse_poll(text: &str, jobs: &mut [Watched<'_>], accounting: bool) -> Vec<Observation> {
+fn parse_poll(
+    text: &str,
+    jobs: &mut [Watched<'_>],
+    accounting: bool,
+    now: jiff::Timestamp,
+) -> Vec<Observation> {
     let mut squeue: HashMap<String, (String, String)> = HashMap::new();
     let mut sacct_text = String::new();
     let mut per_job: HashMap<usize, HashMap<&str, String>> = HashMap::new();
@@ -506,7 +513,7 @@ fn parse_poll(text: &str, jobs: &mut [Watched<'_>], accounting: bool) -> Vec<Obs
                 });
             let from_sacct = alloc.map(|a| map_state(&a.state, Some(&a.exit_code)));
             let from_squeue = squeue.get(&id).map(|(st, _)| map_state(st, None));
-            let (state, raw) = match (&from_sacct, &from_squeue, exit) {
+            let (mut state, mut raw) = match (&from_sacct, &from_squeue, exit) {
                 (Some(s), _, _) if is_final(s) => (s.clone(), alloc.map(|a| a.state.clone())),
                 (_, Some(q), _) => (q.clone(), squeue.get(&id).map(|(st, _)| st.clone())),
                 (Some(s), None, None) => (s.clone(), alloc.map(|a| a.state.clone())),
@@ -518,6 +525,22 @@ fn parse_poll(text: &str, jobs: &mut [Watched<'_>], accounting: bool) -> Vec<Obs
                     None,
                 ),
             };
+            // Accounting can mark the allocation ended a moment before the batch step's own
+            // record (its CPU time and memory) arrives; ending now would freeze metrics of
+            // zero. Wait for it, for a while: a step record can also be lost.
+            if let Some(a) = alloc
+                && (a.state.starts_with("COMPLETED") || a.state.starts_with("FAILED"))
+                && !job_rows
+                    .iter()
+                    .any(|r| r.job_id.ends_with(".batch") && is_final(&map_state(&r.state, None)))
+                && parse_time(&a.end).is_some_and(|end| now.duration_since(end) < BATCH_RECORD_WAIT)
+            {
+                state = JobState::Running;
+                raw = Some(format!(
+                    "{} (waiting for the batch step's accounting)",
+                    a.state
+                ));
+            }
             let mut obs = Observation::of(state);
             obs.slurm_state = raw.or_else(|| {
                 if !accounting {
@@ -620,7 +643,7 @@ mod tests {
             b64("exit_code=4\nstart=1\nend=2\n"),
             b64("hello\n")
         );
-        let obs = parse_poll(&text, &mut jobs, false);
+        let obs = parse_poll(&text, &mut jobs, false, jiff::Timestamp::now());
         assert_eq!(obs[0].state, JobState::Exited { exit_code: 4 });
         assert_eq!(obs[0].log_tail.as_ref().unwrap().stdout, "hello");
     }
@@ -633,6 +656,7 @@ mod tests {
             "9|RUNNING|None|n[1-2]\n@@SAO SACCT\n@@SAO JOB 0\n",
             &mut jobs,
             true,
+            jiff::Timestamp::now(),
         );
         assert_eq!(obs[0].state, JobState::Running);
         assert_eq!(obs[0].nodes, vec!["n1", "n2"]);
@@ -642,7 +666,12 @@ mod tests {
     fn a_job_missing_from_every_source_is_lost_not_succeeded() {
         let mut r = MessageReader::default();
         let mut jobs = [watched(&mut r, "9")];
-        let obs = parse_poll("@@SAO SACCT\n@@SAO JOB 0\nEXIT \n", &mut jobs, true);
+        let obs = parse_poll(
+            "@@SAO SACCT\n@@SAO JOB 0\nEXIT \n",
+            &mut jobs,
+            true,
+            jiff::Timestamp::now(),
+        );
         assert_eq!(
             obs[0].state,
             JobState::Infrastructure {
@@ -668,9 +697,35 @@ mod tests {
                 "9|RUNNING|None|n1\n@@SAO SACCT\n@@SAO JOB 0\nMSG {}\n",
                 b64(msg)
             );
-            parse_poll(&text, &mut jobs, true);
+            parse_poll(&text, &mut jobs, true, jiff::Timestamp::now());
         }
         assert_eq!(r.offset as usize, msg.len());
         assert!(r.status.opened);
+    }
+
+    #[test]
+    fn an_ended_job_waits_briefly_for_its_batch_step_record() {
+        let alloc =
+            "9|COMPLETED|0:0|3|00:00:00|1|1|cpu=1|||2026-01-01T00:00:00|2026-01-01T00:00:03";
+        let batch = "9.batch|COMPLETED|0:0|3|00:02.500|1|1|cpu=1|5768K||2026-01-01T00:00:00|2026-01-01T00:00:03";
+        let end = parse_time("2026-01-01T00:00:03").unwrap();
+        let soon = end + jiff::SignedDuration::from_secs(2);
+        let poll = |sacct: &str, now| {
+            let mut r = MessageReader::default();
+            let mut jobs = [watched(&mut r, "9")];
+            let text = format!("@@SAO SACCT\n{sacct}\n@@SAO JOB 0\n");
+            parse_poll(&text, &mut jobs, true, now).remove(0)
+        };
+        // Only the allocation's row: not final yet.
+        let early = poll(alloc, soon);
+        assert_eq!(early.state, JobState::Running);
+        assert!(early.metrics.is_none());
+        // With the batch step's record: final, with its CPU time.
+        let done = poll(&format!("{alloc}\n{batch}"), soon);
+        assert_eq!(done.state, JobState::Exited { exit_code: 0 });
+        assert_eq!(done.metrics.unwrap().total_cpu_seconds, Some(2.5));
+        // A record that never comes does not hold the job forever.
+        let late = poll(alloc, end + jiff::SignedDuration::from_secs(60));
+        assert_eq!(late.state, JobState::Exited { exit_code: 0 });
     }
 }

@@ -103,9 +103,9 @@ impl Backend {
         requested_mem: Option<u64>,
         poll: Duration,
         reader: &mut MessageReader,
-    ) -> Result<Observation> {
+    ) -> Result<Option<Observation>> {
         match self {
-            Backend::Local(l) => Ok(l.observe(job, reader)),
+            Backend::Local(l) => Ok(Some(l.observe(job, reader))),
             Backend::Slurm(s) => s.observe_shared(job, requested_mem, poll).await,
         }
     }
@@ -190,7 +190,8 @@ pub async fn drive(
                     .observe(&job, work.requested_mem, work.poll, reader)
                     .await
                 {
-                    Ok(obs) => next = Some(Event::Observed(Box::new(obs))),
+                    Ok(Some(obs)) => next = Some(Event::Observed(Box::new(obs))),
+                    Ok(None) => {}
                     Err(e) => tracing::warn!("observing {}: {e}", job.run_dir),
                 }
             }

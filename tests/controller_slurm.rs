@@ -381,3 +381,70 @@ fn walkdir(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_asset_reconciles_share_one_scheduler_poll_per_interval() {
+    let c = test_cluster();
+    let work = tempfile::tempdir().unwrap();
+    let (api, client) = FakeApi::start();
+    apply_cluster(&api, &c, &remote_base("k8s-batch"));
+    let metrics = Arc::new(Metrics::default());
+    let ctx = Arc::new(Context::new(
+        client,
+        BIN.into(),
+        work.path().to_path_buf(),
+        metrics.clone(),
+    ));
+    let names: Vec<String> = (0..8).map(|i| format!("b{i}")).collect();
+    for n in &names {
+        apply_asset(
+            &api,
+            n,
+            json!({"assetKey": format!("t/{n}"), "clusterRef": "hpc",
+                   "payload": {"inline": "sleep 3; echo ok"}}),
+        );
+    }
+    // Every asset reconciled on its own, over and over, as the controller's requeues do.
+    let started = Instant::now();
+    let mut reconciles = 0;
+    loop {
+        let mut done = 0;
+        for n in &names {
+            let obj = api.get(&asset_path(n)).unwrap();
+            if phase(&obj) == "Succeeded" {
+                done += 1;
+                continue;
+            }
+            assert!(phase(&obj) != "Failed", "{obj:#}");
+            let guard: DeserializeGuard<SlurmAsset> = serde_json::from_value(obj).unwrap();
+            reconcile(Arc::new(guard), ctx.clone()).await.unwrap();
+            reconciles += 1;
+        }
+        if done == names.len() {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "not all succeeded"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let polls = metrics.counters.scheduler_polls.load(Ordering::Relaxed);
+    let bound = started.elapsed().as_secs() + 2; // pollInterval is 1s
+    assert!(
+        polls <= bound,
+        "{polls} scheduler polls for {reconciles} reconciles in {:?}",
+        started.elapsed()
+    );
+    assert!(
+        reconciles > 3 * polls as usize,
+        "{reconciles} reconciles, {polls} polls"
+    );
+    assert_eq!(metrics.counters.ssh_connects.load(Ordering::Relaxed), 1);
+    for n in &names {
+        assert_eq!(
+            api.get(&asset_path(n)).unwrap()["status"]["logTail"]["stdout"],
+            "ok"
+        );
+    }
+}

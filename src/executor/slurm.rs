@@ -86,7 +86,25 @@ struct SharedPoll {
     last: Option<std::time::Instant>,
     /// run dir → (job, requested memory, Pipes reader)
     watched: HashMap<String, (JobRef, Option<u64>, MessageReader)>,
-    results: HashMap<String, Observation>,
+    /// run dir → the last batch's observation (kept until claimed once final)
+    results: HashMap<String, (std::time::Instant, Observation)>,
+}
+
+/// How long a result of the shared batch waits for its owner.
+const SHARED_RESULT_TTL: Duration = Duration::from_secs(3600);
+
+impl SharedPoll {
+    /// The job's final observation, handed out once.
+    fn take_final(&mut self, key: &str) -> Option<Observation> {
+        if self
+            .results
+            .get(key)
+            .is_some_and(|(_, o)| is_final(&o.state))
+        {
+            return self.results.remove(key).map(|(_, o)| o);
+        }
+        None
+    }
 }
 
 /// One job to observe, with its Pipes reader (offset carried between polls).
@@ -108,22 +126,25 @@ impl SlurmExecutor {
         }
     }
 
-    /// Observes one job through the shared batch (see [`SharedPoll`]).
+    /// Observes one job through the shared batch (see [`SharedPoll`]). `None`: no batch has
+    /// seen the job yet (it was submitted or adopted since); the next one will.
     pub async fn observe_shared(
         &self,
         job: &JobRef,
         requested_mem: Option<u64>,
         interval: Duration,
-    ) -> Result<Observation> {
+    ) -> Result<Option<Observation>> {
         let mut shared = self.shared.lock().await;
         let key = job.run_dir.clone();
+        if let Some(obs) = shared.take_final(&key) {
+            return Ok(Some(obs));
+        }
         shared
             .watched
             .entry(key.clone())
             .and_modify(|w| w.0 = job.clone())
             .or_insert_with(|| (job.clone(), requested_mem, MessageReader::default()));
-        let due = shared.last.is_none_or(|t| t.elapsed() >= interval);
-        if due {
+        if shared.last.is_none_or(|t| t.elapsed() >= interval) {
             let SharedPoll { watched, .. } = &mut *shared;
             let keys: Vec<String> = watched.keys().cloned().collect();
             let mut batch: Vec<Watched> = watched
@@ -136,19 +157,24 @@ impl SlurmExecutor {
                 .collect();
             let observed = self.observe(&mut batch).await?;
             drop(batch);
-            shared.results = keys.into_iter().zip(observed).collect();
-            shared.last = Some(std::time::Instant::now());
+            let now = std::time::Instant::now();
+            for (k, obs) in keys.into_iter().zip(observed) {
+                if is_final(&obs.state) {
+                    // Ended: no more polling; the result waits for its owner.
+                    shared.watched.remove(&k);
+                }
+                shared.results.insert(k, (now, obs));
+            }
+            // Results nobody came back for (their asset was deleted meanwhile) expire.
+            shared
+                .results
+                .retain(|_, (t, _)| now.duration_since(*t) < SHARED_RESULT_TTL);
+            shared.last = Some(now);
         }
-        let obs = match shared.results.get(&key) {
-            Some(o) => o.clone(),
-            // Submitted since the last batch: it is in the queue until the next one says more.
-            None => Observation::of(JobState::Queued),
-        };
-        if is_final(&obs.state) {
-            shared.watched.remove(&key);
-            shared.results.remove(&key);
+        if let Some(obs) = shared.take_final(&key) {
+            return Ok(Some(obs));
         }
-        Ok(obs)
+        Ok(shared.results.get(&key).map(|(_, o)| o.clone()))
     }
 
     pub fn target(&self) -> &SshTarget {

@@ -255,3 +255,28 @@ async fn an_unreachable_cluster_holds_a_deletion_until_forced() {
                 .contains("after the grace period")
     }));
 }
+
+#[test]
+fn the_fake_api_refuses_statuses_a_real_server_would_refuse_or_prune() {
+    use common::fake_api::{crd_schema, fits_schema};
+    let schema = crd_schema("SlurmAsset");
+    let status = &schema["properties"]["status"];
+    let good = json!({"phase": "Succeeded", "run": 1, "exitCode": 0, "metrics": {"cpuEfficiency": 0.5},
+                      "conditions": [{"type": "Complete", "status": "True", "reason": "Completed",
+                                      "message": "", "lastTransitionTime": "2026-01-01T00:00:00Z"}],
+                      "pipes": {"materializations": [{"assetKey": "a", "metadata": {"rows": {"raw_value": 1, "type": "int"}}}]}});
+    fits_schema(&good, status, "status").unwrap();
+    for (bad, why) in [
+        (json!({"phase": "Done"}), "not one of"),
+        (json!({"bogus": 1}), "unknown field"),
+        (json!({"run": "one"}), "expected an integer"),
+        (
+            json!({"conditions": [{"type": "A", "status": "True", "reason": "r", "message": "",
+                                "lastTransitionTime": "yesterday"}]}),
+            "date-time",
+        ),
+    ] {
+        let err = fits_schema(&bad, status, "status").unwrap_err();
+        assert!(err.contains(why), "{bad}: {err}");
+    }
+}

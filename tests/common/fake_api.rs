@@ -289,6 +289,17 @@ impl FakeApi {
         match r.method.as_str() {
             "GET" => Reply::Now(StatusCode::OK, obj),
             "PATCH" if subresource && r.content_type == "application/apply-patch+yaml" => {
+                // As a real server would: a status that does not fit the CRD's schema is refused
+                // (wrong types, nulls) or would lose fields to pruning (unknown keys).
+                let kind = r.body["kind"].as_str().unwrap_or_default();
+                let schema = &crd_schema(kind)["properties"]["status"];
+                if let Err(e) = fits_schema(&r.body["status"], schema, "status") {
+                    return Reply::Now(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                               "reason": "Invalid", "code": 422, "message": e}),
+                    );
+                }
                 // Server-side apply of the status: this operator is the status's only manager.
                 obj["status"] = r.body["status"].clone();
                 Reply::Now(StatusCode::OK, s.store(&obj_path, obj, "MODIFIED"))
@@ -328,4 +339,81 @@ fn not_found(path: &str) -> Reply {
 
 fn plural(kind: &str) -> String {
     format!("{}s", kind.to_lowercase())
+}
+
+/// The openAPIV3Schema of a kind in `crds/crds.yaml`.
+pub fn crd_schema(kind: &str) -> Value {
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/crds/crds.yaml")).unwrap();
+    let docs: Vec<Value> = serde_saphyr::from_multiple(&text).unwrap();
+    docs.into_iter()
+        .find(|d| d["spec"]["names"]["kind"] == kind)
+        .unwrap_or_else(|| panic!("no CRD for {kind}"))["spec"]["versions"][0]["schema"]
+        ["openAPIV3Schema"]
+        .clone()
+}
+
+/// Whether `v` fits a structural schema as the API server applies it: types, enums, required
+/// keys, nulls only where nullable, and no key the server would prune.
+pub fn fits_schema(v: &Value, schema: &Value, at: &str) -> Result<(), String> {
+    if v.is_null() {
+        return if schema["nullable"] == true {
+            Ok(())
+        } else {
+            Err(format!("{at}: null where the schema does not allow it"))
+        };
+    }
+    if let Some(allowed) = schema["enum"].as_array()
+        && !allowed.contains(v)
+    {
+        return Err(format!("{at}: {v} is not one of {allowed:?}"));
+    }
+    let preserve = schema["x-kubernetes-preserve-unknown-fields"] == true;
+    match schema["type"].as_str() {
+        Some("object") => {
+            let map = v
+                .as_object()
+                .ok_or_else(|| format!("{at}: expected an object, got {v}"))?;
+            for req in schema["required"].as_array().into_iter().flatten() {
+                if !map.contains_key(req.as_str().unwrap()) {
+                    return Err(format!("{at}: required field {req} missing"));
+                }
+            }
+            for (k, item) in map {
+                let path = format!("{at}.{k}");
+                if let Some(s) = schema["properties"].get(k) {
+                    fits_schema(item, s, &path)?;
+                } else if schema["additionalProperties"].is_object() {
+                    fits_schema(item, &schema["additionalProperties"], &path)?;
+                } else if !preserve {
+                    return Err(format!("{path}: unknown field (the server would prune it)"));
+                }
+            }
+            Ok(())
+        }
+        Some("array") => {
+            let items = v
+                .as_array()
+                .ok_or_else(|| format!("{at}: expected an array, got {v}"))?;
+            for (i, item) in items.iter().enumerate() {
+                fits_schema(item, &schema["items"], &format!("{at}[{i}]"))?;
+            }
+            Ok(())
+        }
+        Some("string") => {
+            let s = v
+                .as_str()
+                .ok_or_else(|| format!("{at}: expected a string, got {v}"))?;
+            if schema["format"] == "date-time" && s.parse::<jiff::Timestamp>().is_err() {
+                return Err(format!("{at}: {s:?} is not an RFC 3339 date-time"));
+            }
+            Ok(())
+        }
+        Some("integer") if !(v.is_i64() || v.is_u64()) => {
+            Err(format!("{at}: expected an integer, got {v}"))
+        }
+        Some("number") if !v.is_number() => Err(format!("{at}: expected a number, got {v}")),
+        Some("boolean") if !v.is_boolean() => Err(format!("{at}: expected a boolean, got {v}")),
+        _ => Ok(()),
+    }
 }

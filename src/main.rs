@@ -207,8 +207,13 @@ async fn run_kubernetes(o: RunOptions) -> anyhow::Result<()> {
     let metrics = std::sync::Arc::new(metrics::Metrics::default());
     let server = tokio::spawn(metrics::serve(metrics.clone(), o.metrics_port));
     let (leader_tx, leader_rx) = tokio::sync::watch::channel(true);
+    // Ready once serving: a standby replica is healthy too (a readiness tied to leadership
+    // would stall every rolling update). Leadership shows as the `leader` gauge.
+    metrics
+        .ready
+        .store(true, std::sync::atomic::Ordering::Relaxed);
     let mut epoch = 0;
-    let _lease = if o.leader_election {
+    let lease = if o.leader_election {
         let identity =
             std::env::var("POD_NAME").unwrap_or_else(|_| uuid::Uuid::new_v4().to_string());
         let lease_ns = o.lease_namespace.clone().unwrap_or(default_ns);
@@ -224,8 +229,11 @@ async fn run_kubernetes(o: RunOptions) -> anyhow::Result<()> {
         }
         epoch = leadership_epoch(&client, &lease_ns, &o.lease_name, &identity).await?;
         tracing::info!(epoch, "leading");
+        metrics
+            .leader
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         let tx = leader_tx.clone();
-        tokio::spawn(async move {
+        let monitor = tokio::spawn(async move {
             while rx.changed().await.is_ok() {
                 if !*rx.borrow() {
                     let _ = tx.send(false);
@@ -233,13 +241,13 @@ async fn run_kubernetes(o: RunOptions) -> anyhow::Result<()> {
                 }
             }
         });
-        Some(task)
+        Some((monitor, task))
     } else {
+        metrics
+            .leader
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         None
     };
-    metrics
-        .ready
-        .store(true, std::sync::atomic::Ordering::Relaxed);
     let exe = std::env::current_exe()?;
     let ctx = std::sync::Arc::new(
         controller::Context::new(client, exe, o.work_dir.clone(), metrics).with_epoch(epoch),
@@ -262,6 +270,18 @@ async fn run_kubernetes(o: RunOptions) -> anyhow::Result<()> {
         }
     };
     controller::run(ctx, o.namespace, shutdown).await;
+    if let Some((monitor, task)) = lease {
+        // Dropping the last receiver makes the manager release the Lease, so that a standby
+        // takes over at once instead of after the lease duration.
+        monitor.abort();
+        let _ = monitor.await;
+        match tokio::time::timeout(std::time::Duration::from_secs(5), task).await {
+            Ok(Ok(Ok(_))) => tracing::info!("released the lease"),
+            Ok(Ok(Err(e))) => tracing::warn!("releasing the lease: {e}"),
+            Ok(Err(e)) => tracing::warn!("lease task: {e}"),
+            Err(_) => tracing::warn!("releasing the lease timed out"),
+        }
+    }
     server.abort();
     Ok(())
 }

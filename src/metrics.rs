@@ -31,6 +31,8 @@ pub struct Metrics {
     /// Transport and scheduler counters shared with the executors.
     pub counters: Arc<Counters>,
     pub ready: AtomicBool,
+    /// Whether this replica holds the leader Lease (always true without leader election).
+    pub leader: AtomicBool,
 }
 
 impl Default for Metrics {
@@ -67,6 +69,7 @@ impl Default for Metrics {
             current: Default::default(),
             counters,
             ready: AtomicBool::new(false),
+            leader: AtomicBool::new(false),
         }
     }
 }
@@ -148,6 +151,10 @@ impl Metrics {
                 v.load(Ordering::Relaxed)
             ));
         }
+        out.push_str(&format!(
+            "# HELP slurm_asset_operator_leader Whether this replica leads (holds the Lease).\n# TYPE slurm_asset_operator_leader gauge\nslurm_asset_operator_leader {}\n",
+            u8::from(self.leader.load(Ordering::Relaxed))
+        ));
         out.push_str("# EOF\n");
         out
     }
@@ -215,6 +222,7 @@ mod tests {
             text.contains("slurm_asset_operator_ssh_reconnects_total 0"),
             "{text}"
         );
+        assert!(text.contains("slurm_asset_operator_leader 0\n"), "{text}");
         assert!(
             text.contains("slurm_asset_operator_submit_latency_seconds_count 1"),
             "{text}"

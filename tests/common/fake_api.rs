@@ -84,7 +84,44 @@ fn collection_of(path: &str) -> String {
         .to_string()
 }
 
-const COLLECTIONS: [&str; 4] = ["slurmassets", "slurmclusters", "secrets", "configmaps"];
+const COLLECTIONS: [&str; 5] = [
+    "slurmassets",
+    "slurmclusters",
+    "secrets",
+    "configmaps",
+    "leases",
+];
+
+/// Whether an object's collection is `requested`, namespaced or across all namespaces.
+fn in_collection(collection: &str, requested: &str) -> bool {
+    if collection == requested {
+        return true;
+    }
+    // ".../namespaces/<ns>/<plural>" is also in ".../<plural>".
+    match collection.split_once("/namespaces/") {
+        Some((prefix, rest)) => rest
+            .split_once('/')
+            .is_some_and(|(_, plural)| format!("{prefix}/{plural}") == requested),
+        None => false,
+    }
+}
+
+/// JSON merge patch (RFC 7386), which is also what a strategic merge or an apply of these
+/// flat Lease specs amounts to.
+fn merge(target: &mut Value, patch: &Value) {
+    match (target.as_object_mut(), patch.as_object()) {
+        (Some(t), Some(p)) => {
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(k);
+                } else {
+                    merge(t.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+        _ => *target = patch.clone(),
+    }
+}
 
 /// How a request is answered: at once, or (a watch) after a short wait.
 enum Reply {
@@ -195,6 +232,54 @@ impl FakeApi {
         s.store(&p, obj, kind);
     }
 
+    /// Serves this fake over HTTP on 127.0.0.1 (for the operator binary, through a
+    /// kubeconfig); returns the port.
+    pub async fn serve_http(&self) -> u16 {
+        use axum::response::IntoResponse;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let api = self.clone();
+        let handler = move |req: axum::extract::Request| {
+            let api = api.clone();
+            async move {
+                let (parts, body) = req.into_parts();
+                let header = |name: &str| {
+                    parts
+                        .headers
+                        .get(name)
+                        .map(|v| v.to_str().unwrap_or_default().to_string())
+                        .unwrap_or_default()
+                };
+                let bytes = axum::body::to_bytes(body, usize::MAX).await.unwrap();
+                let rec = Recorded {
+                    method: parts.method.to_string(),
+                    uri: parts.uri.to_string(),
+                    content_type: header("content-type"),
+                    accept: header("accept"),
+                    body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+                };
+                let reply = api.answer(&rec);
+                api.0.lock().unwrap().log.push(rec);
+                let json_type = [(http::header::CONTENT_TYPE, "application/json")];
+                match reply {
+                    Reply::Now(code, v) => (code, json_type, v.to_string()).into_response(),
+                    Reply::Watch {
+                        collection,
+                        since,
+                        meta_only,
+                    } => {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        let text = api.watch_events(&collection, since, meta_only);
+                        (StatusCode::OK, json_type, text).into_response()
+                    }
+                }
+            }
+        };
+        let app = axum::Router::new().fallback(handler);
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        port
+    }
+
     pub fn get(&self, path: &str) -> Option<Value> {
         self.0.lock().unwrap().objects.get(path).cloned()
     }
@@ -224,7 +309,7 @@ impl FakeApi {
         let s = self.0.lock().unwrap();
         s.changes
             .iter()
-            .filter(|c| c.version > since && c.collection == collection)
+            .filter(|c| c.version > since && in_collection(&c.collection, collection))
             .map(|c| {
                 let object = if meta_only {
                     metadata_only(&c.object)
@@ -264,7 +349,7 @@ impl FakeApi {
             let items: Vec<Value> = s
                 .objects
                 .iter()
-                .filter(|(k, _)| collection_of(k) == p)
+                .filter(|(k, _)| in_collection(&collection_of(k), p))
                 .map(|(_, o)| {
                     if meta_only {
                         metadata_only(o)
@@ -278,6 +363,23 @@ impl FakeApi {
                 json!({"apiVersion": "v1", "kind": "List", "items": items,
                        "metadata": {"resourceVersion": s.version.to_string()}}),
             );
+        }
+        if r.method == "POST" && COLLECTIONS.contains(&last) {
+            let mut obj = r.body.clone();
+            let name = obj["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            let obj_path = format!("{p}/{name}");
+            if s.objects.contains_key(&obj_path) {
+                return Reply::Now(
+                    StatusCode::CONFLICT,
+                    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                           "reason": "AlreadyExists", "code": 409, "message": "exists"}),
+                );
+            }
+            obj["metadata"]["uid"] = json!(uuid::Uuid::new_v4().to_string());
+            return Reply::Now(StatusCode::CREATED, s.store(&obj_path, obj, "ADDED"));
         }
         let (obj_path, subresource) = match p.strip_suffix("/status") {
             Some(base) => (base.to_string(), true),
@@ -319,6 +421,23 @@ impl FakeApi {
                         .is_none_or(|f| f.is_empty());
                 let kind = if released { "DELETED" } else { "MODIFIED" };
                 Reply::Now(StatusCode::OK, s.store(&obj_path, obj, kind))
+            }
+            "PATCH"
+                if !subresource
+                    && matches!(
+                        r.content_type.as_str(),
+                        "application/merge-patch+json"
+                            | "application/strategic-merge-patch+json"
+                            | "application/apply-patch+yaml"
+                    ) =>
+            {
+                let mut patch = r.body.clone();
+                if let Some(m) = patch.as_object_mut() {
+                    m.remove("apiVersion");
+                    m.remove("kind");
+                }
+                merge(&mut obj, &patch);
+                Reply::Now(StatusCode::OK, s.store(&obj_path, obj, "MODIFIED"))
             }
             other => panic!("the fake API does not serve {other} {}", r.uri),
         }

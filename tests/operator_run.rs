@@ -1,0 +1,222 @@
+//! The operator binary's Kubernetes mode as deployed: `slurm-asset-operator run` with a
+//! kubeconfig, leader election, the metrics server, and a real Slurm job behind it. The API
+//! server is the MOCKED one of `common::fake_api`, served over HTTP (no real API server can
+//! run on these machines); Slurm and sshd are the real test cluster.
+
+mod common;
+use base64::Engine;
+use common::fake_api::{FakeApi, asset_path, path};
+use common::*;
+use serde_json::{Value, json};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn b64(s: &str) -> String {
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Replica {
+    child: Child,
+    metrics_port: u16,
+}
+
+impl Replica {
+    fn start(kubeconfig: &std::path::Path, work: &std::path::Path, name: &str) -> Replica {
+        let metrics_port = free_port();
+        let child = Command::new(BIN)
+            .args([
+                "run",
+                "--leader-election",
+                "--lease-namespace=default",
+                &format!("--metrics-port={metrics_port}"),
+            ])
+            .arg("--work-dir")
+            .arg(work.join(name))
+            .env("KUBECONFIG", kubeconfig)
+            .env("POD_NAME", name)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        Replica {
+            child,
+            metrics_port,
+        }
+    }
+
+    /// GET on the metrics server; `None` until it answers.
+    async fn get(&self, what: &str) -> Option<String> {
+        let port = self.metrics_port;
+        let what = what.to_string();
+        tokio::task::spawn_blocking(move || {
+            use std::io::{Read, Write};
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+            write!(
+                s,
+                "GET {what} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+            )
+            .ok()?;
+            let mut out = String::new();
+            s.read_to_string(&mut out).ok()?;
+            Some(out)
+        })
+        .await
+        .unwrap()
+    }
+
+    async fn metric(&self, name: &str) -> Option<String> {
+        let text = self.get("/metrics").await?;
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .map(str::to_string)
+    }
+
+    fn terminate(&mut self) {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn eventually<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn sacct_comment(job_id: &str) -> String {
+    let out = Command::new("sacct")
+        .args(["-X", "-n", "-P", "-j", job_id, "--format=Comment%200"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn slurm_asset(name: &str) -> Value {
+    json!({
+        "apiVersion": "dagster-slurm.io/v1alpha1", "kind": "SlurmAsset",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"assetKey": format!("t/{name}"), "clusterRef": "hpc",
+                 "payload": {"inline": format!("echo {name} ran")}},
+    })
+}
+
+async fn succeeded(api: &FakeApi, name: &str) -> Value {
+    eventually(&format!("{name} Succeeded"), async || {
+        api.get(&asset_path(name))
+            .filter(|o| o["status"]["phase"] == "Succeeded")
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_with_leader_election_fences_and_hands_over() {
+    let c = test_cluster();
+    let dir = tempfile::tempdir().unwrap();
+    let api = FakeApi::default();
+    let port = api.serve_http().await;
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: fake\nclusters:\n- name: fake\n  cluster: {{server: \"http://127.0.0.1:{port}\"}}\ncontexts:\n- name: fake\n  context: {{cluster: fake, user: u, namespace: default}}\nusers:\n- name: u\n  user: {{}}\n"
+        ),
+    )
+    .unwrap();
+    api.put(json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "slurm-ssh", "namespace": "default"},
+        "data": {"ssh-privatekey": b64(&std::fs::read_to_string(&c.key).unwrap()),
+                 "known_hosts": b64(&std::fs::read_to_string(&c.known_hosts).unwrap())},
+    }));
+    api.put(json!({
+        "apiVersion": "dagster-slurm.io/v1alpha1", "kind": "SlurmCluster",
+        "metadata": {"name": "hpc", "namespace": "default"},
+        "spec": {"mode": "slurm", "pollInterval": "1s", "remoteBase": remote_base("run"),
+                 "ssh": {"host": c.host, "port": c.port.parse::<u16>().unwrap(), "user": c.user,
+                         "keySecretRef": {"name": "slurm-ssh", "key": "ssh-privatekey"},
+                         "knownHosts": {"secretRef": {"name": "slurm-ssh", "key": "known_hosts"}}}},
+    }));
+    api.put(slurm_asset("first"));
+
+    // Replica a leads; b stands by, ready but not leading.
+    let mut a = Replica::start(&kubeconfig, dir.path(), "op-a");
+    let first = succeeded(&api, "first").await;
+    let lease_path = path(
+        "coordination.k8s.io/v1",
+        "leases",
+        "default",
+        "slurm-asset-operator",
+    );
+    let lease = api.get(&lease_path).expect("a Lease");
+    assert_eq!(lease["spec"]["holderIdentity"], "op-a");
+    let epoch_a = lease["spec"]["leaseTransitions"].as_u64().unwrap() + 1;
+    let job = first["status"]["jobId"].as_str().unwrap().to_string();
+    assert!(
+        sacct_comment(&job).ends_with(&format!("epoch {epoch_a}")),
+        "{}",
+        sacct_comment(&job)
+    );
+    assert_eq!(first["status"]["logTail"]["stdout"], "first ran");
+    let b = Replica::start(&kubeconfig, dir.path(), "op-b");
+    eventually("b ready", async || {
+        b.get("/readyz").await.filter(|r| r.contains("200 OK"))
+    })
+    .await;
+    assert_eq!(b.metric("slurm_asset_operator_leader").await.unwrap(), "0");
+    let a_metrics = a.get("/metrics").await.unwrap();
+    for line in [
+        "slurm_asset_operator_leader 1",
+        "slurm_asset_operator_ssh_connects_total 1",
+        "slurm_asset_operator_submit_latency_seconds_count 1",
+    ] {
+        assert!(a_metrics.contains(line), "{line} missing:\n{a_metrics}");
+    }
+    assert!(a.get("/healthz").await.unwrap().contains("200 OK"));
+
+    // a stops (SIGTERM): it releases the Lease, b takes over with a higher epoch.
+    a.terminate();
+    let status = tokio::task::spawn_blocking(move || a.child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    eventually("b leads", async || {
+        b.metric("slurm_asset_operator_leader")
+            .await
+            .filter(|v| v == "1")
+    })
+    .await;
+    let lease = api.get(&lease_path).unwrap();
+    assert_eq!(lease["spec"]["holderIdentity"], "op-b");
+    let epoch_b = lease["spec"]["leaseTransitions"].as_u64().unwrap() + 1;
+    assert!(epoch_b > epoch_a, "{epoch_b} > {epoch_a}");
+    api.put(slurm_asset("second"));
+    let second = succeeded(&api, "second").await;
+    let job = second["status"]["jobId"].as_str().unwrap();
+    assert!(
+        sacct_comment(job).ends_with(&format!("epoch {epoch_b}")),
+        "{}",
+        sacct_comment(job)
+    );
+    // The first asset was not run again by the new leader.
+    let again = api.get(&asset_path("first")).unwrap();
+    assert_eq!(again["status"]["jobId"], first["status"]["jobId"]);
+}

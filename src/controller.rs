@@ -5,7 +5,7 @@
 
 use crate::api::{
     API_VERSION, ClusterMode, Phase, SlurmAsset, SlurmAssetSpec, SlurmAssetStatus, SlurmCluster,
-    SlurmClusterSpec,
+    SlurmClusterSpec, SlurmClusterStatus,
 };
 use crate::backend::{Backend, Work, drive};
 use crate::conditions;
@@ -62,6 +62,8 @@ pub struct Context {
     pub slurm: Mutex<HashMap<String, Arc<SlurmExecutor>>>,
     pub counters: Arc<Counters>,
     pub readers: Mutex<HashMap<String, MessageReader>>,
+    /// Last status written per SlurmCluster ("ns/name"), so that it is written on change only.
+    cluster_status: Mutex<HashMap<String, SlurmClusterStatus>>,
     /// Malformed objects already reported: uid → (generation, error).
     invalid: Mutex<HashMap<String, (Option<i64>, String)>>,
     pub recorder: Recorder,
@@ -91,6 +93,7 @@ impl Context {
             slurm: Mutex::new(HashMap::new()),
             counters: metrics.counters.clone(),
             readers: Mutex::new(HashMap::new()),
+            cluster_status: Mutex::new(HashMap::new()),
             invalid: Mutex::new(HashMap::new()),
             work_dir,
             exe,
@@ -110,6 +113,8 @@ impl Context {
 struct Resolved {
     spec: SlurmAssetSpec,
     cluster: SlurmClusterSpec,
+    /// The referenced SlurmCluster's name and generation (none for the implicit local one).
+    cluster_ref: Option<(String, Option<i64>)>,
     backend: Backend,
     poll: Duration,
 }
@@ -357,6 +362,14 @@ async fn apply(asset: &SlurmAsset, ctx: &Context, deleted: bool) -> Result<Actio
     }
     ctx.invalid.lock().await.remove(&uid);
     ctx.metrics.asset_phase(&uid, Some(after.phase));
+    if let Ok(Resolved {
+        backend: Backend::Slurm(ex),
+        cluster_ref: Some((cluster_name, generation)),
+        ..
+    }) = &resolved
+    {
+        update_cluster_status(ctx, &ns, cluster_name, *generation, ex).await;
+    }
     if after.phase != before.phase || after.run != before.run {
         ctx.metrics.phase_change(after.phase);
         let warn = matches!(after.phase, Phase::Failed);
@@ -450,6 +463,71 @@ async fn apply(asset: &SlurmAsset, ctx: &Context, deleted: bool) -> Result<Actio
     })
 }
 
+/// Writes what the assets' traffic has learnt about a SlurmCluster into its status: the
+/// `Reachable` condition, platform, Slurm version and whether accounting answers.
+async fn update_cluster_status(
+    ctx: &Context,
+    ns: &str,
+    name: &str,
+    generation: Option<i64>,
+    ex: &SlurmExecutor,
+) {
+    let Some(reach) = ex.reachability() else {
+        return;
+    };
+    let key = format!("{ns}/{name}");
+    let mut cache = ctx.cluster_status.lock().await;
+    let before = cache.get(&key).cloned().unwrap_or_default();
+    let mut status = before.clone();
+    status.observed_generation = generation;
+    if let Some(f) = ex.known_facts() {
+        status.platform = Some(f.platform);
+        status.slurm_version = Some(f.slurm_version);
+        status.accounting_available = Some(f.accounting);
+    }
+    let (reason, message) = match &reach {
+        Ok(()) => {
+            let t = ex.target();
+            (
+                "Connected",
+                format!("connected to {}@{}:{}", t.user, t.host, t.port),
+            )
+        }
+        Err(e) => ("ConnectFailed", e.clone()),
+    };
+    conditions::set(
+        &mut status.conditions,
+        "Reachable",
+        reach.is_ok(),
+        reason,
+        &message,
+        generation,
+        Timestamp::now(),
+    );
+    if status == before {
+        return;
+    }
+    let api: Api<SlurmCluster> = Api::namespaced(ctx.client.clone(), ns);
+    let patch = serde_json::json!({
+        "apiVersion": API_VERSION,
+        "kind": "SlurmCluster",
+        "status": status,
+    });
+    match api
+        .patch_status(
+            name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+    {
+        Ok(_) => {
+            cache.insert(key, status);
+        }
+        Err(e) => tracing::warn!("writing the status of SlurmCluster {key}: {e}"),
+    }
+}
+
 /// The Event reason of a status message that asks a user to act, if it does.
 fn needs_action(message: Option<&str>) -> Option<&'static str> {
     let m = message?;
@@ -529,6 +607,7 @@ async fn resolve(asset: &SlurmAsset, ctx: &Context) -> Result<Resolved, String> 
             );
         }
     }
+    let mut cluster_ref = None;
     let cluster = match &spec.cluster_ref {
         None => SlurmClusterSpec::default(),
         Some(name) => {
@@ -547,6 +626,7 @@ async fn resolve(asset: &SlurmAsset, ctx: &Context) -> Result<Resolved, String> 
                     describe(&errors)
                 ));
             }
+            cluster_ref = Some((name.clone(), c.metadata.generation));
             c.spec
         }
     };
@@ -579,6 +659,7 @@ async fn resolve(asset: &SlurmAsset, ctx: &Context) -> Result<Resolved, String> 
     Ok(Resolved {
         spec,
         cluster,
+        cluster_ref,
         backend,
         poll,
     })

@@ -7,7 +7,7 @@
 
 mod common;
 use base64::Engine;
-use common::fake_api::{FakeApi, asset_path};
+use common::fake_api::{FakeApi, asset_path, path};
 use common::*;
 use kube::core::error_boundary::DeserializeGuard;
 use serde_json::{Value, json};
@@ -180,6 +180,30 @@ async fn kubectl_apply_runs_on_slurm_to_succeeded_and_delete_cancels() {
     let sacct = sacct_jobs(&tag);
     assert_eq!(sacct.len(), 1, "exactly one Slurm job: {sacct:?}");
     assert_eq!(sacct[0].2, job_id);
+
+    // The SlurmCluster's status says what the connection learnt.
+    let cluster = api
+        .get(&path(
+            "dagster-slurm.io/v1alpha1",
+            "slurmclusters",
+            "default",
+            "hpc",
+        ))
+        .unwrap();
+    let cs = &cluster["status"];
+    assert_eq!(cs["conditions"][0]["type"], "Reachable", "{cs:#}");
+    assert_eq!(cs["conditions"][0]["status"], "True", "{cs:#}");
+    assert_eq!(cs["accountingAvailable"], true, "{cs:#}");
+    assert!(
+        cs["slurmVersion"]
+            .as_str()
+            .is_some_and(|v| v.starts_with(|c: char| c.is_ascii_digit())),
+        "{cs:#}"
+    );
+    assert!(
+        cs["platform"].as_str().unwrap().starts_with("linux-"),
+        "{cs:#}"
+    );
 
     // Every status write was server-side apply to the status subresource with our manager,
     // and each one changed something (no write of an unchanged status).

@@ -212,6 +212,18 @@ async fn an_unreachable_cluster_holds_a_deletion_until_forced() {
         .filter(|r| r.body["reason"] == "CancelNotConfirmed")
         .count();
     assert_eq!(warned, 1, "a Warning Event when the cancel first fails");
+    let gone = api
+        .get(&path(
+            "dagster-slurm.io/v1alpha1",
+            "slurmclusters",
+            "default",
+            "gone",
+        ))
+        .unwrap();
+    let reachable = &gone["status"]["conditions"][0];
+    assert_eq!(reachable["type"], "Reachable", "{gone:#}");
+    assert_eq!(reachable["status"], "False", "{gone:#}");
+    assert_eq!(reachable["reason"], "ConnectFailed", "{gone:#}");
 
     // The annotation releases it at once, with a Warning Event that names the job.
     let mut forced = api.get(&asset_path("orphan")).unwrap();

@@ -76,6 +76,8 @@ pub struct SlurmExecutor {
     facts: Mutex<Option<ClusterFacts>>,
     pub counters: Arc<Counters>,
     shared: Mutex<SharedPoll>,
+    /// How the last attempt to reach the cluster went (`None`: not tried yet).
+    reachable: std::sync::Mutex<Option<std::result::Result<(), String>>>,
 }
 
 /// Jobs observed one by one (Kubernetes mode reconciles each asset on its own) are still
@@ -123,6 +125,7 @@ impl SlurmExecutor {
             facts: Mutex::new(None),
             counters,
             shared: Mutex::new(SharedPoll::default()),
+            reachable: std::sync::Mutex::new(None),
         }
     }
 
@@ -207,7 +210,26 @@ impl SlurmExecutor {
         Ok(conn)
     }
 
+    /// How the last attempt to reach the cluster went, if there was one.
+    pub fn reachability(&self) -> Option<std::result::Result<(), String>> {
+        self.reachable.lock().expect("reachability lock").clone()
+    }
+
+    /// The cluster's facts, if a connection has learnt them (never connects).
+    pub fn known_facts(&self) -> Option<ClusterFacts> {
+        self.facts.try_lock().ok().and_then(|f| f.clone())
+    }
+
     async fn run(&self, script: &str) -> Result<crate::transport::RemoteOutput> {
+        let result = self.run_once(script).await;
+        *self.reachable.lock().expect("reachability lock") = Some(match &result {
+            Ok(_) => Ok(()),
+            Err(e) => Err(e.to_string()),
+        });
+        result
+    }
+
+    async fn run_once(&self, script: &str) -> Result<crate::transport::RemoteOutput> {
         let conn = self.connection().await?;
         self.counters
             .remote_commands
@@ -250,7 +272,12 @@ impl SlurmExecutor {
                 "x86_64" => "linux-64".into(),
                 other => format!("linux-{other}"),
             },
-            slurm_version: get("SLURM=").trim_start_matches("slurm ").to_string(),
+            // "slurm 23.11.4", or Debian's "slurm-wlm 22.05.8": the version is the last word.
+            slurm_version: get("SLURM=")
+                .split_whitespace()
+                .last()
+                .unwrap_or_default()
+                .to_string(),
             accounting: get("ACCT=") == "yes",
         };
         if facts.home.is_empty() {

@@ -21,7 +21,7 @@ use futures::StreamExt;
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::{Api, PartialObjectMeta, Patch, PatchParams};
-use kube::core::error_boundary::DeserializeGuard;
+use kube::core::error_boundary::{DeserializeGuard, InvalidObject};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
@@ -204,64 +204,9 @@ pub async fn reconcile(
     ctx.metrics.reconciles.inc();
     let asset = match &obj.0 {
         Ok(a) => a.clone(),
+        // A malformed object never breaks the watch: it gets a condition and an Event.
         Err(invalid) => {
-            // A malformed object never breaks the watch: it gets a condition and an Event.
-            let ns = invalid
-                .metadata
-                .namespace
-                .clone()
-                .unwrap_or_else(|| "default".into());
-            let name = invalid.metadata.name.clone().unwrap_or_default();
-            // serde's position ("at line 1 column 345") moves with every status write: drop it.
-            let error = match invalid.error.rfind(" at line ") {
-                Some(i) => invalid.error[..i].to_string(),
-                None => invalid.error.clone(),
-            };
-            let mut status = SlurmAssetStatus {
-                phase: Phase::Failed,
-                reason: Some(crate::core::REASON_INVALID.into()),
-                message: Some(format!("spec: {error}")),
-                observed_generation: invalid.metadata.generation,
-                ..Default::default()
-            };
-            conditions::set(
-                &mut status.conditions,
-                "Invalid",
-                true,
-                crate::core::REASON_INVALID,
-                &format!("spec: {error}"),
-                invalid.metadata.generation,
-                Timestamp::now(),
-            );
-            // The guard keeps no status to compare with: remember what was written instead,
-            // so that a resync writes (and tells) nothing new.
-            let seen = (invalid.metadata.generation, error.clone());
-            let uid = invalid.metadata.uid.clone().unwrap_or_default();
-            if ctx.invalid.lock().await.get(&uid) == Some(&seen) {
-                return Ok(Action::await_change());
-            }
-            let api = Api::namespaced(ctx.client.clone(), &ns);
-            patch_status(&api, &name, &status).await?;
-            ctx.metrics.asset_phase(&uid, Some(Phase::Failed));
-            let reference = k8s_openapi::api::core::v1::ObjectReference {
-                api_version: Some(API_VERSION.into()),
-                kind: Some("SlurmAsset".into()),
-                name: Some(name),
-                namespace: Some(ns),
-                uid: Some(uid.clone()),
-                ..Default::default()
-            };
-            let ev = KubeEvent {
-                type_: EventType::Warning,
-                reason: crate::core::REASON_INVALID.into(),
-                note: status.message.clone(),
-                action: "Validate".into(),
-                secondary: None,
-            };
-            if let Err(e) = ctx.recorder.publish(&ev, &reference).await {
-                tracing::warn!("publishing an event: {e}");
-            }
-            ctx.invalid.lock().await.insert(uid, seen);
+            report_malformed(invalid, &ctx).await?;
             return Ok(Action::await_change());
         }
     };
@@ -279,6 +224,68 @@ pub async fn reconcile(
         | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
         other => Error::Finalizer(other.to_string()),
     })
+}
+
+/// Marks a SlurmAsset whose spec does not parse: `Failed` with an `Invalid` condition and one
+/// Warning Event (again only when the error or the generation changes).
+async fn report_malformed(invalid: &InvalidObject, ctx: &Context) -> Result<(), Error> {
+    let ns = invalid
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
+    let name = invalid.metadata.name.clone().unwrap_or_default();
+    // serde's position ("at line 1 column 345") moves with every status write: drop it.
+    let error = match invalid.error.rfind(" at line ") {
+        Some(i) => invalid.error[..i].to_string(),
+        None => invalid.error.clone(),
+    };
+    let mut status = SlurmAssetStatus {
+        phase: Phase::Failed,
+        reason: Some(crate::core::REASON_INVALID.into()),
+        message: Some(format!("spec: {error}")),
+        observed_generation: invalid.metadata.generation,
+        ..Default::default()
+    };
+    conditions::set(
+        &mut status.conditions,
+        "Invalid",
+        true,
+        crate::core::REASON_INVALID,
+        &format!("spec: {error}"),
+        invalid.metadata.generation,
+        Timestamp::now(),
+    );
+    // The guard keeps no status to compare with: remember what was written instead,
+    // so that a resync writes (and tells) nothing new.
+    let seen = (invalid.metadata.generation, error.clone());
+    let uid = invalid.metadata.uid.clone().unwrap_or_default();
+    if ctx.invalid.lock().await.get(&uid) == Some(&seen) {
+        return Ok(());
+    }
+    let api = Api::namespaced(ctx.client.clone(), &ns);
+    patch_status(&api, &name, &status).await?;
+    ctx.metrics.asset_phase(&uid, Some(Phase::Failed));
+    let reference = k8s_openapi::api::core::v1::ObjectReference {
+        api_version: Some(API_VERSION.into()),
+        kind: Some("SlurmAsset".into()),
+        name: Some(name),
+        namespace: Some(ns),
+        uid: Some(uid.clone()),
+        ..Default::default()
+    };
+    let ev = KubeEvent {
+        type_: EventType::Warning,
+        reason: crate::core::REASON_INVALID.into(),
+        note: status.message.clone(),
+        action: "Validate".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&ev, &reference).await {
+        tracing::warn!("publishing an event: {e}");
+    }
+    ctx.invalid.lock().await.insert(uid, seen);
+    Ok(())
 }
 
 async fn apply(asset: &SlurmAsset, ctx: &Context, deleted: bool) -> Result<Action, Error> {

@@ -382,6 +382,60 @@ fn password_and_one_time_code_login() {
     );
 }
 
+#[test]
+fn key_and_one_time_code_login() {
+    // The third sshd of the test cluster wants the key, then a TOTP code.
+    let c = test_cluster();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let manifest = |with_code: bool| {
+        c.manifest("hpc", &remote_base("key-totp"))
+            .replace(
+                &format!("keyPath: {}", c.key),
+                &format!(
+                    "keyPath: {}{}",
+                    c.key,
+                    if with_code {
+                        ", totpEnv: SAO_TEST_TOTP"
+                    } else {
+                        ""
+                    }
+                ),
+            )
+            .replace(
+                &format!("port: {}", c.port),
+                &format!("port: {}", c.key_otp_port),
+            )
+    };
+    write(d, "k.yaml", &slurm_asset("k", "echo key and code", ""));
+    let run = || {
+        std::process::Command::new(BIN)
+            .args(["standalone", "--once", "--dir"])
+            .arg(d)
+            .env("SAO_TEST_TOTP", &c.totp_seed)
+            .output()
+            .unwrap()
+    };
+    write(d, "cluster.yaml", &manifest(true));
+    let out = run();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(status(d, "k")["logTail"]["stdout"], "key and code");
+    assert!(!(walk_text(d) + &stderr).contains(&c.totp_seed));
+
+    // The key alone does not get in: the server really asks for the code.
+    std::fs::remove_dir_all(d.join(".status")).unwrap();
+    write(d, "cluster.yaml", &manifest(false));
+    let mut op = Operator::start(d);
+    let waiting = wait_for(d, "k", "a refused login", |o| {
+        o["status"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("Permission denied"))
+    });
+    op.sigkill();
+    assert!(waiting["status"]["jobId"].is_null(), "{waiting:#}");
+}
+
 fn walk_text(dir: &std::path::Path) -> String {
     let mut s = String::new();
     for e in std::fs::read_dir(dir).unwrap().flatten() {

@@ -8,4 +8,5 @@ TEST_HOME=/home/$TEST_USER
 PIPES_ENV=$TEST_HOME/envs/pipes          # pre-deployed environment with dagster-pipes
 NODES="n1 n2 n3"
 OTP_SSH_PORT=${SAO_TEST_OTP_SSH_PORT:-2223}   # a second sshd: password + TOTP code (PAM)
+KEY_OTP_SSH_PORT=${SAO_TEST_KEY_OTP_SSH_PORT:-2224}   # a third: key + TOTP code
 PACKAGES="slurm-wlm slurmdbd munge mariadb-server openssh-server python3-venv libpam-google-authenticator"

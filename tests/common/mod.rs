@@ -131,6 +131,8 @@ pub struct TestCluster {
     pub env_path: String,
     /// The second sshd: password, then a TOTP code (PAM google-authenticator).
     pub otp_port: String,
+    /// The third sshd: key, then a TOTP code.
+    pub key_otp_port: String,
     pub totp_seed: String,
 }
 
@@ -153,6 +155,7 @@ pub fn test_cluster() -> TestCluster {
         known_hosts: get("SLURM_EDGE_NODE_KNOWN_HOSTS"),
         env_path: get("CI_DEPLOYED_ENVIRONMENT_PATH"),
         otp_port: get("SAO_TEST_OTP_SSH_PORT"),
+        key_otp_port: get("SAO_TEST_KEY_OTP_SSH_PORT"),
         totp_seed: get("SAO_TEST_TOTP_SEED"),
     }
 }

@@ -102,7 +102,7 @@ impl Context {
         }
     }
 
-    /// Sets the leadership epoch (the Lease's `leaseTransitions` when this replica took it).
+    /// Sets the leadership epoch (the Lease's `leaseTransitions` + 1 when this replica took it).
     pub fn with_epoch(mut self, epoch: u64) -> Context {
         self.epoch = epoch;
         self

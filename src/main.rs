@@ -80,7 +80,8 @@ enum Command {
 
 fn main() -> ExitCode {
     // Invoked by ssh as SSH_ASKPASS (with the prompt as the only argument): answer with the
-    // password that the operator put into this one ssh process's environment.
+    // password or a one-time code from the secrets the operator put into this one ssh
+    // process's environment.
     {
         use slurm_asset_operator::transport::{ASKPASS_ENV, ASKPASS_TOTP_ENV, askpass_answer};
         let password = std::env::var(ASKPASS_ENV).ok();

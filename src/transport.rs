@@ -165,11 +165,21 @@ impl Connection {
         for (k, v) in &target.extra_options {
             cmd.arg("-o").arg(format!("{k}={v}"));
         }
-        if let Some(seed) = &target.totp_seed {
+        // Secrets reach ssh only through the askpass answer, from this one process's environment.
+        let password = match &target.auth {
+            SshAuth::Password(pw) => Some(pw),
+            SshAuth::KeyFile(_) => None,
+        };
+        if password.is_some() || target.totp_seed.is_some() {
             cmd.env("SSH_ASKPASS", operator_exe)
                 .env("SSH_ASKPASS_REQUIRE", "force")
-                .env("DISPLAY", ":0")
-                .env(ASKPASS_TOTP_ENV, seed);
+                .env("DISPLAY", ":0");
+        }
+        if let Some(pw) = password {
+            cmd.env(ASKPASS_ENV, pw);
+        }
+        if let Some(seed) = &target.totp_seed {
+            cmd.env(ASKPASS_TOTP_ENV, seed);
         }
         match &target.auth {
             SshAuth::KeyFile(key) if target.totp_seed.is_some() => {
@@ -190,7 +200,7 @@ impl Connection {
                     .arg(key)
                     .args(["-o", "PreferredAuthentications=publickey"]);
             }
-            SshAuth::Password(pw) => {
+            SshAuth::Password(_) => {
                 cmd.args([
                     "-o",
                     "PreferredAuthentications=password,keyboard-interactive",
@@ -198,11 +208,7 @@ impl Connection {
                     "PubkeyAuthentication=no",
                     "-o",
                     "NumberOfPasswordPrompts=1",
-                ])
-                .env("SSH_ASKPASS", operator_exe)
-                .env("SSH_ASKPASS_REQUIRE", "force")
-                .env("DISPLAY", ":0")
-                .env(ASKPASS_ENV, pw);
+                ]);
             }
         }
         cmd.arg("--")

@@ -6,7 +6,6 @@
 //! loop the way kube-runtime would call it.
 
 mod common;
-use base64::Engine;
 use common::fake_api::{FakeApi, asset_path, path};
 use common::*;
 use kube::core::error_boundary::DeserializeGuard;
@@ -19,10 +18,6 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 const SECRET_TOKEN: &str = "s3cr3t-token-value";
-
-fn b64(s: &str) -> String {
-    base64::engine::general_purpose::STANDARD.encode(s)
-}
 
 /// The user's objects: SSH Secret, env Secret, payload ConfigMap and the SlurmCluster.
 fn apply_cluster(api: &FakeApi, c: &TestCluster, base: &str) -> (String, String) {
@@ -43,20 +38,12 @@ fn apply_cluster(api: &FakeApi, c: &TestCluster, base: &str) -> (String, String)
         "metadata": {"name": "payloads", "namespace": "default"},
         "data": {"busy.sh": "end=$((SECONDS+3)); while [ $SECONDS -lt $end ]; do :; done\necho \"greeting=$GREETING token-length=${#TOKEN}\"\n"},
     }));
-    api.put(json!({
-        "apiVersion": "dagster-slurm.io/v1alpha1", "kind": "SlurmCluster",
-        "metadata": {"name": "hpc", "namespace": "default"},
-        "spec": {
-            "mode": "slurm",
-            "pollInterval": "1s",
-            "remoteBase": base,
-            "ssh": {
-                "host": c.host, "port": c.port.parse::<u16>().unwrap(), "user": c.user,
-                "keySecretRef": {"name": "slurm-ssh", "key": "ssh-privatekey"},
-                "knownHosts": {"secretRef": {"name": "slurm-ssh", "key": "known_hosts"}},
-            },
-        },
-    }));
+    api.put(c.cluster_object(
+        base,
+        &c.port,
+        "slurm-ssh",
+        json!({"keySecretRef": {"name": "slurm-ssh", "key": "ssh-privatekey"}}),
+    ));
     (key, known)
 }
 
@@ -313,26 +300,21 @@ async fn password_and_one_time_code_from_secrets() {
     let work = tempfile::tempdir().unwrap();
     let (api, client) = FakeApi::start();
     let known = std::fs::read_to_string(&c.known_hosts).unwrap();
-    api.put(json!({
-        "apiVersion": "v1", "kind": "Secret",
-        "metadata": {"name": "login", "namespace": "default"},
-        "data": {"password": b64(&c.password), "totp": b64(&c.totp_seed), "known_hosts": b64(&known)},
-    }));
-    api.put(json!({
-        "apiVersion": "dagster-slurm.io/v1alpha1", "kind": "SlurmCluster",
-        "metadata": {"name": "hpc", "namespace": "default"},
-        "spec": {
-            "mode": "slurm",
-            "pollInterval": "1s",
-            "remoteBase": remote_base("k8s-totp"),
-            "ssh": {
-                "host": c.host, "port": c.otp_port.parse::<u16>().unwrap(), "user": c.user,
-                "passwordSecretRef": {"name": "login", "key": "password"},
-                "totpSecretRef": {"name": "login", "key": "totp"},
-                "knownHosts": {"secretRef": {"name": "login", "key": "known_hosts"}},
-            },
-        },
-    }));
+    let login = |seed: &str| {
+        json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "login", "namespace": "default"},
+            "data": {"password": b64(&c.password), "totp": b64(seed), "known_hosts": b64(&known)},
+        })
+    };
+    api.put(login(&c.totp_seed));
+    api.put(c.cluster_object(
+        &remote_base("k8s-totp"),
+        &c.otp_port,
+        "login",
+        json!({"passwordSecretRef": {"name": "login", "key": "password"},
+               "totpSecretRef": {"name": "login", "key": "totp"}}),
+    ));
     apply_asset(
         &api,
         "otp",
@@ -363,11 +345,7 @@ async fn password_and_one_time_code_from_secrets() {
     }
 
     // A Secret whose seed is not base32 is named in the status, never echoed.
-    api.put(json!({
-        "apiVersion": "v1", "kind": "Secret",
-        "metadata": {"name": "login", "namespace": "default"},
-        "data": {"password": b64(&c.password), "totp": b64("not a seed!"), "known_hosts": b64(&known)},
-    }));
+    api.put(login("not a seed!"));
     apply_asset(
         &api,
         "bad-seed",
@@ -381,11 +359,7 @@ async fn password_and_one_time_code_from_secrets() {
     );
     assert!(!message.contains("not a seed!"), "{message}");
     // Fixing the Secret (its watch re-reconciles the asset) lets the same spec run.
-    api.put(json!({
-        "apiVersion": "v1", "kind": "Secret",
-        "metadata": {"name": "login", "namespace": "default"},
-        "data": {"password": b64(&c.password), "totp": b64(&c.totp_seed), "known_hosts": b64(&known)},
-    }));
+    api.put(login(&c.totp_seed));
     let fixed = reconcile_until(&api, &ctx, "bad-seed", "Succeeded", |o| {
         phase(o) == "Succeeded"
     })

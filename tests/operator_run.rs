@@ -4,16 +4,11 @@
 //! run on these machines); Slurm and sshd are the real test cluster.
 
 mod common;
-use base64::Engine;
 use common::fake_api::{FakeApi, asset_path, path};
 use common::*;
 use serde_json::{Value, json};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn b64(s: &str) -> String {
-    base64::engine::general_purpose::STANDARD.encode(s)
-}
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -147,14 +142,12 @@ async fn run_with_leader_election_fences_and_hands_over() {
         "data": {"ssh-privatekey": b64(&std::fs::read_to_string(&c.key).unwrap()),
                  "known_hosts": b64(&std::fs::read_to_string(&c.known_hosts).unwrap())},
     }));
-    api.put(json!({
-        "apiVersion": "dagster-slurm.io/v1alpha1", "kind": "SlurmCluster",
-        "metadata": {"name": "hpc", "namespace": "default"},
-        "spec": {"mode": "slurm", "pollInterval": "1s", "remoteBase": remote_base("run"),
-                 "ssh": {"host": c.host, "port": c.port.parse::<u16>().unwrap(), "user": c.user,
-                         "keySecretRef": {"name": "slurm-ssh", "key": "ssh-privatekey"},
-                         "knownHosts": {"secretRef": {"name": "slurm-ssh", "key": "known_hosts"}}}},
-    }));
+    api.put(c.cluster_object(
+        &remote_base("run"),
+        &c.port,
+        "slurm-ssh",
+        json!({"keySecretRef": {"name": "slurm-ssh", "key": "ssh-privatekey"}}),
+    ));
     api.put(slurm_asset("first"));
 
     // Replica a leads; b stands by, ready but not leading.

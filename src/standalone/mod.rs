@@ -1044,16 +1044,18 @@ fn ssh_target(
             .and_then(|p| p.parse().ok())
             .unwrap_or(22)
     };
+    if ssh.totp_secret_ref.is_some() {
+        return Err(format!(
+            "{key}: spec.ssh.totpSecretRef: Secret references need Kubernetes mode (use totpEnv)"
+        ));
+    }
     let auth = if let Some(k) = &ssh.key_path {
         SshAuth::KeyFile(dir.join(k))
     } else if let Some(var) = &ssh.password_env {
         SshAuth::Password(env(var).ok_or_else(|| {
             format!("{key}: spec.ssh.passwordEnv: environment variable {var} is not set")
         })?)
-    } else if ssh.key_secret_ref.is_some()
-        || ssh.password_secret_ref.is_some()
-        || ssh.totp_secret_ref.is_some()
-    {
+    } else if ssh.key_secret_ref.is_some() || ssh.password_secret_ref.is_some() {
         return Err(format!(
             "{key}: spec.ssh: Secret references need Kubernetes mode"
         ));
@@ -1066,11 +1068,6 @@ fn ssh_target(
             "{key}: spec.ssh: no key or password (set keyPath or passwordEnv)"
         ));
     };
-    if ssh.totp_secret_ref.is_some() {
-        return Err(format!(
-            "{key}: spec.ssh.totpSecretRef: Secret references need Kubernetes mode (use totpEnv)"
-        ));
-    }
     let totp_seed = match &ssh.totp_env {
         Some(var) => {
             let seed = env(var).ok_or_else(|| {

@@ -171,6 +171,31 @@ impl TestCluster {
     }
 }
 
+impl TestCluster {
+    /// The SlurmCluster `hpc` as a Kubernetes object: this cluster at `port`, with the `auth`
+    /// fields of `spec.ssh` (Secret references) and known hosts from `secret`'s `known_hosts`.
+    pub fn cluster_object(&self, base: &str, port: &str, secret: &str, auth: Value) -> Value {
+        let mut ssh = serde_json::json!({
+            "host": self.host, "port": port.parse::<u16>().unwrap(), "user": self.user,
+            "knownHosts": {"secretRef": {"name": secret, "key": "known_hosts"}},
+        });
+        for (k, v) in auth.as_object().unwrap() {
+            ssh[k] = v.clone();
+        }
+        serde_json::json!({
+            "apiVersion": "dagster-slurm.io/v1alpha1", "kind": "SlurmCluster",
+            "metadata": {"name": "hpc", "namespace": "default"},
+            "spec": {"mode": "slurm", "pollInterval": "1s", "remoteBase": base, "ssh": ssh},
+        })
+    }
+}
+
+/// Base64, as Secret data is written.
+pub fn b64(s: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
+
 /// A unique remote base per test.
 pub fn remote_base(test: &str) -> String {
     format!("sao-tests/{test}-{}", std::process::id())

@@ -72,11 +72,22 @@ pub fn plan(spec: &SlurmAssetSpec, id: RunId, ctx: &PlanContext) -> Result<RunPl
     let resources = spec.resources.merged_over(&cluster.queue);
     let environment = spec.environment.merged_over(&cluster.environment);
     let local = cluster.mode == ClusterMode::Local;
+    // `~` and `~/x` are the login user's home on a cluster (no shell expands them for us);
+    // other relative paths start there too. Locally they are relative to the manifest.
     let resolve = |dir: &Path, p: &str| -> String {
-        match (local, ctx.remote_home) {
-            (true, _) => absolutize(&dir.join(p)),
-            (false, Some(home)) if !p.starts_with('/') => format!("{home}/{p}"),
-            (false, _) => p.to_string(),
+        let home_rel = if p == "~" {
+            Some("")
+        } else {
+            p.strip_prefix("~/")
+        };
+        match (local, ctx.remote_home, home_rel) {
+            (true, _, Some(rest)) => absolutize(&home_dir().join(rest)),
+            (true, _, None) => absolutize(&dir.join(p)),
+            (false, Some(home), Some(rest)) => {
+                format!("{home}/{rest}").trim_end_matches('/').to_string()
+            }
+            (false, Some(home), None) if !p.starts_with('/') => format!("{home}/{p}"),
+            (false, _, _) => p.to_string(),
         }
     };
     let base = match &cluster.remote_base {
@@ -117,7 +128,10 @@ pub fn plan(spec: &SlurmAssetSpec, id: RunId, ctx: &PlanContext) -> Result<RunPl
     let (payload_file, mut argv) = if let Some(cmd) = &p.command {
         (None, cmd.clone())
     } else if let Some(remote) = &p.remote_path {
-        (None, [interpreter(remote), vec![remote.clone()]].concat())
+        (
+            None,
+            [interpreter(remote), vec![resolve(ctx.asset_dir, remote)]].concat(),
+        )
     } else if let Some(path) = &p.path {
         if skip_upload {
             let remote = match (&environment.remote_payload_path, &env_path) {
@@ -127,9 +141,12 @@ pub fn plan(spec: &SlurmAssetSpec, id: RunId, ctx: &PlanContext) -> Result<RunPl
             };
             (None, [interpreter(path), vec![remote]].concat())
         } else {
-            let full = ctx.asset_dir.join(path);
-            let content = std::fs::read(&full)
-                .map_err(|e| format!("spec.payload.path: cannot read {}: {e}", full.display()))?;
+            let content = crate::files::read_confined(
+                ctx.asset_dir,
+                Path::new(path),
+                crate::limits::MAX_PAYLOAD_BYTES,
+            )
+            .map_err(|e| format!("spec.payload.path: {e}"))?;
             let name = script_name(path);
             let argv = [interpreter(path), vec![format!("{run_dir}/{name}")]].concat();
             (Some((name, content)), argv)
@@ -172,6 +189,12 @@ pub fn plan(spec: &SlurmAssetSpec, id: RunId, ctx: &PlanContext) -> Result<RunPl
         resources,
         extras: spec.extras.clone(),
     })
+}
+
+fn home_dir() -> PathBuf {
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/"))
 }
 
 fn absolutize(p: &Path) -> String {
@@ -250,19 +273,10 @@ pub fn render_script(plan: &RunPlan) -> String {
 pub fn sbatch_argv(plan: &RunPlan) -> Vec<String> {
     let r = &plan.resources;
     let dir = &plan.run_dir;
-    let mut a = vec![
-        "sbatch".to_string(),
-        "--parsable".into(),
-        // The tag is the job name: squeue and sacct can both find it by name after a restart.
-        format!("--job-name={}", plan.id.tag()),
-        format!(
-            "--comment={}/{} run {} attempt {} epoch {}",
-            plan.id.namespace, plan.id.name, plan.id.run, plan.id.attempt, plan.id.epoch
-        ),
-        format!("--chdir={dir}"),
-        format!("--output={dir}/{STDOUT_FILE}"),
-        format!("--error={dir}/{STDERR_FILE}"),
-    ];
+    // The user's options come first: sbatch keeps the last value of an option, so the
+    // operator's own (the tag above all) always win, whatever the validation let through.
+    let mut a = vec!["sbatch".to_string()];
+    a.extend(r.extra_sbatch_args.iter().cloned());
     let mut opt = |name: &str, v: Option<String>| {
         if let Some(v) = v {
             a.push(format!("--{name}={v}"));
@@ -286,7 +300,18 @@ pub fn sbatch_argv(plan: &RunPlan) -> Vec<String> {
     );
     opt("gpus-per-node", r.gpus_per_node.map(|n| n.to_string()));
     opt("constraint", r.constraint.clone());
-    a.extend(r.extra_sbatch_args.iter().cloned());
+    a.extend([
+        "--parsable".into(),
+        // The tag is the job name: squeue and sacct can both find it by name after a restart.
+        format!("--job-name={}", plan.id.tag()),
+        format!(
+            "--comment={}/{} run {} attempt {} epoch {}",
+            plan.id.namespace, plan.id.name, plan.id.run, plan.id.attempt, plan.id.epoch
+        ),
+        format!("--chdir={dir}"),
+        format!("--output={dir}/{STDOUT_FILE}"),
+        format!("--error={dir}/{STDERR_FILE}"),
+    ]);
     a.push(format!("{dir}/{JOB_SCRIPT}"));
     a
 }

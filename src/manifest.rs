@@ -117,13 +117,18 @@ impl Loaded {
 
 /// Parses every document of one manifest file.
 pub fn parse_file(file: &Path, text: &str, store: StoreKind) -> Vec<Result<Loaded, ManifestError>> {
-    let docs: Vec<Value> = match serde_saphyr::from_multiple(text) {
+    let docs: Vec<Value> = match serde_saphyr::from_multiple_with_options(text, yaml_options()) {
         Ok(d) => d,
         Err(e) => {
+            // The parser's message quotes the input: give only where it failed.
+            let at = e
+                .location()
+                .map(|l| format!(" (line {}, column {})", l.line(), l.column()))
+                .unwrap_or_default();
             return vec![Err(ManifestError {
                 file: file.to_path_buf(),
                 document: None,
-                reason: format!("YAML does not parse: {e}"),
+                reason: format!("YAML does not parse{at}, or exceeds the parser's limits"),
             })];
         }
     };
@@ -150,29 +155,29 @@ fn parse_document(
             "a manifest must be a mapping with apiVersion, kind, metadata and spec".into(),
         ));
     };
-    for key in map.keys() {
-        if !["apiVersion", "kind", "metadata", "spec", "status"].contains(&key.as_str()) {
-            return Err(err(format!(
-                "{key}: unknown field (expected apiVersion, kind, metadata, spec)"
-            )));
-        }
+    // Nothing read from a document is echoed until it is known to be one of our manifests:
+    // a symlink to a secret file must not reach the log through an error message.
+    if map.get("apiVersion").and_then(Value::as_str) != Some(API_VERSION) {
+        return Err(err(format!(
+            "apiVersion: missing or not {API_VERSION:?} (not a manifest of this operator)"
+        )));
     }
     let kind = match map.get("kind").and_then(Value::as_str) {
         Some("SlurmAsset") => Kind::SlurmAsset,
         Some("SlurmCluster") => Kind::SlurmCluster,
-        Some(other) => {
-            return Err(err(format!(
-                "kind: unknown kind {other:?} (expected SlurmAsset or SlurmCluster)"
-            )));
+        Some(_) => {
+            return Err(err(
+                "kind: not a kind this operator serves (expected SlurmAsset or SlurmCluster)"
+                    .into(),
+            ));
         }
         None => return Err(err("kind: missing".into())),
     };
-    match map.get("apiVersion").and_then(Value::as_str) {
-        Some(API_VERSION) => {}
-        other => {
+    for key in map.keys() {
+        if !["apiVersion", "kind", "metadata", "spec", "status"].contains(&key.as_str()) {
             return Err(err(format!(
-                "apiVersion: expected {API_VERSION:?}, found {}",
-                other.map(|s| format!("{s:?}")).unwrap_or("nothing".into())
+                "{}: unknown field (expected apiVersion, kind, metadata, spec)",
+                crate::limits::truncate(key, 64)
             )));
         }
     }
@@ -224,6 +229,24 @@ fn parse_document(
         asset_key,
         spec,
     })
+}
+
+/// Parser limits for manifests: small documents, shallow nesting, few aliases (YAML bombs).
+fn yaml_options() -> serde_saphyr::Options {
+    let mut budget = serde_saphyr::Budget::default();
+    budget.max_events = 200_000;
+    budget.max_aliases = 1_000;
+    budget.max_anchors = 1_000;
+    budget.max_recorded_anchor_events = 100_000;
+    budget.max_recorded_anchor_bytes = 4 << 20;
+    budget.max_depth = 32;
+    budget.max_documents = 256;
+    budget.max_nodes = 100_000;
+    budget.max_total_scalar_bytes = 8 << 20;
+    let mut options = serde_saphyr::Options::default();
+    options.budget = Some(budget);
+    options.with_snippet = false;
+    options
 }
 
 /// Deserializes a spec and reports the failing field's full path.
@@ -290,54 +313,66 @@ fn dns_label_problem(s: &str) -> Option<String> {
     })
 }
 
-/// Options the operator sets itself; a user's `extraSbatchArgs` must not override them.
-const RESERVED_SBATCH: &[&str] = &[
-    "job-name",
-    "comment",
-    "output",
-    "error",
-    "parsable",
-    "chdir",
-    "wrap",
-    "export",
-    "input",
-    "open-mode",
-    "array",
-    "hold",
-    "dependency",
-    "test-only",
-    "wait",
-    "signal",
-];
-
-/// Checks an `extraSbatchArgs` entry: one long option, never something a shell or sbatch could
-/// read as several arguments, never an option the operator owns.
+/// Checks an `extraSbatchArgs` entry (see [`crate::sbatch_options`]).
 pub fn sbatch_arg_problem(arg: &str) -> Option<String> {
-    let Some(body) = arg.strip_prefix("--") else {
-        return Some(format!("{arg:?} must be a long option like --name=value"));
-    };
-    let name = body.split_once('=').map_or(body, |(n, _)| n);
-    if name.is_empty()
-        || !name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-    {
-        return Some(format!(
-            "{arg:?}: option name must be lowercase letters, digits and '-'"
-        ));
+    crate::sbatch_options::problem(arg)
+}
+
+/// Poll interval floors: the scheduler is asked once per interval per cluster.
+pub const MIN_SLURM_POLL: std::time::Duration = std::time::Duration::from_secs(1);
+pub const MIN_LOCAL_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Length and count bounds of every string and list of a spec (see [`crate::limits`]).
+fn size_errors<T: serde::Serialize>(spec: &T) -> Vec<FieldError> {
+    let value = serde_json::to_value(spec).unwrap_or(Value::Null);
+    crate::limits::check_sizes(&value)
+        .into_iter()
+        .map(|(f, r)| field_err(f, r))
+        .collect()
+}
+
+/// A path on the cluster: `~` and `~/x` mean the login user's home (as relative paths do);
+/// `~user` forms are refused, since no shell ever expands them.
+pub fn remote_path_problem(p: &str) -> Option<String> {
+    if p.is_empty() {
+        return Some("must not be empty".into());
     }
-    if RESERVED_SBATCH.contains(&name) {
-        return Some(format!(
-            "{arg:?}: --{name} is set by the operator and cannot be overridden"
-        ));
+    if p.starts_with('~') && p != "~" && !p.starts_with("~/") {
+        return Some("~user paths are not supported; use an absolute path or ~/...".into());
     }
-    if arg.contains('\n') {
-        return Some(format!("{arg:?}: must not contain a newline"));
+    if p.contains(['\n', '\r']) {
+        return Some("must be on one line".into());
     }
     None
 }
 
+/// Upper bounds of counts, far above any real cluster, so that typos fail at once.
+const MAX_NODES: u32 = 100_000;
+const MAX_TASKS: u32 = 1_000_000;
+const MAX_CPUS_PER_TASK: u32 = 4096;
+const MAX_GPUS_PER_NODE: u32 = 1024;
+
 fn validate_resources(r: &Resources, at: &str, errors: &mut Vec<FieldError>) {
+    for (field, value, max) in [
+        ("nodes", r.nodes, MAX_NODES),
+        ("ntasks", r.ntasks, MAX_TASKS),
+        ("cpusPerTask", r.cpus_per_task, MAX_CPUS_PER_TASK),
+    ] {
+        if let Some(v) = value
+            && !(1..=max).contains(&v)
+        {
+            errors.push(field_err(
+                format!("{at}.{field}"),
+                format!("must be between 1 and {max}"),
+            ));
+        }
+    }
+    if r.gpus_per_node.is_some_and(|g| g > MAX_GPUS_PER_NODE) {
+        errors.push(field_err(
+            format!("{at}.gpusPerNode"),
+            format!("must be at most {MAX_GPUS_PER_NODE}"),
+        ));
+    }
     if r.mem.is_some() && r.mem_per_cpu.is_some() {
         errors.push(field_err(
             format!("{at}.mem"),
@@ -391,7 +426,7 @@ pub fn validate_asset(
     store: StoreKind,
     manifest_dir: &Path,
 ) -> Vec<FieldError> {
-    let mut errors = vec![];
+    let mut errors = size_errors(s);
     if s.asset_key.is_empty()
         || s.asset_key
             .split('/')
@@ -450,12 +485,12 @@ pub fn validate_asset(
                 "is for standalone mode; use inline or configMapRef in Kubernetes",
             )),
             StoreKind::Standalone => {
-                let full = manifest_dir.join(path);
-                if !full.is_file() {
-                    errors.push(field_err(
-                        "spec.payload.path",
-                        format!("{} is not a readable file", full.display()),
-                    ));
+                if let Err(e) = crate::files::check_confined(
+                    manifest_dir,
+                    Path::new(path),
+                    crate::limits::MAX_PAYLOAD_BYTES,
+                ) {
+                    errors.push(field_err("spec.payload.path", e.to_string()));
                 }
             }
         }
@@ -468,10 +503,11 @@ pub fn validate_asset(
     }
     if let Some(rp) = &p.remote_path
         && !rp.starts_with('/')
+        && !rp.starts_with("~/")
     {
         errors.push(field_err(
             "spec.payload.remotePath",
-            "must be an absolute path",
+            "must be an absolute path (or ~/...)",
         ));
     }
     if s.launcher.type_ != LauncherType::Bash {
@@ -535,8 +571,84 @@ pub fn validate_asset(
 
 /// Semantic checks of a `SlurmCluster` spec.
 pub fn validate_cluster(s: &SlurmClusterSpec, store: StoreKind) -> Vec<FieldError> {
-    let mut errors = vec![];
+    let mut errors = size_errors(s);
+    if let Some(interval) = &s.poll_interval {
+        let floor = match s.mode {
+            ClusterMode::Local => MIN_LOCAL_POLL,
+            ClusterMode::Slurm => MIN_SLURM_POLL,
+        };
+        if interval.duration() < floor {
+            errors.push(field_err(
+                "spec.pollInterval",
+                format!(
+                    "must be at least {}ms in {} mode (each poll costs the scheduler a query)",
+                    floor.as_millis(),
+                    if s.mode == ClusterMode::Local {
+                        "local"
+                    } else {
+                        "slurm"
+                    }
+                ),
+            ));
+        }
+    }
+    if let Some(base) = &s.remote_base {
+        if let Some(reason) = remote_path_problem(base) {
+            errors.push(field_err("spec.remoteBase", reason));
+        }
+    }
     if let Some(ssh) = &s.ssh {
+        if ssh.port == 0 {
+            errors.push(field_err("spec.ssh.port", "must be between 1 and 65535"));
+        }
+        for (i, j) in ssh.jump_hosts.iter().enumerate() {
+            if j.port == 0 {
+                errors.push(field_err(
+                    format!("spec.ssh.jumpHosts[{i}].port"),
+                    "must be between 1 and 65535",
+                ));
+            }
+            if j.host.is_empty()
+                || j.host.starts_with('-')
+                || j.host
+                    .contains(|c: char| c.is_whitespace() || c == ',' || c == '@')
+            {
+                errors.push(field_err(
+                    format!("spec.ssh.jumpHosts[{i}].host"),
+                    "must be a host name or address",
+                ));
+            }
+            if j.user.as_deref().is_some_and(|u| {
+                u.is_empty()
+                    || u.starts_with('-')
+                    || u.contains(|c: char| c.is_whitespace() || c == ',' || c == '@' || c == ':')
+            }) {
+                errors.push(field_err(
+                    format!("spec.ssh.jumpHosts[{i}].user"),
+                    "must be a user name",
+                ));
+            }
+        }
+        for (name, value) in &ssh.extra_options {
+            if let Some(reason) = crate::transport::ssh_option_problem(name, value) {
+                errors.push(field_err(
+                    format!(
+                        "spec.ssh.extraOptions.{}",
+                        crate::limits::truncate(name, 64)
+                    ),
+                    reason,
+                ));
+            }
+        }
+        if let Some(t) = &ssh.connect_timeout {
+            let d = t.duration();
+            if d < std::time::Duration::from_secs(1) || d > std::time::Duration::from_secs(300) {
+                errors.push(field_err(
+                    "spec.ssh.connectTimeout",
+                    "must be between 1s and 300s",
+                ));
+            }
+        }
         let auths: Vec<&str> = [
             ("keySecretRef", ssh.key_secret_ref.is_some()),
             ("keyPath", ssh.key_path.is_some()),
@@ -679,15 +791,27 @@ mod tests {
         .unwrap_err();
         assert!(
             e.to_string()
-                .contains("(document 1): kind: unknown kind \"Pod\""),
+                .contains("(document 1): kind: not a kind this operator serves"),
             "{e}"
+        );
+        assert!(
+            !e.to_string().contains("Pod"),
+            "values of a non-manifest are never echoed"
         );
         let e = one(&HEAD.replace("name: a", "name: ../etc")).unwrap_err();
         assert!(e.reason.starts_with("metadata.name:"), "{e}");
         let errs = parse_file(Path::new("x.yaml"), "a: [unclosed\n", StoreKind::Standalone);
         let e = errs[0].as_ref().unwrap_err();
         assert!(
-            e.to_string().starts_with("x.yaml: YAML does not parse"),
+            e.to_string()
+                .starts_with("x.yaml: YAML does not parse (line "),
+            "{e}"
+        );
+        assert!(!e.to_string().contains("unclosed"), "{e}");
+        // A file that is not a manifest: nothing of it is echoed, even its keys.
+        let e = one("root: hunter2\nsecret_token: abcdef\n").unwrap_err();
+        assert!(
+            !e.to_string().contains("hunter2") && !e.to_string().contains("secret_token"),
             "{e}"
         );
     }

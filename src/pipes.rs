@@ -3,6 +3,7 @@
 //! params are `base64(zlib(json))`, the file message channel is one JSON object per line.
 
 use crate::api::{PipesCheckResult, PipesMaterialization, PipesStatus};
+use crate::limits::{MAX_PIPES_LINE, MAX_PIPES_METADATA, MAX_PIPES_STATUS};
 use base64::Engine;
 use flate2::Compression;
 use flate2::write::ZlibEncoder;
@@ -58,57 +59,109 @@ pub fn bootstrap_env(run_dir: &str) -> [(&'static str, String); 2] {
     ]
 }
 
-/// Incremental reader of the message file: feed it the bytes that follow `offset`.
+/// Incremental reader of the message file: feed it the bytes that follow `offset`. Bounded:
+/// a line longer than [`MAX_PIPES_LINE`] is skipped (and counted) without being held in
+/// memory, oversized metadata is replaced by a note, and the results kept in status stay under
+/// [`MAX_PIPES_STATUS`] bytes, the oldest going first.
 #[derive(Clone, Debug, Default)]
 pub struct MessageReader {
-    /// Bytes of the file consumed so far (always at a line boundary).
+    /// Bytes of the file consumed so far.
     pub offset: u64,
     pub status: PipesStatus,
+    /// In the middle of an oversized line: drop bytes up to the next newline.
+    skipping: bool,
+    /// Serialised sizes of the kept results, oldest first (materializations, checks, custom).
+    sizes: [std::collections::VecDeque<usize>; 3],
 }
 
 impl MessageReader {
     /// Consumes complete lines of `chunk` (the file's bytes from `self.offset`); a trailing
-    /// partial line is left for the next call, since the payload may still be writing it.
+    /// partial line is left for the next call, since the payload may still be writing it,
+    /// unless it is already over the line limit.
     pub fn feed(&mut self, chunk: &[u8]) {
-        let Some(end) = chunk.iter().rposition(|&b| b == b'\n') else {
-            return;
-        };
-        for line in chunk[..=end].split(|&b| b == b'\n') {
+        let mut rest = chunk;
+        if self.skipping {
+            match rest.iter().position(|&b| b == b'\n') {
+                Some(i) => {
+                    self.offset += (i + 1) as u64;
+                    rest = &rest[i + 1..];
+                    self.skipping = false;
+                }
+                None => {
+                    self.offset += rest.len() as u64;
+                    return;
+                }
+            }
+        }
+        let end = rest.iter().rposition(|&b| b == b'\n').map_or(0, |e| e + 1);
+        for line in rest[..end].split(|&b| b == b'\n') {
             if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            if line.len() > MAX_PIPES_LINE {
+                self.status.dropped_messages += 1;
                 continue;
             }
             if let Ok(msg) = serde_json::from_slice::<Value>(line) {
                 self.apply(&msg);
             }
         }
-        self.offset += (end + 1) as u64;
+        self.offset += end as u64;
+        let partial = &rest[end..];
+        if partial.len() > MAX_PIPES_LINE {
+            self.status.dropped_messages += 1;
+            self.offset += partial.len() as u64;
+            self.skipping = true;
+        }
     }
 
     fn apply(&mut self, msg: &Value) {
         let s = &mut self.status;
         s.message_count += 1;
         let params = msg.get("params").cloned().unwrap_or(Value::Null);
-        let string = |k: &str| params.get(k).and_then(Value::as_str).map(str::to_string);
-        let metadata = || {
+        let string = |k: &str| {
             params
-                .get("metadata")
-                .and_then(Value::as_object)
-                .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
-                .unwrap_or_default()
+                .get(k)
+                .and_then(Value::as_str)
+                .map(|v| crate::limits::truncate(v, 1024))
         };
-        match msg.get("method").and_then(Value::as_str) {
-            Some("opened") => s.opened = true,
-            Some("closed") => s.closed = true,
+        let mut cut = false;
+        let metadata = |cut: &mut bool| -> std::collections::BTreeMap<String, Value> {
+            let Some(m) = params.get("metadata").and_then(Value::as_object) else {
+                return Default::default();
+            };
+            let size = Value::Object(m.clone()).to_string().len();
+            if size > MAX_PIPES_METADATA {
+                *cut = true;
+                let note = json!({
+                    "raw_value": format!("metadata of {size} bytes dropped: over the operator's limit of {MAX_PIPES_METADATA}"),
+                    "type": "text",
+                });
+                return [("dagster_slurm/metadata_dropped".to_string(), note)].into();
+            }
+            m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+        };
+        let (list, size) = match msg.get("method").and_then(Value::as_str) {
+            Some("opened") => {
+                s.opened = true;
+                return;
+            }
+            Some("closed") => {
+                s.closed = true;
+                return;
+            }
             Some("report_asset_materialization") => {
-                s.materializations.push(PipesMaterialization {
+                let m = PipesMaterialization {
                     asset_key: string("asset_key"),
                     data_version: string("data_version"),
-                    metadata: metadata(),
-                });
-                trim_front(&mut s.materializations, MAX_MATERIALIZATIONS);
+                    metadata: metadata(&mut cut),
+                };
+                let size = serde_json::to_string(&m).map_or(0, |t| t.len());
+                s.materializations.push(m);
+                (0, size)
             }
             Some("report_asset_check") => {
-                s.check_results.push(PipesCheckResult {
+                let c = PipesCheckResult {
                     asset_key: string("asset_key"),
                     check_name: string("check_name").unwrap_or_default(),
                     passed: params
@@ -116,23 +169,58 @@ impl MessageReader {
                         .and_then(Value::as_bool)
                         .unwrap_or(false),
                     severity: string("severity"),
-                    metadata: metadata(),
-                });
-                trim_front(&mut s.check_results, MAX_CHECKS);
+                    metadata: metadata(&mut cut),
+                };
+                let size = serde_json::to_string(&c).map_or(0, |t| t.len());
+                s.check_results.push(c);
+                (1, size)
             }
             Some("report_custom_message") => {
-                s.custom_messages
-                    .push(params.get("payload").cloned().unwrap_or(Value::Null));
-                trim_front(&mut s.custom_messages, MAX_CUSTOM);
+                let mut payload = params.get("payload").cloned().unwrap_or(Value::Null);
+                let size = payload.to_string().len();
+                if size > MAX_PIPES_METADATA {
+                    cut = true;
+                    payload = json!(format!("custom message of {size} bytes dropped"));
+                }
+                let size = payload.to_string().len();
+                s.custom_messages.push(payload);
+                (2, size)
             }
-            _ => {}
+            _ => return,
+        };
+        if cut {
+            s.dropped_messages += 1;
+        }
+        self.sizes[list].push_back(size);
+        let caps = [MAX_MATERIALIZATIONS, MAX_CHECKS, MAX_CUSTOM];
+        for (i, cap) in caps.into_iter().enumerate() {
+            while self.sizes[i].len() > cap {
+                self.drop_oldest(i);
+            }
+        }
+        // Keep the whole under the status budget: drop from the list holding the most bytes.
+        while self.sizes.iter().flatten().sum::<usize>() > MAX_PIPES_STATUS {
+            let biggest = (0..3)
+                .max_by_key(|&i| self.sizes[i].iter().sum::<usize>())
+                .expect("three lists");
+            self.drop_oldest(biggest);
+            self.status.dropped_messages += 1;
         }
     }
-}
 
-fn trim_front<T>(v: &mut Vec<T>, max: usize) {
-    if v.len() > max {
-        v.drain(..v.len() - max);
+    fn drop_oldest(&mut self, list: usize) {
+        self.sizes[list].pop_front();
+        let s = &mut self.status;
+        fn pop_front<T>(v: &mut Vec<T>) {
+            if !v.is_empty() {
+                v.remove(0);
+            }
+        }
+        match list {
+            0 => pop_front(&mut s.materializations),
+            1 => pop_front(&mut s.check_results),
+            _ => pop_front(&mut s.custom_messages),
+        }
     }
 }
 
@@ -170,5 +258,70 @@ mod tests {
         r.feed(b"{\"method\":\"closed\",\"params\":{}}\n");
         assert!(r.status.closed);
         assert_eq!(r.status.message_count, 3);
+    }
+
+    fn materialization(i: usize, meta_bytes: usize) -> String {
+        json!({"method": "report_asset_materialization", "params": {"asset_key": "a",
+            "metadata": {"i": {"raw_value": i, "type": "int"}, "blob": {"raw_value": "x".repeat(meta_bytes), "type": "text"}}}})
+        .to_string()
+    }
+
+    #[test]
+    fn oversized_lines_are_skipped_and_reading_goes_on() {
+        let mut r = MessageReader::default();
+        // A line without a newline, longer than the limit, arriving in chunks.
+        let huge = vec![b'x'; MAX_PIPES_LINE + 10];
+        r.feed(&huge[..MAX_PIPES_LINE / 2]);
+        assert_eq!(r.offset, 0, "a short partial line waits");
+        r.feed(&huge);
+        assert_eq!(
+            r.offset as usize,
+            huge.len(),
+            "an oversized partial line is skipped"
+        );
+        let tail = format!(
+            "yyy\n{}\n{{\"method\":\"closed\"}}\n",
+            materialization(1, 10)
+        );
+        r.feed(tail.as_bytes());
+        assert_eq!(r.status.dropped_messages, 1);
+        assert_eq!(r.status.materializations.len(), 1);
+        assert!(
+            r.status.closed,
+            "messages after the oversized line are read"
+        );
+        assert_eq!(r.offset as usize, huge.len() + tail.len());
+    }
+
+    #[test]
+    fn status_stays_bounded() {
+        let mut r = MessageReader::default();
+        let mut text = String::new();
+        for i in 0..100 {
+            text.push_str(&materialization(i, 1 << 20));
+            text.push('\n');
+        }
+        // Lines over the line limit are dropped outright.
+        r.feed(text.as_bytes());
+        assert_eq!(r.status.dropped_messages, 100);
+        let mut r = MessageReader::default();
+        let mut text = String::new();
+        for i in 0..300 {
+            text.push_str(&materialization(i, MAX_PIPES_METADATA / 2));
+            text.push('\n');
+        }
+        r.feed(text.as_bytes());
+        let size = serde_json::to_string(&r.status).unwrap().len();
+        assert!(size <= MAX_PIPES_STATUS + 1024, "{size}");
+        let last = r.status.materializations.last().unwrap();
+        assert_eq!(last.metadata["i"]["raw_value"], 299, "the newest are kept");
+        assert!(r.status.dropped_messages > 0);
+        let mut r = MessageReader::default();
+        r.feed(format!("{}\n", materialization(0, MAX_PIPES_METADATA * 2)).as_bytes());
+        assert!(
+            r.status.materializations[0]
+                .metadata
+                .contains_key("dagster_slurm/metadata_dropped")
+        );
     }
 }

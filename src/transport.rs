@@ -49,6 +49,54 @@ impl std::fmt::Debug for SshTarget {
     }
 }
 
+/// `ssh -o` options a manifest may set: transport tuning only. Everything else is refused:
+/// options that run commands (`ProxyCommand`, `LocalCommand`, `KnownHostsCommand`, ...), read
+/// or write files (`IdentityFile`, `UserKnownHostsFile`, `ControlPath`, `Include`, ...), send
+/// the operator's environment (`SendEnv`, `SetEnv`), forward anything, or weaken host-key
+/// checking (`StrictHostKeyChecking`, `CheckHostIP`, `VerifyHostKeyDNS`, ...).
+pub const ALLOWED_SSH_OPTIONS: &[&str] = &[
+    "AddressFamily",
+    "CASignatureAlgorithms",
+    "Ciphers",
+    "Compression",
+    "ConnectionAttempts",
+    "FingerprintHash",
+    "HostKeyAlgorithms",
+    "IPQoS",
+    "KexAlgorithms",
+    "MACs",
+    "PubkeyAcceptedAlgorithms",
+    "PubkeyAcceptedKeyTypes",
+    "RekeyLimit",
+    "RequiredRSASize",
+    "TCPKeepAlive",
+];
+
+/// Why an `extraOptions` entry is refused, if it is (names are case-insensitive, as in ssh).
+pub fn ssh_option_problem(name: &str, value: &str) -> Option<String> {
+    let Some(canonical) = ALLOWED_SSH_OPTIONS
+        .iter()
+        .find(|o| o.eq_ignore_ascii_case(name))
+    else {
+        return Some(format!(
+            "{:?} is not an allowed SSH option (allowed: {})",
+            crate::limits::truncate(name, 64),
+            ALLOWED_SSH_OPTIONS.join(", ")
+        ));
+    };
+    if value.is_empty()
+        || value.len() > 256
+        || !value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b",-_.@+ ".contains(&b))
+    {
+        return Some(format!(
+            "{canonical}: the value must be 1-256 letters, digits, spaces and ,-_.@+"
+        ));
+    }
+    None
+}
+
 /// Output of one remote script.
 #[derive(Debug)]
 pub struct RemoteOutput {
@@ -163,6 +211,10 @@ impl Connection {
             cmd.arg("-J").arg(target.jump_hosts.join(","));
         }
         for (k, v) in &target.extra_options {
+            // Validated with the manifest; checked again here, where it matters.
+            if let Some(why) = ssh_option_problem(k, v) {
+                return Err(Error::Transport(format!("spec.ssh.extraOptions: {why}")));
+            }
             cmd.arg("-o").arg(format!("{k}={v}"));
         }
         // Secrets reach ssh only through the askpass answer, from this one process's environment.

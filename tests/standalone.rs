@@ -385,7 +385,7 @@ fn render_prints_sbatch_and_script_without_side_effects() {
         String::from_utf8_lossy(&out.stderr)
     );
     let text = String::from_utf8(out.stdout).unwrap();
-    assert!(text.contains("sbatch --parsable '--job-name=sao.<uid>.1.1' '--comment=default/a run 1 attempt 1 epoch 0' --chdir=/scratch/me/runs/default/a/1-1 --output=/scratch/me/runs/default/a/1-1/stdout.log --error=/scratch/me/runs/default/a/1-1/stderr.log --partition=batch --time=01:00:00 --nodes=2 --mem=4G --exclusive /scratch/me/runs/default/a/1-1/job.sh"), "{text}");
+    assert!(text.contains("sbatch --exclusive --partition=batch --time=01:00:00 --nodes=2 --mem=4G --parsable '--job-name=sao.<uid>.1.1' '--comment=default/a run 1 attempt 1 epoch 0' --chdir=/scratch/me/runs/default/a/1-1 --output=/scratch/me/runs/default/a/1-1/stdout.log --error=/scratch/me/runs/default/a/1-1/stderr.log /scratch/me/runs/default/a/1-1/job.sh"), "{text}");
     assert!(text.contains("export TOKEN='x; rm -rf ~'"), "{text}");
     assert!(
         text.contains("bash /scratch/me/runs/default/a/1-1/payload.sh < /dev/null"),

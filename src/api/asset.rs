@@ -369,6 +369,14 @@ pub struct PipesStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "free_json_list")]
     pub custom_messages: Vec<serde_json::Value>,
+    /// Messages skipped or cut because they exceeded the operator's limits (a line over
+    /// 256 KiB, metadata over 16 KiB, or the oldest results when all of them exceed 128 KiB).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub dropped_messages: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 fn free_json_list(_: &mut schemars::SchemaGenerator) -> schemars::Schema {

@@ -272,13 +272,20 @@ fn write_file(path: &Path, content: &[u8], mode: u32) -> Result<()> {
     f.write_all(content).map_err(|e| Error::io(path, e))
 }
 
+/// Reads the next bounded chunk of the message file (a regular file only: the payload could
+/// have replaced it by a FIFO or a link to a device).
 fn read_messages(path: &Path, reader: &mut MessageReader) {
-    let Ok(mut f) = File::open(path) else { return };
+    let Ok(mut f) = crate::files::open_regular(path) else {
+        return;
+    };
     if f.seek(SeekFrom::Start(reader.offset)).is_err() {
         return;
     }
     let mut buf = Vec::new();
-    if f.read_to_end(&mut buf).is_ok() {
+    if f.take(crate::limits::PIPES_CHUNK)
+        .read_to_end(&mut buf)
+        .is_ok()
+    {
         reader.feed(&buf);
     }
 }

@@ -26,7 +26,7 @@ use tokio::sync::Mutex;
 
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 /// Pipes bytes read per job per poll, at most.
-const MESSAGES_CHUNK: u64 = 1 << 20;
+const MESSAGES_CHUNK: u64 = crate::limits::PIPES_CHUNK;
 const JOBID_FILE: &str = "jobid";
 /// How long an ended job may wait for its batch step's accounting record.
 const BATCH_RECORD_WAIT: jiff::SignedDuration = jiff::SignedDuration::from_secs(30);

@@ -121,7 +121,7 @@ pub async fn run(opts: Options) -> Result<Outcome> {
         clusters: BTreeMap::new(),
         errors: vec![],
         logged: HashSet::new(),
-        cache: WriteCache::default(),
+        cache: WriteCache::new(store::Modes::of(&dir)),
     };
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
     let watch_root = dir.clone();
@@ -215,7 +215,7 @@ impl Driver {
             }
         }
         self.errors = snap.errors;
-        if let Err(e) = store::write_errors(&self.dir, &self.errors) {
+        if let Err(e) = store::write_errors(&self.dir, &self.errors, self.cache.modes) {
             error!("{e}");
         }
         self.clusters.clear();
@@ -891,9 +891,7 @@ impl Driver {
     }
 
     fn cache_has_deleted(&self, path: &Path) -> bool {
-        std::fs::read_to_string(path)
-            .map(|t| t.contains("deletionTimestamp"))
-            .unwrap_or(false)
+        store::read_stored_at(path).is_some_and(|s| s.deleted)
     }
 
     async fn write_cluster_status(&mut self, key: &ObjectKey) {

@@ -6,7 +6,7 @@
 
 use crate::api::API_VERSION;
 use crate::manifest::{Kind, Loaded, ManifestError, StoreKind, parse_file};
-use crate::{Error, Result};
+use crate::{Error, Result, files, limits};
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
@@ -67,18 +67,43 @@ pub struct Stored {
 /// Reads all manifests under `dir`. Files are visited in sorted order, so when two documents
 /// claim one name the first (by path) keeps it and the later one gets the error.
 pub fn scan(dir: &Path) -> Snapshot {
-    let mut files = vec![];
-    collect(dir, &mut files);
-    files.sort();
     let mut snap = Snapshot::default();
+    let mut files = vec![];
+    let root = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+    let mut truncated = false;
+    collect(&root, 0, &mut files, &mut truncated);
+    if truncated {
+        snap.errors.push(ManifestError {
+            file: dir.to_path_buf(),
+            document: None,
+            reason: format!(
+                "more than {} manifest files or folders deeper than {}: the rest are ignored",
+                limits::MAX_MANIFEST_FILES,
+                limits::MAX_DIR_DEPTH
+            ),
+        });
+    }
+    files.sort();
     for file in files {
-        let text = match fs::read_to_string(&file) {
-            Ok(t) => t,
+        // Regular files inside the directory only (symlinks are followed but confined), never
+        // larger than the cap: a FIFO, /dev/zero or a 200 MB file cannot stall the operator.
+        let text = match files::read_confined(&root, &file, limits::MAX_MANIFEST_BYTES) {
+            Ok(bytes) => match String::from_utf8(bytes) {
+                Ok(t) => t,
+                Err(_) => {
+                    snap.errors.push(ManifestError {
+                        file: file.clone(),
+                        document: None,
+                        reason: "not UTF-8 text".into(),
+                    });
+                    continue;
+                }
+            },
             Err(e) => {
                 snap.errors.push(ManifestError {
                     file: file.clone(),
                     document: None,
-                    reason: format!("cannot read: {e}"),
+                    reason: format!("not read: {}", reason_only(&e)),
                 });
                 continue;
             }
@@ -111,11 +136,31 @@ pub fn scan(dir: &Path) -> Snapshot {
     snap
 }
 
-fn collect(dir: &Path, out: &mut Vec<PathBuf>) {
+/// The reason of a read error without the path (the manifest error names the file already).
+fn reason_only(e: &files::ReadError) -> String {
+    use files::ReadError::*;
+    match e {
+        Missing(_) => "it does not exist or its link is broken".into(),
+        Outside(_, root) => format!("it resolves outside {root}"),
+        NotRegular(_) => "not a regular file".into(),
+        TooLarge(_, cap) => format!("larger than the limit of {cap} bytes"),
+        Io(_, why) => why.clone(),
+    }
+}
+
+fn collect(dir: &Path, depth: usize, out: &mut Vec<PathBuf>, truncated: &mut bool) {
+    if depth > limits::MAX_DIR_DEPTH {
+        *truncated = true;
+        return;
+    }
     let Ok(entries) = fs::read_dir(dir) else {
         return;
     };
     for e in entries.flatten() {
+        if out.len() >= limits::MAX_MANIFEST_FILES {
+            *truncated = true;
+            return;
+        }
         let path = e.path();
         let name = e.file_name();
         let name = name.to_string_lossy();
@@ -123,24 +168,42 @@ fn collect(dir: &Path, out: &mut Vec<PathBuf>) {
             continue;
         }
         let Ok(ft) = e.file_type() else { continue };
+        // Symlinked folders are not followed (no loops, no escapes).
         if ft.is_dir() {
-            collect(&path, out);
+            collect(&path, depth + 1, out, truncated);
         } else if name.ends_with(".yaml") || name.ends_with(".yml") {
             out.push(path);
         }
     }
 }
 
+/// Longest object name kept whole in a status file name (file names stop at 255 bytes).
+const MAX_PLAIN_NAME: usize = 200;
+
 pub fn status_path(dir: &Path, key: &ObjectKey) -> PathBuf {
     dir.join(STATUS_DIR)
         .join(&key.namespace)
         .join(key.kind.as_str())
-        .join(format!("{}.yaml", key.name))
+        .join(status_file_name(&key.name))
+}
+
+/// `<name>.yaml`; a long name is cut and completed with a hash of the whole name.
+fn status_file_name(name: &str) -> String {
+    if name.len() <= MAX_PLAIN_NAME {
+        return format!("{name}.yaml");
+    }
+    let hash = crate::manifest::hash_value(&json!(name));
+    format!("{}-{hash}.yaml", &name[..MAX_PLAIN_NAME])
 }
 
 /// Reads an object's status file, if any.
 pub fn read_stored(dir: &Path, key: &ObjectKey) -> Option<Stored> {
-    let text = fs::read_to_string(status_path(dir, key)).ok()?;
+    read_stored_at(&status_path(dir, key))
+}
+
+/// Reads the status file at `path`, if any.
+pub fn read_stored_at(path: &Path) -> Option<Stored> {
+    let text = read_status_text(path)?;
     let v: Value = serde_saphyr::from_str(&text).ok()?;
     let meta = v.get("metadata")?;
     let ann = |k: &str| {
@@ -157,6 +220,15 @@ pub fn read_stored(dir: &Path, key: &ObjectKey) -> Option<Stored> {
         cluster_ref: ann(ANN_CLUSTER),
         status: v.get("status").cloned().unwrap_or(Value::Null),
     })
+}
+
+/// Status files are the operator's own, but live in a user's directory: read them as carefully.
+const MAX_STATUS_FILE: u64 = 8 << 20;
+
+fn read_status_text(path: &Path) -> Option<String> {
+    files::read_regular(path, MAX_STATUS_FILE)
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
 }
 
 /// Renders a whole object as its status file holds it.
@@ -200,24 +272,73 @@ pub fn render_object(
     })
 }
 
-/// Writes `content` to `path` atomically: a temp file in the same folder, then rename.
-pub fn write_atomic(path: &Path, content: &str) -> Result<()> {
+/// Permissions of what the operator writes under a directory: never more readable than the
+/// directory itself (a private directory gets private status files).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Modes {
+    pub file: u32,
+    pub dir: u32,
+}
+
+impl Modes {
+    pub fn of(dir: &Path) -> Modes {
+        use std::os::unix::fs::PermissionsExt;
+        let m = fs::metadata(dir)
+            .map(|m| m.permissions().mode())
+            .unwrap_or(0o700);
+        Modes {
+            file: m & 0o644,
+            dir: (m & 0o755) | 0o700,
+        }
+    }
+}
+
+impl Default for Modes {
+    fn default() -> Self {
+        Modes {
+            file: 0o600,
+            dir: 0o700,
+        }
+    }
+}
+
+static TMP_COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Writes `content` to `path` atomically: a temp file in the same folder, then rename. The
+/// temp name is short, so that any file name that fits also fits its temp file.
+pub fn write_atomic(path: &Path, content: &str, modes: Modes) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
     let parent = path.parent().unwrap_or(Path::new("."));
-    fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(modes.dir)
+        .create(parent)
+        .map_err(|e| Error::io(parent, e))?;
     let tmp = parent.join(format!(
-        ".{}.tmp-{}",
-        path.file_name().unwrap_or_default().to_string_lossy(),
-        std::process::id()
+        ".tmp-{}-{}",
+        std::process::id(),
+        TMP_COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     ));
-    let mut f = fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    f.write_all(content.as_bytes())
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(modes.file)
+        .open(&tmp)
+        .map_err(|e| Error::io(&tmp, e))?;
+    // The umask may have narrowed the mode; a pre-existing file may have a wider one.
+    f.set_permissions(fs::Permissions::from_mode(modes.file))
+        .and_then(|_| f.write_all(content.as_bytes()))
         .and_then(|_| f.sync_all())
         .map_err(|e| Error::io(&tmp, e))?;
-    fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    fs::rename(&tmp, path).map_err(|e| {
+        let _ = fs::remove_file(&tmp);
+        Error::io(path, e)
+    })
 }
 
 /// Writes `.status/errors.yaml`: the manifest errors that no object's status can carry.
-pub fn write_errors(dir: &Path, errors: &[ManifestError]) -> Result<()> {
+pub fn write_errors(dir: &Path, errors: &[ManifestError], modes: Modes) -> Result<()> {
     let list: Vec<Value> = errors
         .iter()
         .map(|e| {
@@ -235,7 +356,7 @@ pub fn write_errors(dir: &Path, errors: &[ManifestError]) -> Result<()> {
         })?;
     let path = dir.join(STATUS_DIR).join(ERRORS_FILE);
     if fs::read_to_string(&path).ok().as_deref() != Some(text.as_str()) {
-        write_atomic(&path, &text)?;
+        write_atomic(&path, &text, modes)?;
     }
     Ok(())
 }
@@ -255,7 +376,7 @@ pub fn list_status_files(dir: &Path, kind: Kind) -> Vec<(PathBuf, Value)> {
         for f in files.flatten() {
             let p = f.path();
             if p.extension().is_some_and(|e| e == "yaml")
-                && let Ok(text) = fs::read_to_string(&p)
+                && let Some(text) = read_status_text(&p)
                 && let Ok(v) = serde_saphyr::from_str::<Value>(&text)
             {
                 out.push((p, v));
@@ -268,19 +389,29 @@ pub fn list_status_files(dir: &Path, kind: Kind) -> Vec<(PathBuf, Value)> {
 
 /// Remembers what was last written per path, so unchanged status is never rewritten.
 #[derive(Default, Debug)]
-pub struct WriteCache(HashMap<PathBuf, String>);
+pub struct WriteCache {
+    last: HashMap<PathBuf, String>,
+    pub modes: Modes,
+}
 
 impl WriteCache {
+    pub fn new(modes: Modes) -> Self {
+        WriteCache {
+            last: HashMap::new(),
+            modes,
+        }
+    }
+
     /// Writes when the content differs from the last write (or from the file on disk).
     pub fn write(&mut self, path: &Path, content: String) -> Result<bool> {
-        let same = match self.0.get(path) {
+        let same = match self.last.get(path) {
             Some(prev) => *prev == content,
-            None => fs::read_to_string(path).ok().as_deref() == Some(content.as_str()),
+            None => read_status_text(path).as_deref() == Some(content.as_str()),
         };
         if !same {
-            write_atomic(path, &content)?;
+            write_atomic(path, &content, self.modes)?;
         }
-        self.0.insert(path.to_path_buf(), content);
+        self.last.insert(path.to_path_buf(), content);
         Ok(!same)
     }
 }

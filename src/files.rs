@@ -1,0 +1,167 @@
+//! Reading files that users name: manifests and payload scripts. Every such read goes through
+//! [`read_confined`]: the file must resolve (symlinks followed) to a regular file inside a
+//! root directory, it is opened without blocking (a FIFO never hangs the operator) and read up
+//! to a size cap. Errors name the path and the reason, never the file's contents.
+
+use std::fs::{File, OpenOptions};
+use std::io::Read;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+/// Why a user-named file was not read. The message never quotes the file.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ReadError {
+    #[error("{0}: does not exist or cannot be resolved")]
+    Missing(String),
+    #[error("{0}: resolves outside {1} (only files inside it may be read)")]
+    Outside(String, String),
+    #[error("{0}: not a regular file")]
+    NotRegular(String),
+    #[error("{0}: larger than the limit of {1} bytes")]
+    TooLarge(String, u64),
+    #[error("{0}: cannot be read: {1}")]
+    Io(String, String),
+}
+
+/// Reads `path` (relative paths are taken from `root`) when it resolves, after following
+/// every symlink, to a regular file under `root`, of at most `cap` bytes.
+pub fn read_confined(root: &Path, path: &Path, cap: u64) -> Result<Vec<u8>, ReadError> {
+    let shown = path.display().to_string();
+    let root = root
+        .canonicalize()
+        .map_err(|_| ReadError::Missing(root.display().to_string()))?;
+    let resolved = resolve_confined(&root, path)?;
+    read_regular(&resolved, cap).map_err(|e| match e {
+        // Report the name the user wrote, not the resolved one.
+        ReadError::NotRegular(_) => ReadError::NotRegular(shown.clone()),
+        ReadError::TooLarge(_, c) => ReadError::TooLarge(shown.clone(), c),
+        ReadError::Io(_, why) => ReadError::Io(shown.clone(), why),
+        other => other,
+    })
+}
+
+/// Checks, without reading it, that [`read_confined`] would accept the file.
+pub fn check_confined(root: &Path, path: &Path, cap: u64) -> Result<(), ReadError> {
+    let shown = path.display().to_string();
+    let root = root
+        .canonicalize()
+        .map_err(|_| ReadError::Missing(root.display().to_string()))?;
+    let resolved = resolve_confined(&root, path)?;
+    let f = open_regular(&resolved).map_err(|e| match e {
+        ReadError::NotRegular(_) => ReadError::NotRegular(shown.clone()),
+        other => other,
+    })?;
+    match f.metadata() {
+        Ok(m) if m.len() > cap => Err(ReadError::TooLarge(shown, cap)),
+        Ok(_) => Ok(()),
+        Err(e) => Err(ReadError::Io(shown, e.kind().to_string())),
+    }
+}
+
+/// The canonical path of `path` (relative to `root`), if it lies under the canonical `root`.
+pub fn resolve_confined(root: &Path, path: &Path) -> Result<PathBuf, ReadError> {
+    let shown = path.display().to_string();
+    let full = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        root.join(path)
+    };
+    let resolved = full
+        .canonicalize()
+        .map_err(|_| ReadError::Missing(shown.clone()))?;
+    if !resolved.starts_with(root) {
+        return Err(ReadError::Outside(shown, root.display().to_string()));
+    }
+    Ok(resolved)
+}
+
+/// Reads a regular file of at most `cap` bytes. Opened with `O_NONBLOCK | O_NOCTTY`, so that a
+/// FIFO or a device never blocks; anything but a regular file is refused before reading.
+pub fn read_regular(path: &Path, cap: u64) -> Result<Vec<u8>, ReadError> {
+    let shown = path.display().to_string();
+    let f = open_regular(path)?;
+    let len = f
+        .metadata()
+        .map_err(|e| ReadError::Io(shown.clone(), e.kind().to_string()))?
+        .len();
+    if len > cap {
+        return Err(ReadError::TooLarge(shown, cap));
+    }
+    let mut buf = Vec::with_capacity(len as usize);
+    // The file may grow while it is read: never past the cap.
+    f.take(cap + 1)
+        .read_to_end(&mut buf)
+        .map_err(|e| ReadError::Io(shown.clone(), e.kind().to_string()))?;
+    if buf.len() as u64 > cap {
+        return Err(ReadError::TooLarge(shown, cap));
+    }
+    Ok(buf)
+}
+
+/// Opens `path` for reading if it is a regular file, without blocking on special files.
+pub fn open_regular(path: &Path) -> Result<File, ReadError> {
+    let shown = path.display().to_string();
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => ReadError::Missing(shown.clone()),
+            k => ReadError::Io(shown.clone(), k.to_string()),
+        })?;
+    let meta = f
+        .metadata()
+        .map_err(|e| ReadError::Io(shown.clone(), e.kind().to_string()))?;
+    if !meta.is_file() {
+        return Err(ReadError::NotRegular(shown));
+    }
+    Ok(f)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    #[test]
+    fn confinement_size_and_special_files() {
+        let root = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let r = root.path();
+        std::fs::write(r.join("ok.sh"), "echo ok").unwrap();
+        std::fs::write(outside.path().join("secret"), "TOPSECRET").unwrap();
+        std::fs::create_dir(r.join("sub")).unwrap();
+        symlink(r.join("ok.sh"), r.join("sub/inside-link")).unwrap();
+        symlink(outside.path().join("secret"), r.join("escape")).unwrap();
+        symlink("/dev/zero", r.join("zero")).unwrap();
+        let fifo = r.join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+
+        assert_eq!(
+            read_confined(r, Path::new("ok.sh"), 100).unwrap(),
+            b"echo ok"
+        );
+        assert_eq!(
+            read_confined(r, Path::new("sub/inside-link"), 100).unwrap(),
+            b"echo ok"
+        );
+        for bad in ["escape", "../x", "/etc/passwd", "zero", "fifo", "sub"] {
+            let e = read_confined(r, Path::new(bad), 100).unwrap_err();
+            assert!(!e.to_string().contains("TOPSECRET"), "{e}");
+            assert!(e.to_string().starts_with(bad), "{bad}: {e}");
+        }
+        assert!(matches!(
+            read_confined(r, Path::new("escape"), 100),
+            Err(ReadError::Outside(..))
+        ));
+        assert!(matches!(
+            read_confined(r, Path::new("fifo"), 100),
+            Err(ReadError::NotRegular(_))
+        ));
+        assert!(matches!(
+            read_confined(r, Path::new("ok.sh"), 3),
+            Err(ReadError::TooLarge(_, 3))
+        ));
+    }
+}

@@ -53,7 +53,15 @@ pub enum JobState {
     Infrastructure {
         reason: String,
     },
+    /// No source could answer for the job this time (a failed scheduler query, a job not yet
+    /// listed): nothing is concluded, the job is observed again.
+    Unknown,
 }
+
+/// How long after a job's end its metrics are still awaited from accounting.
+pub const METRICS_WAIT: Duration = Duration::from_secs(3600);
+/// The condition that says whether `status.metrics` could be read.
+pub const METRICS_CONDITION: &str = "MetricsAvailable";
 
 /// One observation of the current attempt's job.
 #[derive(Clone, Debug, PartialEq)]
@@ -67,6 +75,10 @@ pub struct Observation {
     pub metrics: Option<Metrics>,
     pub log_tail: Option<LogTail>,
     pub pipes: Option<PipesStatus>,
+    /// Why a queued job waits (squeue's reason, e.g. `Resources`, `BeginTime`).
+    pub queue_reason: Option<String>,
+    /// The job ended but accounting did not answer: its metrics may come later.
+    pub metrics_pending: bool,
 }
 
 impl Observation {
@@ -81,6 +93,8 @@ impl Observation {
             metrics: None,
             log_tail: None,
             pipes: None,
+            queue_reason: None,
+            metrics_pending: false,
         }
     }
 }
@@ -268,15 +282,36 @@ fn decide(s: &mut SlurmAssetStatus, actions: &mut Vec<Action>, input: &Input, ev
         }
         Event::Observed(obs) => {
             if !is_active(s) {
+                backfill_metrics(s, actions, input, &obs);
                 return;
             }
             merge(s, &obs);
+            if is_final_state(&obs.state) && obs.metrics_pending {
+                await_metrics(s, input);
+            }
             match obs.state {
+                JobState::Unknown => actions.push(Action::Watch),
                 JobState::Queued => {
                     s.phase = Phase::Queued;
+                    // squeue's reason says why it waits ("None" while it is merely new).
+                    match obs.queue_reason.filter(|r| r != "None" && !r.is_empty()) {
+                        Some(r) => {
+                            s.message = Some(format!("pending in the queue: {r}"));
+                            s.reason = Some(r);
+                        }
+                        None if s.reason.as_deref() != Some("Adopted") => {
+                            s.reason = None;
+                            s.message = None;
+                        }
+                        None => {}
+                    }
                     actions.push(Action::Watch);
                 }
                 JobState::Running => {
+                    if s.phase == Phase::Queued && s.reason.as_deref() != Some("Adopted") {
+                        s.reason = None;
+                        s.message = None;
+                    }
                     s.phase = Phase::Running;
                     actions.push(Action::Watch);
                 }
@@ -326,6 +361,79 @@ fn decide(s: &mut SlurmAssetStatus, actions: &mut Vec<Action>, input: &Input, ev
     }
 }
 
+fn is_final_state(state: &JobState) -> bool {
+    !matches!(
+        state,
+        JobState::Queued | JobState::Running | JobState::Unknown
+    )
+}
+
+fn metrics_awaited(s: &SlurmAssetStatus) -> bool {
+    s.conditions
+        .iter()
+        .any(|c| c.type_ == METRICS_CONDITION && c.status == "False" && c.reason == "Awaiting")
+}
+
+/// The job ended while accounting was down: say so, and keep observing for the metrics.
+fn await_metrics(s: &mut SlurmAssetStatus, input: &Input) {
+    conditions::set(
+        &mut s.conditions,
+        METRICS_CONDITION,
+        false,
+        "Awaiting",
+        &format!(
+            "accounting (sacct) did not answer when the job ended; metrics are filled in when it does, for up to {} minutes",
+            METRICS_WAIT.as_secs() / 60
+        ),
+        Some(input.generation),
+        input.now,
+    );
+}
+
+/// After the end: metrics that accounting could not give then, filled in when it answers.
+fn backfill_metrics(
+    s: &mut SlurmAssetStatus,
+    actions: &mut Vec<Action>,
+    input: &Input,
+    obs: &Observation,
+) {
+    if !s.phase.is_terminal() || !metrics_awaited(s) {
+        return;
+    }
+    let g = Some(input.generation);
+    if obs.metrics.is_some() && !obs.metrics_pending {
+        s.metrics = obs.metrics.clone();
+        if obs.slurm_state.is_some() {
+            s.slurm_state = obs.slurm_state.clone();
+        }
+        conditions::set(
+            &mut s.conditions,
+            METRICS_CONDITION,
+            true,
+            "Accounting",
+            "",
+            g,
+            input.now,
+        );
+        return;
+    }
+    let ended = s.end_time.unwrap_or(input.now);
+    let waited = input.now.duration_since(ended).unsigned_abs();
+    if waited > METRICS_WAIT {
+        conditions::set(
+            &mut s.conditions,
+            METRICS_CONDITION,
+            false,
+            "AccountingUnavailable",
+            "accounting (sacct) did not answer within the wait after the job ended: metrics are unavailable for this run",
+            g,
+            input.now,
+        );
+        return;
+    }
+    actions.push(Action::Watch);
+}
+
 /// Starts the next attempt of the current run if the policy allows; returns whether it did.
 fn retry(s: &mut SlurmAssetStatus, actions: &mut Vec<Action>, input: &Input, reason: &str) -> bool {
     if s.attempts > input.retry_limit {
@@ -368,6 +476,9 @@ fn finish(
         actions.push(Action::Cleanup {
             run_dir: dir.clone(),
         });
+    }
+    if metrics_awaited(s) && !input.deleted {
+        actions.push(Action::Watch);
     }
 }
 
@@ -416,6 +527,7 @@ fn supersede(s: &mut SlurmAssetStatus, actions: &mut Vec<Action>) {
 }
 
 fn clear_job_fields(s: &mut SlurmAssetStatus) {
+    s.conditions.retain(|c| c.type_ != METRICS_CONDITION);
     s.slurm_state = None;
     s.submit_time = None;
     s.start_time = None;

@@ -23,6 +23,7 @@ pub mod slurm;
 pub mod standalone;
 pub mod status_table;
 pub mod transport;
+pub mod worker;
 
 /// Errors of the operator's library code.
 #[derive(Debug, thiserror::Error)]

@@ -592,10 +592,8 @@ pub fn validate_cluster(s: &SlurmClusterSpec, store: StoreKind) -> Vec<FieldErro
             ));
         }
     }
-    if let Some(base) = &s.remote_base {
-        if let Some(reason) = remote_path_problem(base) {
-            errors.push(field_err("spec.remoteBase", reason));
-        }
+    if let Some(reason) = s.remote_base.as_deref().and_then(remote_path_problem) {
+        errors.push(field_err("spec.remoteBase", reason));
     }
     if let Some(ssh) = &s.ssh {
         if ssh.port == 0 {

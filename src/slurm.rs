@@ -56,7 +56,10 @@ pub fn map_state(state: &str, exit_code: Option<&str>) -> JobState {
 
 /// Whether a state is final (the job will not change any more).
 pub fn is_final(state: &JobState) -> bool {
-    !matches!(state, JobState::Queued | JobState::Running)
+    !matches!(
+        state,
+        JobState::Queued | JobState::Running | JobState::Unknown
+    )
 }
 
 /// `3:0` → 3; `0:9` (killed by signal 9) → 137, as a shell would report it.

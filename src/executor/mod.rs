@@ -17,6 +17,21 @@ pub struct JobRef {
     pub resources: Resources,
 }
 
+/// What is remembered about one watched job between polls.
+#[derive(Clone, Debug, Default)]
+pub struct JobTrack {
+    /// The Pipes message reader (its offset in the message file).
+    pub reader: crate::pipes::MessageReader,
+    /// Since when every source that answered has said it does not know the job.
+    pub missing_since: Option<jiff::Timestamp>,
+}
+
+/// A Slurm job ID as the operator accepts it: digits only (no arrays, no het components,
+/// no cluster suffix), so that one bad value can never break a batched scheduler query.
+pub fn is_job_id(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 20 && s.bytes().all(|b| b.is_ascii_digit())
+}
+
 /// A submission's result.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Submitted {

@@ -2,12 +2,12 @@
 //! batched poll per cluster per interval (one `squeue` and one `sacct` for every active job,
 //! plus each job's exit file, log tails and new Pipes messages, in the same round trip).
 
-use super::{JobRef, LOG_TAIL_BYTES, Submitted, tail_text};
+use super::{JobRef, JobTrack, LOG_TAIL_BYTES, Submitted, is_job_id, tail_text};
 use crate::core::{JobState, Observation};
 use crate::jobscript::{
     EXIT_FILE, JOB_SCRIPT, RunPlan, STDERR_FILE, STDOUT_FILE, render_script, sbatch_argv,
 };
-use crate::pipes::{CONTEXT_FILE, MESSAGES_FILE, MessageReader, context_data};
+use crate::pipes::{CONTEXT_FILE, MESSAGES_FILE, context_data};
 use crate::shell::{join, quote};
 use crate::slurm::{
     SACCT_FORMAT, SQUEUE_FORMAT, expand_nodelist, is_final, job_metrics, map_state, parse_sacct,
@@ -86,8 +86,8 @@ pub struct SlurmExecutor {
 #[derive(Default)]
 struct SharedPoll {
     last: Option<std::time::Instant>,
-    /// run dir → (job, requested memory, Pipes reader)
-    watched: HashMap<String, (JobRef, Option<u64>, MessageReader)>,
+    /// run dir → (job, requested memory, what is tracked between polls)
+    watched: HashMap<String, (JobRef, Option<u64>, JobTrack)>,
     /// run dir → the last batch's observation (kept until claimed once final)
     results: HashMap<String, (std::time::Instant, Observation)>,
 }
@@ -101,7 +101,7 @@ impl SharedPoll {
         if self
             .results
             .get(key)
-            .is_some_and(|(_, o)| is_final(&o.state))
+            .is_some_and(|(_, o)| is_final(&o.state) && !o.metrics_pending)
         {
             return self.results.remove(key).map(|(_, o)| o);
         }
@@ -109,12 +109,16 @@ impl SharedPoll {
     }
 }
 
-/// One job to observe, with its Pipes reader (offset carried between polls).
+/// One job to observe, with what is tracked between polls (Pipes offset, missing since).
 pub struct Watched<'a> {
     pub job: JobRef,
     pub requested_mem: Option<u64>,
-    pub reader: &'a mut MessageReader,
+    pub track: &'a mut JobTrack,
 }
+
+/// How long every source must have denied knowing a job, its exit file absent, before the
+/// job is declared lost (the scheduler may briefly list neither, e.g. while accounting lags).
+pub const LOST_GRACE: jiff::SignedDuration = jiff::SignedDuration::from_secs(60);
 
 impl SlurmExecutor {
     pub fn new(target: SshTarget, exe: PathBuf, counters: Arc<Counters>) -> Self {
@@ -146,23 +150,23 @@ impl SlurmExecutor {
             .watched
             .entry(key.clone())
             .and_modify(|w| w.0 = job.clone())
-            .or_insert_with(|| (job.clone(), requested_mem, MessageReader::default()));
+            .or_insert_with(|| (job.clone(), requested_mem, JobTrack::default()));
         if shared.last.is_none_or(|t| t.elapsed() >= interval) {
             let SharedPoll { watched, .. } = &mut *shared;
             let keys: Vec<String> = watched.keys().cloned().collect();
             let mut batch: Vec<Watched> = watched
                 .values_mut()
-                .map(|(j, mem, reader)| Watched {
+                .map(|(j, mem, track)| Watched {
                     job: j.clone(),
                     requested_mem: *mem,
-                    reader,
+                    track,
                 })
                 .collect();
             let observed = self.observe(&mut batch).await?;
             drop(batch);
             let now = std::time::Instant::now();
             for (k, obs) in keys.into_iter().zip(observed) {
-                if is_final(&obs.state) {
+                if is_final(&obs.state) && !obs.metrics_pending {
                     // Ended: no more polling; the result waits for its owner.
                     shared.watched.remove(&k);
                 }
@@ -357,13 +361,17 @@ impl SlurmExecutor {
                 q = quote(name)
             ));
         }
+        // sbatch's warnings go to stderr and are not its answer; the job ID is the last line
+        // of stdout (`--parsable`: "ID" or "ID;cluster") and must be a number.
         s.push_str(&format!(
-            "out=$({} 2>&1)\nrc=$?\n",
+            "out=$({} 2>.sbatch.err)\nrc=$?\nerr=$(head -c 2000 .sbatch.err)\nrm -f .sbatch.err\n",
             join(&sbatch_argv(plan))
         ));
         s.push_str(&format!(
-            "if [ $rc -ne 0 ]; then printf 'SBATCH_FAILED %s\\n' \"$out\" | tr '\\n' ' '; echo; exit 0; fi\n\
-             id=${{out%%;*}}\nprintf '%s %s\\n' \"$tag\" \"$id\" > {JOBID_FILE}\necho \"SUBMITTED $id\"\n"
+            "if [ $rc -ne 0 ]; then printf 'SBATCH_FAILED %s %s\\n' \"$err\" \"$out\" | tr '\\n' ' '; echo; exit 0; fi\n\
+             id=$(printf '%s\\n' \"$out\" | tail -n1)\nid=${{id%%;*}}\n\
+             case $id in ''|*[!0-9]*) printf 'SBATCH_FAILED no job ID in the answer: %s\\n' \"$out\" | head -c 1000 | tr '\\n' ' '; echo; exit 0 ;; esac\n\
+             printf '%s %s\\n' \"$tag\" \"$id\" > {JOBID_FILE}\necho \"SUBMITTED $id\"\n"
         ));
         let started = std::time::Instant::now();
         let out = self.run(&s).await?;
@@ -371,18 +379,38 @@ impl SlurmExecutor {
             .submit_latency
             .observe(started.elapsed().as_secs_f64());
         let text = String::from_utf8_lossy(&out.stdout);
-        let line = text.lines().last().unwrap_or("").trim();
-        let result = if let Some(id) = line.strip_prefix("ADOPT ") {
+        // The answer is the last line carrying one of the script's markers (a login shell's
+        // rc files may print other lines).
+        const MARKERS: [&str; 6] = [
+            "ADOPT ",
+            "SUBMITTED ",
+            "FENCED ",
+            "BUSY",
+            "SBATCH_FAILED ",
+            "ERROR ",
+        ];
+        let line = text
+            .lines()
+            .rev()
+            .map(str::trim)
+            .find(|l| MARKERS.iter().any(|m| l.starts_with(m)))
+            .unwrap_or("");
+        let result = if let Some(id) = line
+            .strip_prefix("ADOPT ")
+            .or_else(|| line.strip_prefix("SUBMITTED "))
+        {
+            // Adoption reads the ID back from squeue, sacct or the run dir: validate it too.
+            let id = id.trim();
+            if !is_job_id(id) {
+                return Err(Error::Transport(format!(
+                    "the cluster answered the submission with {:?}, which is not a job ID",
+                    crate::limits::truncate(id, 64)
+                )));
+            }
             Ok(Submitted {
-                job_id: id.trim().to_string(),
+                job_id: id.to_string(),
                 run_dir: dir.clone(),
-                adopted: true,
-            })
-        } else if let Some(id) = line.strip_prefix("SUBMITTED ") {
-            Ok(Submitted {
-                job_id: id.trim().to_string(),
-                run_dir: dir.clone(),
-                adopted: false,
+                adopted: line.starts_with("ADOPT "),
             })
         } else if let Some(fence) = line.strip_prefix("FENCED ") {
             return Err(Error::Fenced {
@@ -394,13 +422,16 @@ impl SlurmExecutor {
                 "another submission for this asset holds its lock".into(),
             ));
         } else if let Some(msg) = line.strip_prefix("SBATCH_FAILED ") {
-            Err(msg.trim().to_string())
+            Err(crate::limits::truncate(
+                &format!("sbatch: {}", msg.trim()),
+                crate::limits::MAX_MESSAGE,
+            ))
         } else if let Some(msg) = line.strip_prefix("ERROR ") {
-            Err(msg.to_string())
+            Err(crate::limits::truncate(msg, crate::limits::MAX_MESSAGE))
         } else {
             return Err(Error::Transport(format!(
-                "unexpected answer to the submission: {line:?} {}",
-                out.stderr.trim()
+                "unexpected answer to the submission: {}",
+                crate::limits::truncate(out.stderr.trim(), 500)
             )));
         };
         Ok(result)
@@ -412,20 +443,24 @@ impl SlurmExecutor {
             return Ok(vec![]);
         }
         let accounting = self.facts().await.map(|f| f.accounting).unwrap_or(false);
+        // Only valid IDs reach the scheduler: one bad value must not fail the whole query.
         let ids: Vec<&str> = jobs
             .iter()
             .filter_map(|w| w.job.job_id.as_deref())
+            .filter(|id| is_job_id(id))
             .collect();
         let id_list = ids.join(",");
         let mut s = String::new();
+        // squeue for the user's jobs, in every state: `squeue -j ID` fails as a whole when one
+        // ID was purged, which would make a healthy batch look unknown. Each query's exit
+        // status travels with its output: a failed query is "unknown", never "absent".
         s.push_str(&format!(
-            "squeue -h -o {} -j {} 2>/dev/null\necho '@@SAO SACCT'\n",
+            "squeue -h -t all -u \"$(id -un)\" -o {} 2>/dev/null\necho \"@@SAO RC squeue $?\"\necho '@@SAO SACCT'\n",
             quote(SQUEUE_FORMAT),
-            quote(&id_list)
         ));
-        if accounting {
+        if accounting && !ids.is_empty() {
             s.push_str(&format!(
-                "sacct -P -n -j {} --format={} 2>/dev/null\n",
+                "sacct -P -n -j {} --format={} 2>/dev/null\necho \"@@SAO RC sacct $?\"\n",
                 quote(&id_list),
                 SACCT_FORMAT
             ));
@@ -440,7 +475,7 @@ impl SlurmExecutor {
                  printf 'ERR %s\\n' \"$(tail -c {LOG_TAIL_BYTES} {STDERR_FILE} 2>/dev/null | base64 -w0)\"\n\
                  printf 'MSG %s\\n' \"$(tail -c +{} {MESSAGES_FILE} 2>/dev/null | head -c {MESSAGES_CHUNK} | base64 -w0)\"\n\
                  cd - >/dev/null\nfi\n",
-                w.reader.offset + 1
+                w.track.reader.offset + 1
             ));
         }
         let out = self.run(&s).await?;
@@ -503,9 +538,11 @@ fn parse_poll(
     accounting: bool,
     now: jiff::Timestamp,
 ) -> Vec<Observation> {
-    let mut squeue: HashMap<String, (String, String)> = HashMap::new();
+    // job ID → (state, reason, node list)
+    let mut squeue: HashMap<String, (String, String, String)> = HashMap::new();
     let mut sacct_text = String::new();
     let mut per_job: HashMap<usize, HashMap<&str, String>> = HashMap::new();
+    let mut rc: HashMap<String, i32> = HashMap::new();
     let mut section = "SQUEUE";
     let mut current: Option<usize> = None;
     for line in text.lines() {
@@ -515,6 +552,10 @@ fn parse_poll(
             } else if let Some(i) = rest.strip_prefix("JOB ") {
                 section = "JOB";
                 current = i.parse().ok();
+            } else if let Some((what, code)) =
+                rest.strip_prefix("RC ").and_then(|r| r.split_once(' '))
+            {
+                rc.insert(what.to_string(), code.trim().parse().unwrap_or(-1));
             }
             continue;
         }
@@ -522,7 +563,10 @@ fn parse_poll(
             "SQUEUE" => {
                 let f: Vec<&str> = line.split('|').collect();
                 if f.len() >= 4 {
-                    squeue.insert(f[0].to_string(), (f[1].to_string(), f[3].to_string()));
+                    squeue.insert(
+                        f[0].to_string(),
+                        (f[1].to_string(), f[2].to_string(), f[3].to_string()),
+                    );
                 }
             }
             "SACCT" => {
@@ -545,6 +589,9 @@ fn parse_poll(
             }
         }
     }
+    // A query answered when it ran and exited 0; sacct that was not needed answers nothing.
+    let squeue_answered = rc.get("squeue") == Some(&0);
+    let sacct_answered = !accounting || rc.get("sacct").is_none_or(|c| *c == 0);
     let rows = parse_sacct(&sacct_text);
     jobs.iter_mut()
         .enumerate()
@@ -552,9 +599,13 @@ fn parse_poll(
             let id = w.job.job_id.clone().unwrap_or_default();
             let files = per_job.remove(&i).unwrap_or_default();
             if let Some(m) = files.get("MSG") {
-                w.reader.feed(&decode(m));
+                w.track.reader.feed(&decode(m));
             }
-            let job_rows: Vec<_> = rows.iter().filter(|r| r.base_id() == id).collect();
+            let job_rows: Vec<_> = if is_job_id(&id) {
+                rows.iter().filter(|r| r.base_id() == id).collect()
+            } else {
+                vec![]
+            };
             let alloc = job_rows.iter().find(|r| !r.is_step());
             let exit = files
                 .get("EXIT")
@@ -564,24 +615,56 @@ fn parse_poll(
                         .find_map(|l| l.strip_prefix("exit_code="))
                         .and_then(|c| c.trim().parse::<i32>().ok())
                 });
+            let queued = squeue.get(&id).filter(|_| is_job_id(&id));
             let from_sacct = alloc.map(|a| map_state(&a.state, Some(&a.exit_code)));
-            let from_squeue = squeue.get(&id).map(|(st, _)| map_state(st, None));
+            let from_squeue = queued.map(|(st, _, _)| map_state(st, None));
+            let known = from_sacct.is_some() || from_squeue.is_some() || exit.is_some();
+            if known {
+                w.track.missing_since = None;
+            }
             let (mut state, mut raw) = match (&from_sacct, &from_squeue, exit) {
                 (Some(s), _, _) if is_final(s) => (s.clone(), alloc.map(|a| a.state.clone())),
-                (_, Some(q), _) => (q.clone(), squeue.get(&id).map(|(st, _)| st.clone())),
+                (_, Some(q), _) => (q.clone(), queued.map(|(st, _, _)| st.clone())),
                 (Some(s), None, None) => (s.clone(), alloc.map(|a| a.state.clone())),
-                (_, None, Some(code)) => (JobState::Exited { exit_code: code }, None),
-                (None, None, None) => (
-                    JobState::Infrastructure {
-                        reason: "Lost".into(),
-                    },
-                    None,
+                // The exit file is the job's own last word once the scheduler forgot it.
+                (_, None, Some(code)) => (
+                    JobState::Exited { exit_code: code },
+                    Some(format!(
+                        "{} (from the exit file)",
+                        if code == 0 { "COMPLETED" } else { "FAILED" }
+                    )),
                 ),
+                (None, None, None) => {
+                    if !is_job_id(&id) {
+                        (
+                            JobState::Infrastructure {
+                                reason: "Lost".into(),
+                            },
+                            None,
+                        )
+                    } else if squeue_answered && sacct_answered {
+                        // Positively unknown to every source: lost once that has lasted.
+                        let since = *w.track.missing_since.get_or_insert(now);
+                        if now.duration_since(since) >= LOST_GRACE {
+                            (
+                                JobState::Infrastructure {
+                                    reason: "Lost".into(),
+                                },
+                                None,
+                            )
+                        } else {
+                            (JobState::Unknown, None)
+                        }
+                    } else {
+                        (JobState::Unknown, None)
+                    }
+                }
             };
             // Accounting can mark the allocation ended a moment before the batch step's own
             // record (its CPU time and memory) arrives; ending now would freeze metrics of
             // zero. Wait for it, for a while: a step record can also be lost.
             if let Some(a) = alloc
+                && exit.is_none()
                 && (a.state.starts_with("COMPLETED") || a.state.starts_with("FAILED"))
                 && !job_rows
                     .iter()
@@ -602,18 +685,39 @@ fn parse_poll(
                     None
                 }
             });
-            if matches!(obs.state, JobState::Infrastructure { .. }) {
-                obs.message = Some(format!(
-                    "job {id} is unknown to squeue{} and left no exit file",
-                    if accounting { " and sacct" } else { "" }
-                ));
+            match &obs.state {
+                JobState::Infrastructure { .. } if !is_job_id(&id) => {
+                    obs.message = Some(format!(
+                        "{:?} is not a Slurm job ID and the run left no exit file",
+                        crate::limits::truncate(&id, 40)
+                    ));
+                }
+                JobState::Infrastructure { .. } => {
+                    obs.message = Some(format!(
+                        "job {id} is unknown to squeue{} and left no exit file for {}s",
+                        if accounting { " and sacct" } else { "" },
+                        LOST_GRACE.as_secs()
+                    ));
+                }
+                JobState::Unknown => {
+                    obs.message = Some(if squeue_answered && sacct_answered {
+                        format!("job {id} is not listed yet")
+                    } else {
+                        "the scheduler did not answer; observing again".to_string()
+                    });
+                }
+                JobState::Queued => obs.queue_reason = queued.map(|(_, r, _)| r.clone()),
+                _ => {}
             }
+            // Ended, but accounting (which holds the metrics) could not answer for it.
+            obs.metrics_pending =
+                accounting && is_final(&obs.state) && (!sacct_answered || alloc.is_none());
             // The allocation's node list, from whichever source has all of it (accounting can
             // lag behind the controller while the job starts).
             let want = alloc.and_then(|a| a.alloc_nodes).unwrap_or(0) as usize;
             let candidates = [
                 alloc.map(|a| expand_nodelist(&a.node_list)),
-                squeue.get(&id).map(|(_, n)| expand_nodelist(n)),
+                queued.map(|(_, _, n)| expand_nodelist(n)),
             ];
             obs.nodes = candidates
                 .iter()
@@ -661,7 +765,7 @@ fn parse_poll(
                     .map(|o| tail_decoded(o))
                     .unwrap_or_default(),
             });
-            obs.pipes = Some(w.reader.status.clone());
+            obs.pipes = Some(w.track.reader.status.clone());
             obs
         })
         .collect()
@@ -671,7 +775,7 @@ fn parse_poll(
 mod tests {
     use super::*;
 
-    fn watched<'a>(reader: &'a mut MessageReader, id: &str) -> Watched<'a> {
+    fn watched<'a>(track: &'a mut JobTrack, id: &str) -> Watched<'a> {
         Watched {
             job: JobRef {
                 job_id: Some(id.into()),
@@ -679,7 +783,7 @@ mod tests {
                 resources: Default::default(),
             },
             requested_mem: None,
-            reader,
+            track,
         }
     }
 
@@ -689,7 +793,7 @@ mod tests {
 
     #[test]
     fn without_accounting_the_exit_file_decides_once_squeue_forgot() {
-        let mut r = MessageReader::default();
+        let mut r = JobTrack::default();
         let mut jobs = [watched(&mut r, "9")];
         let text = format!(
             "@@SAO SACCT\n@@SAO JOB 0\nEXIT {}\nOUT {}\nERR \nMSG \n",
@@ -703,10 +807,10 @@ mod tests {
 
     #[test]
     fn squeue_wins_while_the_job_is_live() {
-        let mut r = MessageReader::default();
+        let mut r = JobTrack::default();
         let mut jobs = [watched(&mut r, "9")];
         let obs = parse_poll(
-            "9|RUNNING|None|n[1-2]\n@@SAO SACCT\n@@SAO JOB 0\n",
+            "9|RUNNING|None|n[1-2]\n@@SAO RC squeue 0\n@@SAO SACCT\n@@SAO JOB 0\n",
             &mut jobs,
             true,
             jiff::Timestamp::now(),
@@ -716,33 +820,99 @@ mod tests {
     }
 
     #[test]
-    fn a_job_missing_from_every_source_is_lost_not_succeeded() {
-        let mut r = MessageReader::default();
-        let mut jobs = [watched(&mut r, "9")];
-        let obs = parse_poll(
-            "@@SAO SACCT\n@@SAO JOB 0\nEXIT \n",
-            &mut jobs,
-            true,
-            jiff::Timestamp::now(),
-        );
+    fn a_job_missing_from_every_source_is_lost_only_after_a_grace_period() {
+        let mut r = JobTrack::default();
+        let t0 = jiff::Timestamp::now();
+        let text = "@@SAO RC squeue 0\n@@SAO SACCT\n@@SAO RC sacct 0\n@@SAO JOB 0\nEXIT \n";
+        let poll = |r: &mut JobTrack, text: &str, now| {
+            let mut jobs = [watched(r, "9")];
+            parse_poll(text, &mut jobs, true, now).remove(0)
+        };
+        assert_eq!(poll(&mut r, text, t0).state, JobState::Unknown);
+        let later = t0 + LOST_GRACE + jiff::SignedDuration::from_secs(1);
+        let lost = poll(&mut r, text, later);
         assert_eq!(
-            obs[0].state,
+            lost.state,
             JobState::Infrastructure {
                 reason: "Lost".into()
             }
         );
         assert!(
-            obs[0]
-                .message
-                .as_ref()
+            lost.message
                 .unwrap()
                 .contains("unknown to squeue and sacct")
         );
     }
 
     #[test]
+    fn a_failed_scheduler_query_is_unknown_never_lost() {
+        // squeue failed (slurmctld down), sacct failed (slurmdbd down), or their status is
+        // missing altogether: nothing is concluded, however long it lasts.
+        let t0 = jiff::Timestamp::now();
+        for text in [
+            "@@SAO RC squeue 1\n@@SAO SACCT\n@@SAO RC sacct 0\n@@SAO JOB 0\n",
+            "@@SAO RC squeue 0\n@@SAO SACCT\n@@SAO RC sacct 1\n@@SAO JOB 0\n",
+            "",
+        ] {
+            let mut r = JobTrack::default();
+            for minutes in [0, 10, 100] {
+                let now = t0 + jiff::SignedDuration::from_mins(minutes);
+                let mut jobs = [watched(&mut r, "9")];
+                let obs = parse_poll(text, &mut jobs, true, now).remove(0);
+                assert_eq!(obs.state, JobState::Unknown, "{text:?} after {minutes} min");
+            }
+        }
+    }
+
+    #[test]
+    fn an_invalid_job_id_harms_no_other_job() {
+        let mut a = JobTrack::default();
+        let mut b = JobTrack::default();
+        let mut jobs = [watched(&mut a, "12;rm -rf"), watched(&mut b, "9")];
+        let text = "9|RUNNING|None|n1\n@@SAO RC squeue 0\n@@SAO SACCT\n@@SAO RC sacct 0\n@@SAO JOB 0\n@@SAO JOB 1\n";
+        let obs = parse_poll(text, &mut jobs, true, jiff::Timestamp::now());
+        assert!(matches!(obs[0].state, JobState::Infrastructure { .. }));
+        assert!(
+            obs[0]
+                .message
+                .as_ref()
+                .unwrap()
+                .contains("not a Slurm job ID")
+        );
+        assert_eq!(obs[1].state, JobState::Running);
+    }
+
+    #[test]
+    fn queued_jobs_carry_squeue_reason() {
+        let mut r = JobTrack::default();
+        let mut jobs = [watched(&mut r, "9")];
+        let text =
+            "9|PENDING|BeginTime|\n@@SAO RC squeue 0\n@@SAO SACCT\n@@SAO RC sacct 0\n@@SAO JOB 0\n";
+        let obs = parse_poll(text, &mut jobs, true, jiff::Timestamp::now()).remove(0);
+        assert_eq!(obs.state, JobState::Queued);
+        assert_eq!(obs.queue_reason.as_deref(), Some("BeginTime"));
+    }
+
+    #[test]
+    fn an_end_seen_while_accounting_is_down_awaits_metrics() {
+        let mut r = JobTrack::default();
+        let mut jobs = [watched(&mut r, "9")];
+        let text = format!(
+            "@@SAO RC squeue 0\n@@SAO SACCT\n@@SAO RC sacct 1\n@@SAO JOB 0\nEXIT {}\n",
+            b64("exit_code=0\nstart=1\nend=2\n")
+        );
+        let obs = parse_poll(&text, &mut jobs, true, jiff::Timestamp::now()).remove(0);
+        assert_eq!(obs.state, JobState::Exited { exit_code: 0 });
+        assert!(obs.metrics_pending);
+        assert_eq!(
+            obs.slurm_state.as_deref(),
+            Some("COMPLETED (from the exit file)")
+        );
+    }
+
+    #[test]
     fn pipes_messages_advance_the_offset() {
-        let mut r = MessageReader::default();
+        let mut r = JobTrack::default();
         let msg = "{\"method\":\"opened\",\"params\":{}}\n";
         {
             let mut jobs = [watched(&mut r, "9")];
@@ -752,8 +922,8 @@ mod tests {
             );
             parse_poll(&text, &mut jobs, true, jiff::Timestamp::now());
         }
-        assert_eq!(r.offset as usize, msg.len());
-        assert!(r.status.opened);
+        assert_eq!(r.reader.offset as usize, msg.len());
+        assert!(r.reader.status.opened);
     }
 
     #[test]
@@ -764,9 +934,10 @@ mod tests {
         let end = parse_time("2026-01-01T00:00:03").unwrap();
         let soon = end + jiff::SignedDuration::from_secs(2);
         let poll = |sacct: &str, now| {
-            let mut r = MessageReader::default();
+            let mut r = JobTrack::default();
             let mut jobs = [watched(&mut r, "9")];
-            let text = format!("@@SAO SACCT\n{sacct}\n@@SAO JOB 0\n");
+            let text =
+                format!("@@SAO RC squeue 0\n@@SAO SACCT\n{sacct}\n@@SAO RC sacct 0\n@@SAO JOB 0\n");
             parse_poll(&text, &mut jobs, true, now).remove(0)
         };
         // Only the allocation's row: not final yet.

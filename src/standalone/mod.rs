@@ -3,6 +3,7 @@
 //! The driver feeds the pure [`crate::core`] with events from the file watcher, the clock and
 //! the executor, and carries out the actions it returns. One task owns all state, so no locks.
 
+pub mod clusters;
 pub mod store;
 
 use crate::api::{
@@ -10,14 +11,14 @@ use crate::api::{
 };
 use crate::conditions;
 use crate::core::{self, Action, Event, Input};
-use crate::executor::JobRef;
 use crate::executor::local::LocalExecutor;
-use crate::executor::slurm::{Counters, SlurmExecutor, Watched};
+use crate::executor::slurm::{ClusterFacts, Counters, SlurmExecutor};
+use crate::executor::{JobRef, JobTrack};
 use crate::jobscript::{PlanContext, RunId, RunPlan, plan};
 use crate::manifest::{Kind, Loaded, ManifestError, describe};
-use crate::pipes::MessageReader;
-use crate::transport::{SshAuth, SshTarget};
+use crate::worker::{ClusterWorker, PollItem, Reply, Request};
 use crate::{Error, Result};
+use clusters::{platform, ssh_target};
 use jiff::Timestamp;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -63,8 +64,14 @@ struct AssetEntry {
     deleted: bool,
     next_poll: Option<Instant>,
     submit_at: Option<Instant>,
-    reader: MessageReader,
-    reader_dir: Option<String>,
+    track: JobTrack,
+    track_dir: Option<String>,
+    /// A submission sent to the cluster's worker and not answered yet: (run, attempt).
+    submitting: Option<(u64, u32)>,
+    /// A cancellation sent and not answered yet.
+    cancelling: bool,
+    /// The job is in a batched poll that has not answered yet (its track is with it).
+    polling: bool,
 }
 
 impl AssetEntry {
@@ -94,8 +101,98 @@ pub struct Driver {
     logged: HashSet<String>,
     cache: WriteCache,
     exe: PathBuf,
-    slurm: HashMap<ObjectKey, Arc<SlurmExecutor>>,
+    /// One worker per Slurm cluster; it owns the cluster's connection.
+    workers: HashMap<ObjectKey, ClusterWorker<ObjectKey>>,
+    replies: tokio::sync::mpsc::UnboundedSender<(ObjectKey, Reply<ObjectKey>)>,
+    /// Clusters with a batched poll or a probe under way.
+    polling: HashSet<ObjectKey>,
+    probing: HashSet<ObjectKey>,
+    /// The last probe's answer per cluster.
+    probes: HashMap<ObjectKey, std::result::Result<ClusterFacts, String>>,
     counters: Arc<Counters>,
+}
+
+/// Everything an attempt's plan is built from, owned, so a cluster's worker can build it.
+struct PlanInputs {
+    spec: SlurmAssetSpec,
+    cluster: SlurmClusterSpec,
+    asset_dir: PathBuf,
+    cluster_dir: PathBuf,
+    local_base: PathBuf,
+    namespace: String,
+    name: String,
+    uid: String,
+}
+
+impl PlanInputs {
+    fn capture(d: &Driver, key: &ObjectKey) -> std::result::Result<PlanInputs, String> {
+        let entry = &d.assets[key];
+        let loaded = entry.loaded.as_ref().ok_or("the manifest is gone")?;
+        let spec = loaded.asset().ok_or("the spec is invalid")?;
+        let rc = d.cluster_for(key, spec.cluster_ref.as_deref())?;
+        Ok(PlanInputs {
+            spec: spec.clone(),
+            cluster: rc.spec,
+            asset_dir: loaded.file.parent().unwrap_or(&d.dir).to_path_buf(),
+            cluster_dir: rc.dir,
+            local_base: d.dir.join(".runs"),
+            namespace: key.namespace.clone(),
+            name: key.name.clone(),
+            uid: entry.uid.clone(),
+        })
+    }
+
+    fn plan(
+        &self,
+        run: u64,
+        attempt: u32,
+        remote_home: Option<&str>,
+    ) -> std::result::Result<RunPlan, String> {
+        let ctx = PlanContext {
+            asset_dir: &self.asset_dir,
+            cluster: &self.cluster,
+            cluster_dir: &self.cluster_dir,
+            default_base: match remote_home {
+                Some(home) => PathBuf::from(format!("{home}/.slurm-asset-operator")),
+                None => self.local_base.clone(),
+            },
+            remote_home,
+        };
+        let id = RunId {
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+            uid: self.uid.clone(),
+            run,
+            attempt,
+            epoch: 0,
+        };
+        plan(&self.spec, id, &ctx)
+    }
+}
+
+/// Local mode runs on one host: a request that host cannot hold fails at once, naming the
+/// field, instead of pretending to run with resources it does not have.
+fn local_fit(r: &crate::api::Resources) -> std::result::Result<(), String> {
+    let host = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    let cpus = u64::from(r.cpus_per_task.unwrap_or(1)) * u64::from(r.ntasks.unwrap_or(1));
+    if cpus > host {
+        return Err(format!(
+            "spec.resources.cpusPerTask: {cpus} CPUs requested (cpusPerTask x ntasks), but the operator's host has {host} (local mode)"
+        ));
+    }
+    if r.nodes.is_some_and(|n| n > 1) {
+        return Err("spec.resources.nodes: local mode runs on one node".into());
+    }
+    Ok(())
+}
+
+/// The key under which local cancellations answer (local mode has no worker).
+fn local_key() -> ObjectKey {
+    ObjectKey {
+        kind: Kind::SlurmCluster,
+        namespace: String::new(),
+        name: String::new(),
+    }
 }
 
 /// A cluster as an asset sees it: explicit, or the implicit local one.
@@ -111,11 +208,16 @@ pub async fn run(opts: Options) -> Result<Outcome> {
         .dir
         .canonicalize()
         .map_err(|e| Error::io(&opts.dir, e))?;
+    let (replies, mut reply_rx) = tokio::sync::mpsc::unbounded_channel();
     let mut driver = Driver {
         dir: dir.clone(),
         executor: LocalExecutor::new(opts.exe.clone()),
         exe: opts.exe,
-        slurm: HashMap::new(),
+        workers: HashMap::new(),
+        replies,
+        polling: HashSet::new(),
+        probing: HashSet::new(),
+        probes: HashMap::new(),
         counters: Arc::new(Counters::default()),
         assets: BTreeMap::new(),
         clusters: BTreeMap::new(),
@@ -162,6 +264,13 @@ pub async fn run(opts: Options) -> Result<Outcome> {
                 while rx.try_recv().is_ok() {}
                 driver.rescan(false).await;
             }
+            Some((cluster, reply)) = reply_rx.recv() => {
+                driver.on_reply(cluster, reply).await;
+                // Answers often come in bursts: take what is already there.
+                while let Ok((cluster, reply)) = reply_rx.try_recv() {
+                    driver.on_reply(cluster, reply).await;
+                }
+            }
             _ = tokio::time::sleep(wait) => {}
             _ = tokio::signal::ctrl_c() => { info!("interrupted; running jobs continue and are adopted on restart"); break; }
             _ = sigterm.recv() => { info!("terminated; running jobs continue and are adopted on restart"); break; }
@@ -189,6 +298,8 @@ impl Driver {
     fn all_done(&self) -> bool {
         self.assets.values().all(|a| {
             a.submit_at.is_none()
+                && a.submitting.is_none()
+                && !a.cancelling
                 && (a.status.phase.is_terminal() || a.status.reason.as_deref() == Some("Suspended"))
         })
     }
@@ -233,7 +344,8 @@ impl Driver {
         }
         let cluster_keys: Vec<ObjectKey> = self.clusters.keys().cloned().collect();
         for key in cluster_keys {
-            self.write_cluster_status(&key).await;
+            self.probe(&key);
+            self.write_cluster_status(&key);
         }
         if startup {
             // Status files whose manifest vanished while the operator was down: their jobs
@@ -311,8 +423,11 @@ impl Driver {
             deleted: false,
             next_poll: None,
             submit_at: None,
-            reader: MessageReader::default(),
-            reader_dir: None,
+            track: JobTrack::default(),
+            track_dir: None,
+            submitting: None,
+            cancelling: false,
+            polling: false,
         }
     }
 
@@ -385,29 +500,35 @@ impl Driver {
         }
     }
 
-    /// The executor of a Slurm cluster, created on first use and replaced when its
-    /// connection settings change.
-    fn slurm_for(
+    /// The worker of a Slurm cluster (`None` for local clusters), started on first use and
+    /// replaced when the connection settings change.
+    fn worker_for(
         &mut self,
         rc: &ResolvedCluster,
-    ) -> std::result::Result<Option<Arc<SlurmExecutor>>, String> {
+    ) -> std::result::Result<Option<ObjectKey>, String> {
         if rc.spec.mode != ClusterMode::Slurm {
             return Ok(None);
         }
         let key = rc.key.clone().expect("slurm clusters are explicit");
         let target = ssh_target(&rc.spec, &rc.dir, &key)?;
-        if let Some(ex) = self.slurm.get(&key)
-            && *ex.target() == target
+        if self
+            .workers
+            .get(&key)
+            .is_some_and(|w| *w.executor.target() == target)
         {
-            return Ok(Some(ex.clone()));
+            return Ok(Some(key));
         }
         let ex = Arc::new(SlurmExecutor::new(
             target,
             self.exe.clone(),
             self.counters.clone(),
         ));
-        self.slurm.insert(key, ex.clone());
-        Ok(Some(ex))
+        let worker = ClusterWorker::spawn(ex, key.clone(), self.replies.clone());
+        // The old worker (if any) finishes its queue and closes its connection.
+        self.workers.insert(key.clone(), worker);
+        self.polling.remove(&key);
+        self.probing.remove(&key);
+        Ok(Some(key))
     }
 
     fn facts(&self, key: &ObjectKey) -> Facts {
@@ -458,30 +579,7 @@ impl Driver {
         attempt: u32,
         remote_home: Option<&str>,
     ) -> std::result::Result<RunPlan, String> {
-        let entry = &self.assets[key];
-        let loaded = entry.loaded.as_ref().ok_or("the manifest is gone")?;
-        let spec = loaded.asset().ok_or("the spec is invalid")?;
-        let rc = self.cluster_for(key, spec.cluster_ref.as_deref())?;
-        let (cluster, cluster_dir) = (rc.spec, rc.dir);
-        let ctx = PlanContext {
-            asset_dir: loaded.file.parent().unwrap_or(&self.dir),
-            cluster: &cluster,
-            cluster_dir: &cluster_dir,
-            default_base: match remote_home {
-                Some(home) => PathBuf::from(format!("{home}/.slurm-asset-operator")),
-                None => self.dir.join(".runs"),
-            },
-            remote_home,
-        };
-        let id = RunId {
-            namespace: key.namespace.clone(),
-            name: key.name.clone(),
-            uid: entry.uid.clone(),
-            run,
-            attempt,
-            epoch: 0,
-        };
-        plan(spec, id, &ctx)
+        PlanInputs::capture(self, key)?.plan(run, attempt, remote_home)
     }
 
     /// Feeds one event to the core and carries out the resulting actions, following the
@@ -542,25 +640,9 @@ impl Driver {
                         run_dir,
                         report,
                     } => {
-                        let res = self
-                            .cancel(key, job_id.as_deref(), run_dir.as_deref())
-                            .await;
-                        let message = match res {
-                            Ok(m) => m,
-                            Err(e) => {
-                                error!("{key}: cancelling: {e}");
-                                format!("cancel failed: {e}")
-                            }
-                        };
-                        if report {
-                            next = Some(Event::CancelDone { message });
-                        }
+                        self.cancel(key, job_id, run_dir, report);
                     }
-                    Action::Cleanup { run_dir } => {
-                        if let Err(e) = self.cleanup(key, &run_dir).await {
-                            warn!("{key}: {e}");
-                        }
-                    }
+                    Action::Cleanup { run_dir } => self.cleanup(key, run_dir),
                 }
             }
             // A resync must not postpone a poll that is already due.
@@ -578,30 +660,42 @@ impl Driver {
             }
         }
         let entry = &self.assets[key];
-        let active = entry.next_poll.is_some() || entry.submit_at.is_some();
+        let active = entry.next_poll.is_some()
+            || entry.submit_at.is_some()
+            || entry.submitting.is_some()
+            || entry.cancelling
+            || entry.polling;
         if entry.deleted && !active {
             self.assets.remove(key);
         }
     }
 
-    /// Submits (or adopts) an attempt. `None`: the cluster could not be reached; the
-    /// submission is retried later and the asset stays in `Submitting`.
+    /// Submits (or adopts) an attempt. Local clusters answer at once; a Slurm cluster's
+    /// worker answers later ([`Driver::on_reply`]), so `None` means "under way" (or "retry
+    /// later", with `submit_at` set).
     async fn submit(&mut self, key: &ObjectKey, run: u64, attempt: u32) -> Option<Event> {
-        self.assets.get_mut(key).expect("known").submit_at = None;
-        let cluster_ref = self.assets[key].cluster_ref.clone();
+        let entry = self.assets.get_mut(key).expect("known");
+        entry.submit_at = None;
+        if entry.submitting == Some((run, attempt)) {
+            return None;
+        }
+        let cluster_ref = entry.cluster_ref.clone();
         let rc = match self.cluster_for(key, cluster_ref.as_deref()) {
             Ok(rc) => rc,
             Err(message) => return Some(Event::SubmitFailed { message }),
         };
-        let slurm = match self.slurm_for(&rc) {
-            Ok(s) => s,
+        let worker = match self.worker_for(&rc) {
+            Ok(w) => w,
             Err(message) => return Some(Event::SubmitFailed { message }),
         };
-        let Some(slurm) = slurm else {
+        let Some(ckey) = worker else {
             let plan = match self.plan_for(key, run, attempt, None) {
                 Ok(p) => p,
                 Err(message) => return Some(Event::SubmitFailed { message }),
             };
+            if let Err(message) = local_fit(&plan.resources) {
+                return Some(Event::SubmitFailed { message });
+            }
             return Some(match self.executor.submit(&plan).await {
                 Ok(s) => Event::Submitted {
                     job_id: s.job_id,
@@ -613,31 +707,19 @@ impl Driver {
                 },
             });
         };
-        let outcome = match slurm.facts().await {
-            Ok(facts) => match self.plan_for(key, run, attempt, Some(&facts.home)) {
-                Ok(plan) => slurm.submit(&plan).await,
-                Err(message) => return Some(Event::SubmitFailed { message }),
-            },
-            Err(e) => Err(e),
-        };
-        match outcome {
-            Ok(Ok(s)) => Some(Event::Submitted {
-                job_id: s.job_id,
-                run_dir: s.run_dir,
-                adopted: s.adopted,
-            }),
-            Ok(Err(message)) => Some(Event::SubmitFailed { message }),
-            Err(e) => {
-                warn!(
-                    "{key}: {e}; retrying the submission in {}s",
-                    TRANSPORT_RETRY.as_secs()
-                );
-                let entry = self.assets.get_mut(key).expect("known");
-                entry.submit_at = Some(Instant::now() + TRANSPORT_RETRY);
-                entry.status.message = Some(format!("cluster unreachable, retrying: {e}"));
-                None
-            }
-        }
+        // The plan is built in the worker, once the cluster's home is known; everything it
+        // needs is captured now.
+        let inputs = PlanInputs::capture(self, key);
+        let plan =
+            Box::new(move |home: &str| inputs.and_then(|p| p.plan(run, attempt, Some(home))));
+        self.workers[&ckey].send(Request::Submit {
+            key: key.clone(),
+            run,
+            attempt,
+            plan,
+        });
+        self.assets.get_mut(key).expect("known").submitting = Some((run, attempt));
+        None
     }
 
     fn tag_of(&self, key: &ObjectKey) -> String {
@@ -653,35 +735,235 @@ impl Driver {
         .tag()
     }
 
-    async fn cancel(
+    /// Sends a cancellation to the asset's cluster; the answer comes through [`Driver::on_reply`].
+    fn cancel(
         &mut self,
         key: &ObjectKey,
-        job_id: Option<&str>,
-        run_dir: Option<&str>,
-    ) -> Result<String> {
+        job_id: Option<String>,
+        run_dir: Option<String>,
+        report: bool,
+    ) {
         let cluster_ref = self.assets[key].cluster_ref.clone();
-        let rc = self
+        let target = self
             .cluster_for(key, cluster_ref.as_deref())
-            .map_err(Error::Executor)?;
-        match self.slurm_for(&rc).map_err(Error::Executor)? {
-            Some(slurm) => slurm.cancel(job_id, &self.tag_of(key)).await,
-            None => self.executor.cancel(job_id, run_dir).await,
+            .and_then(|rc| self.worker_for(&rc));
+        let tag = self.tag_of(key);
+        let entry = self.assets.get_mut(key).expect("known");
+        if report {
+            if entry.cancelling {
+                return;
+            }
+            entry.cancelling = true;
+        }
+        match target {
+            Ok(Some(ckey)) => self.workers[&ckey].send(Request::Cancel {
+                key: key.clone(),
+                job_id,
+                tag,
+                report,
+            }),
+            Ok(None) => {
+                // Local: signalling waits out a grace period, so it runs on its own task.
+                let executor = self.executor.clone();
+                let replies = self.replies.clone();
+                let key = key.clone();
+                tokio::spawn(async move {
+                    let result = executor
+                        .cancel(job_id.as_deref(), run_dir.as_deref())
+                        .await
+                        .map_err(|e| e.to_string());
+                    let _ = replies.send((
+                        local_key(),
+                        Reply::Cancelled {
+                            key,
+                            report,
+                            result,
+                        },
+                    ));
+                });
+            }
+            Err(e) => {
+                let _ = self.replies.send((
+                    local_key(),
+                    Reply::Cancelled {
+                        key: key.clone(),
+                        report,
+                        result: Err(e),
+                    },
+                ));
+            }
         }
     }
 
-    async fn cleanup(&mut self, key: &ObjectKey, run_dir: &str) -> Result<()> {
+    fn cleanup(&mut self, key: &ObjectKey, run_dir: String) {
         let cluster_ref = self.assets[key].cluster_ref.clone();
-        let rc = self
+        match self
             .cluster_for(key, cluster_ref.as_deref())
-            .map_err(Error::Executor)?;
-        match self.slurm_for(&rc).map_err(Error::Executor)? {
-            Some(slurm) => slurm.cleanup(run_dir).await,
-            None => self.executor.cleanup(run_dir),
+            .and_then(|rc| self.worker_for(&rc))
+        {
+            Ok(Some(ckey)) => self.workers[&ckey].send(Request::Cleanup { run_dir }),
+            Ok(None) => {
+                if let Err(e) = self.executor.cleanup(&run_dir) {
+                    warn!("{key}: {e}");
+                }
+            }
+            Err(e) => warn!("{key}: cleanup of {run_dir}: {e}"),
         }
+    }
+
+    /// Handles a worker's (or a local cancellation's) answer.
+    async fn on_reply(&mut self, cluster: ObjectKey, reply: Reply<ObjectKey>) {
+        match reply {
+            Reply::Probed(result) => {
+                self.probing.remove(&cluster);
+                if let Err(e) = &result {
+                    warn!("{cluster}: {e}");
+                }
+                self.probes.insert(cluster.clone(), result);
+                if self.clusters.contains_key(&cluster) {
+                    self.write_cluster_status(&cluster);
+                }
+            }
+            Reply::Submitted {
+                key,
+                run,
+                attempt,
+                result,
+            } => self.on_submitted(key, run, attempt, result).await,
+            Reply::Polled { items, result } => {
+                self.polling.remove(&cluster);
+                let mut fresh = vec![];
+                let observations = match result {
+                    Ok(obs) => obs.into_iter().map(Some).collect(),
+                    Err(e) => {
+                        // A lost connection is not the job's failure: poll again later.
+                        warn!("{cluster}: polling failed: {e}");
+                        vec![None; items.len()]
+                    }
+                };
+                for ((key, job, track), obs) in items.into_iter().zip(observations) {
+                    let poll = self.poll_interval(&key);
+                    let Some(entry) = self.assets.get_mut(&key) else {
+                        continue;
+                    };
+                    entry.polling = false;
+                    // Answers for a run dir the asset has left behind are dropped.
+                    if entry.status.remote_run_dir.as_deref() != Some(job.run_dir.as_str()) {
+                        continue;
+                    }
+                    entry.track = track;
+                    match obs {
+                        Some(o) => fresh.push((key, o)),
+                        None => {
+                            entry.next_poll = Some(Instant::now() + poll);
+                        }
+                    }
+                }
+                for (key, o) in fresh {
+                    self.step(&key, Event::Observed(Box::new(o))).await;
+                }
+            }
+            Reply::Cancelled {
+                key,
+                report,
+                result,
+            } => {
+                let Some(entry) = self.assets.get_mut(&key) else {
+                    return;
+                };
+                if report {
+                    entry.cancelling = false;
+                }
+                let message = match result {
+                    Ok(m) => m,
+                    Err(e) => {
+                        error!("{key}: cancelling: {e}");
+                        format!("cancel failed: {e}")
+                    }
+                };
+                if report {
+                    self.step(&key, Event::CancelDone { message }).await;
+                }
+            }
+        }
+    }
+
+    async fn on_submitted(
+        &mut self,
+        key: ObjectKey,
+        run: u64,
+        attempt: u32,
+        result: std::result::Result<std::result::Result<crate::executor::Submitted, String>, Error>,
+    ) {
+        let tag = self.assets.get(&key).map(|_| self.tag_of(&key));
+        let Some(entry) = self.assets.get_mut(&key) else {
+            return;
+        };
+        if entry.submitting == Some((run, attempt)) {
+            entry.submitting = None;
+        }
+        let current = entry.status.run == run
+            && entry.status.attempts.max(1) == attempt
+            && matches!(entry.status.phase, Phase::Pending | Phase::Submitting);
+        if !current {
+            // The run was superseded (or the object deleted) while the submission was under
+            // way: its job must not run on unobserved.
+            if let Ok(Ok(sub)) = result {
+                info!(
+                    "{key}: job {} belongs to a superseded run; cancelling it",
+                    sub.job_id
+                );
+                let stale_tag = RunId {
+                    namespace: key.namespace.clone(),
+                    name: key.name.clone(),
+                    uid: entry.uid.clone(),
+                    run,
+                    attempt,
+                    epoch: 0,
+                }
+                .tag();
+                let _ = tag;
+                let cluster_ref = entry.cluster_ref.clone();
+                if let Ok(Some(ckey)) = self
+                    .cluster_for(&key, cluster_ref.as_deref())
+                    .and_then(|rc| self.worker_for(&rc))
+                {
+                    self.workers[&ckey].send(Request::Cancel {
+                        key: key.clone(),
+                        job_id: Some(sub.job_id),
+                        tag: stale_tag,
+                        report: false,
+                    });
+                }
+            }
+            return;
+        }
+        let event = match result {
+            Ok(Ok(s)) => Event::Submitted {
+                job_id: s.job_id,
+                run_dir: s.run_dir,
+                adopted: s.adopted,
+            },
+            Ok(Err(message)) => Event::SubmitFailed { message },
+            Err(e) => {
+                warn!(
+                    "{key}: {e}; retrying the submission in {}s",
+                    TRANSPORT_RETRY.as_secs()
+                );
+                entry.submit_at = Some(Instant::now() + TRANSPORT_RETRY);
+                entry.status.message = Some(crate::limits::truncate(
+                    &format!("cluster unreachable, retrying: {e}"),
+                    crate::limits::MAX_MESSAGE,
+                ));
+                self.persist(&key);
+                return;
+            }
+        };
+        self.step(&key, event).await;
     }
 
     /// Starts delayed submissions and polls due jobs: local ones one by one, Slurm ones in
-    /// one batch per cluster.
+    /// one batch per cluster, sent to the cluster's worker.
     async fn tick(&mut self) {
         let now = Instant::now();
         let submits: Vec<ObjectKey> = self
@@ -704,7 +986,9 @@ impl Driver {
         let mut due: Vec<ObjectKey> = self
             .assets
             .iter()
-            .filter(|(_, a)| a.submit_at.is_none() && a.next_poll.is_some_and(|t| t <= now))
+            .filter(|(_, a)| {
+                a.submit_at.is_none() && !a.polling && a.next_poll.is_some_and(|t| t <= now)
+            })
             .map(|(k, _)| k.clone())
             .collect();
         // A Slurm cluster is polled for all its watched jobs at once: when one is due, the
@@ -720,6 +1004,7 @@ impl Driver {
             .collect();
         for (k, a) in &self.assets {
             let riding = a.submit_at.is_none()
+                && !a.polling
                 && a.next_poll.is_some_and(|t| t > now)
                 && a.cluster_ref
                     .as_ref()
@@ -728,8 +1013,7 @@ impl Driver {
                 due.push(k.clone());
             }
         }
-        let mut batches: BTreeMap<ObjectKey, (Arc<SlurmExecutor>, Vec<ObjectKey>)> =
-            BTreeMap::new();
+        let mut batches: BTreeMap<ObjectKey, Vec<PollItem<ObjectKey>>> = BTreeMap::new();
         for key in due {
             let cluster_ref = self.assets[&key].cluster_ref.clone();
             let rc = self.cluster_for(&key, cluster_ref.as_deref());
@@ -737,90 +1021,46 @@ impl Driver {
                 (Ok(rc), Some(s)) => s.resources.merged_over(&rc.spec.queue),
                 _ => Default::default(),
             };
-            let slurm = rc
+            let worker = rc
                 .as_ref()
                 .ok()
-                .and_then(|rc| self.slurm_for(rc).ok().flatten());
+                .and_then(|rc| self.worker_for(rc).ok().flatten());
+            if worker.as_ref().is_some_and(|c| self.polling.contains(c)) {
+                // That cluster's last poll has not answered yet (a slow or dead cluster):
+                // wait for it rather than pile up queries.
+                continue;
+            }
             let entry = self.assets.get_mut(&key).expect("known");
             entry.next_poll = None;
             let Some(run_dir) = entry.status.remote_run_dir.clone() else {
                 continue;
             };
-            if entry.reader_dir.as_deref() != Some(run_dir.as_str()) {
-                entry.reader = MessageReader::default();
-                entry.reader_dir = Some(run_dir.clone());
-            }
-            if let Some(slurm) = slurm {
-                let ckey = rc
-                    .as_ref()
-                    .ok()
-                    .and_then(|r| r.key.clone())
-                    .expect("slurm cluster");
-                batches
-                    .entry(ckey)
-                    .or_insert_with(|| (slurm, vec![]))
-                    .1
-                    .push(key);
-                continue;
+            if entry.track_dir.as_deref() != Some(run_dir.as_str()) {
+                entry.track = JobTrack::default();
+                entry.track_dir = Some(run_dir.clone());
             }
             let job = JobRef {
                 job_id: entry.status.job_id.clone(),
                 run_dir,
                 resources,
             };
-            let obs = self.executor.observe(&job, &mut entry.reader);
+            if let Some(ckey) = worker {
+                entry.polling = true;
+                let requested_mem = job.resources.requested_memory();
+                batches.entry(ckey).or_default().push(PollItem {
+                    key: key.clone(),
+                    job,
+                    requested_mem,
+                    track: std::mem::take(&mut entry.track),
+                });
+                continue;
+            }
+            let obs = self.executor.observe(&job, &mut entry.track.reader);
             self.step(&key, Event::Observed(Box::new(obs))).await;
         }
-        for (ckey, (slurm, keys)) in batches {
-            let observations = {
-                let mut readers: Vec<(ObjectKey, MessageReader)> = keys
-                    .iter()
-                    .map(|k| {
-                        (
-                            k.clone(),
-                            std::mem::take(&mut self.assets.get_mut(k).expect("known").reader),
-                        )
-                    })
-                    .collect();
-                let mut watched: Vec<Watched> = readers
-                    .iter_mut()
-                    .map(|(k, reader)| {
-                        let a = &self.assets[k];
-                        let resources = a.spec().map(|s| s.resources.clone()).unwrap_or_default();
-                        Watched {
-                            job: JobRef {
-                                job_id: a.status.job_id.clone(),
-                                run_dir: a.status.remote_run_dir.clone().unwrap_or_default(),
-                                resources: resources.clone(),
-                            },
-                            requested_mem: resources.requested_memory(),
-                            reader,
-                        }
-                    })
-                    .collect();
-                let result = slurm.observe(&mut watched).await;
-                drop(watched);
-                for (k, reader) in readers {
-                    self.assets.get_mut(&k).expect("known").reader = reader;
-                }
-                result
-            };
-            match observations {
-                Ok(obs) => {
-                    for (key, o) in keys.iter().zip(obs) {
-                        self.step(key, Event::Observed(Box::new(o))).await;
-                    }
-                }
-                Err(e) => {
-                    // A lost connection is not the job's failure: poll again later.
-                    warn!("{ckey}: polling failed: {e}");
-                    for key in &keys {
-                        let poll = self.poll_interval(key);
-                        self.assets.get_mut(key).expect("known").next_poll =
-                            Some(Instant::now() + poll);
-                    }
-                }
-            }
+        for (ckey, items) in batches {
+            self.polling.insert(ckey.clone());
+            self.workers[&ckey].send(Request::Poll(items));
         }
         self.write_operator_metrics();
     }
@@ -894,23 +1134,41 @@ impl Driver {
         store::read_stored_at(path).is_some_and(|s| s.deleted)
     }
 
-    async fn write_cluster_status(&mut self, key: &ObjectKey) {
-        let obj = self.clusters[key].clone();
-        let slurm = if obj.cluster().is_some() {
-            // Probe through the same resolution the assets use (env defaults included).
-            let rc = ResolvedCluster {
-                spec: obj.cluster().expect("cluster").clone(),
-                dir: obj.file.parent().unwrap_or(&self.dir).to_path_buf(),
-                key: Some(key.clone()),
-            };
-            match self.slurm_for(&rc) {
-                Ok(Some(ex)) => Some(ex.facts().await.map_err(|e| e.to_string())),
-                Ok(None) => None,
-                Err(e) => Some(Err(e)),
-            }
-        } else {
-            None
+    /// Starts a probe of a Slurm cluster unless one is under way or has succeeded.
+    fn probe(&mut self, key: &ObjectKey) {
+        let Some(spec) = self.clusters.get(key).and_then(|o| o.cluster()).cloned() else {
+            return;
         };
+        let dir = self.clusters[key]
+            .file
+            .parent()
+            .unwrap_or(&self.dir)
+            .to_path_buf();
+        // Probe through the same resolution the assets use (env defaults included).
+        let rc = ResolvedCluster {
+            spec,
+            dir,
+            key: Some(key.clone()),
+        };
+        match self.worker_for(&rc) {
+            Ok(Some(ckey)) => {
+                if !self.probing.contains(&ckey)
+                    && !self.probes.get(&ckey).is_some_and(|p| p.is_ok())
+                {
+                    self.probing.insert(ckey.clone());
+                    self.workers[&ckey].send(Request::Probe);
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                self.probes.insert(key.clone(), Err(e));
+            }
+        }
+    }
+
+    fn write_cluster_status(&mut self, key: &ObjectKey) {
+        let obj = self.clusters[key].clone();
+        let slurm = self.probes.get(key).cloned();
         let obj = &obj;
         let stored_prev = store::read_stored(&self.dir, key);
         let (uid, generation, mut status) = match stored_prev {
@@ -1015,115 +1273,5 @@ impl Driver {
             Ok(_) => {}
             Err(e) => error!("{key}: writing status: {e}"),
         }
-    }
-}
-
-/// Resolves a Slurm cluster's SSH settings (standalone mode: files and environment variables;
-/// the Python tool's `SLURM_EDGE_NODE_*` names fill what the manifest leaves out).
-fn ssh_target(
-    spec: &SlurmClusterSpec,
-    dir: &Path,
-    key: &ObjectKey,
-) -> std::result::Result<SshTarget, String> {
-    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-    let ssh = spec.ssh.clone().unwrap_or_default();
-    let host = Some(ssh.host.clone())
-        .filter(|h| !h.is_empty())
-        .or_else(|| env("SLURM_EDGE_NODE_HOST"))
-        .ok_or_else(|| format!("{key}: spec.ssh.host: missing (or set SLURM_EDGE_NODE_HOST)"))?;
-    let user = Some(ssh.user.clone())
-        .filter(|u| !u.is_empty())
-        .or_else(|| env("SLURM_EDGE_NODE_USER"))
-        .ok_or_else(|| format!("{key}: spec.ssh.user: missing (or set SLURM_EDGE_NODE_USER)"))?;
-    let port = if spec.ssh.is_some() {
-        ssh.port
-    } else {
-        env("SLURM_EDGE_NODE_PORT")
-            .and_then(|p| p.parse().ok())
-            .unwrap_or(22)
-    };
-    if ssh.totp_secret_ref.is_some() {
-        return Err(format!(
-            "{key}: spec.ssh.totpSecretRef: Secret references need Kubernetes mode (use totpEnv)"
-        ));
-    }
-    let auth = if let Some(k) = &ssh.key_path {
-        SshAuth::KeyFile(dir.join(k))
-    } else if let Some(var) = &ssh.password_env {
-        SshAuth::Password(env(var).ok_or_else(|| {
-            format!("{key}: spec.ssh.passwordEnv: environment variable {var} is not set")
-        })?)
-    } else if ssh.key_secret_ref.is_some() || ssh.password_secret_ref.is_some() {
-        return Err(format!(
-            "{key}: spec.ssh: Secret references need Kubernetes mode"
-        ));
-    } else if let Some(k) = env("SLURM_EDGE_NODE_KEY_PATH") {
-        SshAuth::KeyFile(PathBuf::from(k))
-    } else if let Some(p) = env("SLURM_EDGE_NODE_PASSWORD") {
-        SshAuth::Password(p)
-    } else {
-        return Err(format!(
-            "{key}: spec.ssh: no key or password (set keyPath or passwordEnv)"
-        ));
-    };
-    let totp_seed = match &ssh.totp_env {
-        Some(var) => {
-            let seed = env(var).ok_or_else(|| {
-                format!("{key}: spec.ssh.totpEnv: environment variable {var} is not set")
-            })?;
-            crate::transport::totp_code(&seed, 0)
-                .map_err(|e| format!("{key}: spec.ssh.totpEnv: {var}: {e}"))?;
-            Some(seed)
-        }
-        None => None,
-    };
-    let known_hosts = match ssh.known_hosts.as_ref() {
-        Some(kh) if kh.path.is_some() => kh.path.as_ref().map(|p| dir.join(p)),
-        Some(kh) if kh.entries.is_some() => {
-            let lines = kh.entries.clone().unwrap_or_default().join("\n") + "\n";
-            let path = std::env::temp_dir().join(format!(
-                "sao-known-hosts-{}-{}",
-                std::process::id(),
-                crate::manifest::hash_value(&serde_json::json!(lines))
-            ));
-            std::fs::write(&path, lines).map_err(|e| format!("{key}: writing known hosts: {e}"))?;
-            Some(path)
-        }
-        _ => env("SLURM_EDGE_NODE_KNOWN_HOSTS").map(PathBuf::from),
-    };
-    let jump_hosts = ssh
-        .jump_hosts
-        .iter()
-        .map(|j| {
-            format!(
-                "{}@{}:{}",
-                j.user.clone().unwrap_or_else(|| user.clone()),
-                j.host,
-                j.port
-            )
-        })
-        .collect();
-    Ok(SshTarget {
-        host,
-        port,
-        user,
-        auth,
-        known_hosts,
-        jump_hosts,
-        extra_options: ssh.extra_options.into_iter().collect(),
-        connect_timeout: ssh
-            .connect_timeout
-            .map(|t| t.duration())
-            .unwrap_or(Duration::from_secs(10)),
-        totp_seed,
-    })
-}
-
-/// The platform name in conda/pixi's spelling.
-pub fn platform() -> String {
-    match std::env::consts::ARCH {
-        "x86_64" => "linux-64".into(),
-        "aarch64" => "linux-aarch64".into(),
-        other => format!("linux-{other}"),
     }
 }

@@ -162,6 +162,12 @@ pub fn reconcile(prev: &SlurmAssetStatus, input: &Input, event: Event) -> Decisi
     let mut s = prev.clone();
     let mut actions = vec![];
     decide(&mut s, &mut actions, input, event);
+    // Messages quote schedulers, files and users: bounded, whatever their source.
+    if let Some(m) = &s.message
+        && m.len() > crate::limits::MAX_MESSAGE
+    {
+        s.message = Some(crate::limits::truncate(m, crate::limits::MAX_MESSAGE));
+    }
     update_conditions(&mut s, input);
     Decision { status: s, actions }
 }

@@ -436,7 +436,7 @@ pub fn validate_asset(
             "spec.assetKey",
             format!(
                 "{:?} is not a Dagster asset key (non-empty segments joined by '/', no whitespace)",
-                s.asset_key
+                crate::limits::truncate(&s.asset_key, 128)
             ),
         ));
     }

@@ -137,12 +137,17 @@ impl LocalExecutor {
     /// Observes one attempt; `reader` carries the Pipes read offset between polls.
     pub fn observe(&self, job: &JobRef, reader: &mut MessageReader) -> Observation {
         let dir = Path::new(&job.run_dir);
-        read_messages(&dir.join(MESSAGES_FILE), reader);
-        let state = inspect(dir);
+        // State first, messages second: an ended job has written all of its messages.
+        let mut state = inspect(dir);
+        let drained = read_messages(&dir.join(MESSAGES_FILE), reader);
+        if !drained && matches!(state, Local::Finished(_)) {
+            // More messages than one observation reads: report the end once they are in.
+            state = Local::Alive(read_started(dir));
+        }
         let started_at = started_time(dir);
         let mut obs = match &state {
             Local::NotStarted => match job.job_id.as_deref().and_then(|j| j.parse().ok()) {
-                Some(pid) if group_alive(pid) => Observation::of(JobState::Queued),
+                Some(pid) if group_of_run(pid, dir).alive() => Observation::of(JobState::Queued),
                 _ => {
                     let mut o = Observation::of(JobState::Infrastructure {
                         reason: "Lost".into(),
@@ -227,13 +232,30 @@ impl LocalExecutor {
             write_file(&dir.join(CANCELLED_FILE), b"", 0o600)?;
         }
         let state = dir.as_deref().map(inspect);
-        let pid = job_id
-            .and_then(|j| j.parse::<i32>().ok())
-            .or_else(|| dir.as_deref().and_then(read_started));
+        // The run dir's own record names the group; an ID from a status file is only used
+        // before that record exists, and any group is checked to be this run's first.
+        let pid = dir
+            .as_deref()
+            .and_then(read_started)
+            .or_else(|| job_id.and_then(|j| j.parse::<i32>().ok()));
         let Some(pid) = pid.filter(|p| *p > 1) else {
             return Ok("cancelled before the job started".into());
         };
-        if matches!(state, Some(Local::Finished(_))) || !group_alive(pid) {
+        let Some(dir) = dir else {
+            return Ok(format!(
+                "process group {pid} not signalled: the run directory is unknown"
+            ));
+        };
+        match group_of_run(pid, &dir) {
+            Group::Foreign => {
+                return Ok(format!(
+                    "process group {pid} not signalled: it does not belong to this run (its supervisor is gone and the ID was reused)"
+                ));
+            }
+            Group::Gone => return Ok(format!("process group {pid} had already ended")),
+            Group::Ours | Group::Orphaned => {}
+        }
+        if matches!(state, Some(Local::Finished(_))) {
             return Ok(format!("process group {pid} had already ended"));
         }
         signal_group(pid, libc::SIGTERM);
@@ -272,22 +294,39 @@ fn write_file(path: &Path, content: &[u8], mode: u32) -> Result<()> {
     f.write_all(content).map_err(|e| Error::io(path, e))
 }
 
-/// Reads the next bounded chunk of the message file (a regular file only: the payload could
-/// have replaced it by a FIFO or a link to a device).
-fn read_messages(path: &Path, reader: &mut MessageReader) {
+/// Messages read per observation, at most, in chunks of [`crate::limits::PIPES_CHUNK`].
+const MESSAGES_PER_OBSERVATION: u64 = 64 << 20;
+
+/// Reads the message file from the reader's offset in bounded chunks (a regular file only:
+/// the payload could have replaced it by a FIFO or a link to a device). Returns whether the
+/// end of the file was reached.
+fn read_messages(path: &Path, reader: &mut MessageReader) -> bool {
     let Ok(mut f) = crate::files::open_regular(path) else {
-        return;
+        return true;
     };
-    if f.seek(SeekFrom::Start(reader.offset)).is_err() {
-        return;
-    }
-    let mut buf = Vec::new();
-    if f.take(crate::limits::PIPES_CHUNK)
-        .read_to_end(&mut buf)
-        .is_ok()
-    {
+    let chunk = crate::limits::PIPES_CHUNK;
+    let mut budget = MESSAGES_PER_OBSERVATION;
+    let mut buf = Vec::with_capacity(chunk as usize);
+    while budget > 0 {
+        if f.seek(SeekFrom::Start(reader.offset)).is_err() {
+            return true;
+        }
+        buf.clear();
+        if (&mut f).take(chunk).read_to_end(&mut buf).is_err() {
+            return true;
+        }
+        let before = reader.offset;
         reader.feed(&buf);
+        if (buf.len() as u64) < chunk {
+            return true;
+        }
+        budget = budget.saturating_sub(chunk);
+        if reader.offset == before {
+            // Cannot happen (a full chunk is longer than the line limit); never loop on it.
+            return false;
+        }
     }
+    false
 }
 
 /// Whether some process holds the run dir's lock (a live supervisor).
@@ -343,7 +382,7 @@ fn inspect(dir: &Path) -> Local {
         None => {}
     }
     let pid = read_started(dir);
-    if held || pid.is_some_and(group_alive) {
+    if held || pid.is_some_and(|p| group_of_run(p, dir).alive()) {
         return Local::Alive(pid);
     }
     match (started, cancelled) {
@@ -361,6 +400,59 @@ async fn wait_for_pid(dir: &Path) -> Option<i32> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     None
+}
+
+/// Whose process group `pgid` is, as far as a run is concerned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Group {
+    /// Led by this run's supervisor.
+    Ours,
+    /// The supervisor is gone but members remain: Linux never reuses a PID while a group of
+    /// that ID exists, so the members are this run's.
+    Orphaned,
+    /// No process of that group is left.
+    Gone,
+    /// A process with that PID exists and is not this run's supervisor (PID reuse, or an ID
+    /// from a tampered status file): never signal it.
+    Foreign,
+}
+
+impl Group {
+    fn alive(self) -> bool {
+        matches!(self, Group::Ours | Group::Orphaned)
+    }
+}
+
+/// Checks that process group `pgid` is the one this run's supervisor leads (its command line
+/// is `local-supervise --run-dir <dir>`).
+fn group_of_run(pgid: i32, dir: &Path) -> Group {
+    if pgid <= 1 {
+        return Group::Foreign;
+    }
+    match fs::read(format!("/proc/{pgid}/cmdline")) {
+        Ok(cmdline) => {
+            let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+            let wanted = dir.as_os_str().as_encoded_bytes();
+            let ours = args
+                .windows(3)
+                .any(|w| w[0] == b"local-supervise" && w[1] == b"--run-dir" && w[2] == wanted);
+            if ours {
+                Group::Ours
+            } else if cmdline.is_empty() && group_alive(pgid) {
+                // A zombie leader (already exited, not reaped): its group is still ours only
+                // if the run dir says so; be safe.
+                if read_started(dir) == Some(pgid) {
+                    Group::Orphaned
+                } else {
+                    Group::Foreign
+                }
+            } else {
+                Group::Foreign
+            }
+        }
+        Err(_) if group_alive(pgid) => Group::Orphaned,
+        Err(_) => Group::Gone,
+    }
 }
 
 fn group_alive(pgid: i32) -> bool {
@@ -423,6 +515,12 @@ pub fn supervise(dir: &Path) -> i32 {
     let (Ok(out), Ok(err)) = (open_log(STDOUT_FILE), open_log(STDERR_FILE)) else {
         return 2;
     };
+    // Orphans of the job (daemonised children) are re-parented to us, so that they can be
+    // found and stopped when the job ends, as slurmstepd does.
+    // SAFETY: prctl(PR_SET_CHILD_SUBREAPER) only changes this process's own attribute.
+    unsafe {
+        libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
+    }
     let t0 = Instant::now();
     let child = std::process::Command::new("bash")
         .arg(dir.join(JOB_SCRIPT))
@@ -451,6 +549,53 @@ pub fn supervise(dir: &Path) -> i32 {
     if fs::write(&tmp, serde_json::to_vec(&u).unwrap_or_default()).is_ok() {
         let _ = fs::rename(&tmp, dir.join(USAGE_FILE));
     }
+    // Slurm ends a job's every process when its batch script exits: so does local mode.
+    kill_leftovers();
     drop(lock);
     0
+}
+
+/// SIGKILLs every process left in the supervisor's group or re-parented to it, and reaps them.
+fn kill_leftovers() {
+    let me = std::process::id() as i32;
+    for _ in 0..100 {
+        let mut found = false;
+        if let Ok(entries) = fs::read_dir("/proc") {
+            for e in entries.flatten() {
+                let Some(pid) = e.file_name().to_str().and_then(|p| p.parse::<i32>().ok()) else {
+                    continue;
+                };
+                if pid == me {
+                    continue;
+                }
+                let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                    continue;
+                };
+                // Fields after the command name: state ppid pgrp ...
+                let rest: Vec<&str> = stat
+                    .rsplit_once(") ")
+                    .map(|(_, r)| r.split(' ').collect())
+                    .unwrap_or_default();
+                let (Some(state), Some(ppid), Some(pgrp)) =
+                    (rest.first(), rest.get(1), rest.get(2))
+                else {
+                    continue;
+                };
+                let mine = pgrp.parse::<i32>() == Ok(me) || ppid.parse::<i32>() == Ok(me);
+                if mine && *state != "Z" {
+                    found = true;
+                    // SAFETY: plain syscall on a process of our own group or one we reap.
+                    unsafe {
+                        libc::kill(pid, libc::SIGKILL);
+                    }
+                }
+            }
+        }
+        // SAFETY: reaping our own (re-parented) children; WNOHANG never blocks.
+        while unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) } > 0 {}
+        if !found {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

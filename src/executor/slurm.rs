@@ -474,6 +474,7 @@ impl SlurmExecutor {
                  printf 'OUT %s\\n' \"$(tail -c {LOG_TAIL_BYTES} {STDOUT_FILE} 2>/dev/null | base64 -w0)\"\n\
                  printf 'ERR %s\\n' \"$(tail -c {LOG_TAIL_BYTES} {STDERR_FILE} 2>/dev/null | base64 -w0)\"\n\
                  printf 'MSG %s\\n' \"$(tail -c +{} {MESSAGES_FILE} 2>/dev/null | head -c {MESSAGES_CHUNK} | base64 -w0)\"\n\
+                 printf 'SIZE %s\\n' \"$(stat -c %s {MESSAGES_FILE} 2>/dev/null)\"\n\
                  cd - >/dev/null\nfi\n",
                 w.track.reader.offset + 1
             ));
@@ -581,6 +582,7 @@ fn parse_poll(
                             "OUT" => "OUT",
                             "ERR" => "ERR",
                             "MSG" => "MSG",
+                            "SIZE" => "SIZE",
                             _ => continue,
                         },
                         v.to_string(),
@@ -676,6 +678,16 @@ fn parse_poll(
                     "{} (waiting for the batch step's accounting)",
                     a.state
                 ));
+            }
+            // An ended job whose messages are not all read yet (one chunk per poll) ends once
+            // they are: the last ones are often the materialization and `closed`.
+            let unread = files
+                .get("SIZE")
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .is_some_and(|size| size > w.track.reader.offset);
+            if unread && is_final(&state) {
+                state = JobState::Running;
+                raw = Some("ENDED (reading the remaining Pipes messages)".into());
             }
             let mut obs = Observation::of(state);
             obs.slurm_state = raw.or_else(|| {

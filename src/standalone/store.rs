@@ -245,7 +245,10 @@ pub fn render_object(
         annotations.insert(ANN_SOURCE.into(), json!(s.display().to_string()));
     }
     if let Some(a) = asset_key {
-        annotations.insert(ANN_ASSET_KEY.into(), json!(a));
+        annotations.insert(
+            ANN_ASSET_KEY.into(),
+            json!(limits::truncate(a, limits::MAX_ASSET_KEY)),
+        );
     }
     if let Some(c) = &stored.cluster_ref {
         annotations.insert(ANN_CLUSTER.into(), json!(c));

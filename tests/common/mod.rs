@@ -78,8 +78,14 @@ impl Drop for Operator {
 }
 
 pub fn status_file(dir: &Path, name: &str) -> PathBuf {
-    dir.join(".status/default/SlurmAsset")
-        .join(format!("{name}.yaml"))
+    use slurm_asset_operator::manifest::Kind;
+    use slurm_asset_operator::standalone::store::{ObjectKey, status_path};
+    let key = ObjectKey {
+        kind: Kind::SlurmAsset,
+        namespace: "default".into(),
+        name: name.into(),
+    };
+    status_path(dir, &key)
 }
 
 /// The whole status object of an asset, if its file exists and parses.

@@ -648,7 +648,9 @@ fn sbatch_options_and_scheduler_answers() {
         ),
     );
     let _op = Operator::start(d);
-    let warn = wait_for(d, "warn", "succeeded", |o| matches!(phase(o), "Succeeded" | "Failed" | "Cancelled"));
+    let warn = wait_for(d, "warn", "succeeded", |o| {
+        matches!(phase(o), "Succeeded" | "Failed" | "Cancelled")
+    });
     assert_eq!(warn["status"]["phase"], "Succeeded", "{warn:#}");
     assert_ne!(
         warn["status"]["reason"], "Adopted",
@@ -689,14 +691,75 @@ fn a_bad_job_id_in_one_status_does_not_fail_its_neighbours() {
     let job = bad["status"]["jobId"].as_str().unwrap().to_string();
     let text = std::fs::read_to_string(status_file(d, "bad")).unwrap();
     let tampered = text
-        .replace(&format!("jobId: '{job}'"), "jobId: 12;abc")
-        .replace(&format!("jobId: \"{job}\""), "jobId: 12;abc");
+        .replace(&format!("jobId: '{job}'"), "jobId: abc")
+        .replace(&format!("jobId: \"{job}\""), "jobId: abc");
     assert_ne!(text, tampered);
     std::fs::write(status_file(d, "bad"), tampered).unwrap();
     let _op = Operator::start(d);
-    let good = wait_for(d, "good", "ended", |o| matches!(phase(o), "Succeeded" | "Failed" | "Cancelled"));
+    let good = wait_for(d, "good", "ended", |o| {
+        matches!(phase(o), "Succeeded" | "Failed" | "Cancelled")
+    });
     assert_eq!(good["status"]["phase"], "Succeeded", "{good:#}");
     assert_eq!(good["status"]["attempts"], 1);
     let uid = good["metadata"]["uid"].as_str().unwrap();
     assert_eq!(sacct_jobs(&format!("sao.{uid}.")).len(), 1);
+}
+
+#[test]
+fn hostile_values_over_slurm_stay_inert_and_pipes_floods_are_read_past() {
+    let (dir, c) = slurm_dir("hostileslurm");
+    let d = dir.path();
+    let canary = format!("/home/{}/sao-canary-{}", c.user, std::process::id());
+    let local_canary = format!("/tmp/sao-canary-{}", std::process::id());
+    // Option values travel as single arguments: sbatch sees a literal string.
+    write(
+        d,
+        "mail.yaml",
+        &slurm_asset(
+            "mail",
+            "echo \"$1\"",
+            &format!(
+                "  resources: {{extraSbatchArgs: ['--mail-user=$(touch {canary})']}}\n  env: [{{name: X, value: '`touch {canary}`'}}]\n"
+            ),
+        )
+        .replace(
+            "    inline: |",
+            &format!("    args: ['$(touch {canary}); touch {local_canary}']\n    inline: |"),
+        ),
+    );
+    // Over 1 MiB without a newline, then the messages that matter: they must still arrive.
+    write(
+        d,
+        "flood.yaml",
+        &slurm_asset(
+            "flood",
+            "f=\"$SAO_RUN_DIR/pipes_messages.jsonl\"\nhead -c 3000000 /dev/zero | tr '\\0' x >> \"$f\"\necho >> \"$f\"\necho '{\"method\": \"report_asset_materialization\", \"params\": {\"asset_key\": \"after\", \"metadata\": {}}}' >> \"$f\"\necho '{\"method\": \"closed\", \"params\": {}}' >> \"$f\"",
+            "",
+        ),
+    );
+    let _op = Operator::start(d);
+    let mail = wait_for(d, "mail", "ended", |o| {
+        matches!(phase(o), "Succeeded" | "Failed" | "Cancelled")
+    });
+    assert_eq!(phase(&mail), "Succeeded", "{mail:#}");
+    assert_eq!(
+        mail["status"]["logTail"]["stdout"],
+        format!("$(touch {canary}); touch {local_canary}")
+    );
+    let flood = wait_for(d, "flood", "ended", |o| {
+        matches!(phase(o), "Succeeded" | "Failed" | "Cancelled")
+    });
+    assert_eq!(phase(&flood), "Succeeded", "{flood:#}");
+    let pipes = &flood["status"]["pipes"];
+    assert_eq!(pipes["closed"], true, "{pipes:#}");
+    assert_eq!(pipes["materializations"][0]["assetKey"], "after");
+    assert_eq!(pipes["droppedMessages"], 1);
+    assert!(
+        !Path::new(&canary).exists(),
+        "a canary appeared on the cluster"
+    );
+    assert!(
+        !Path::new(&local_canary).exists(),
+        "a canary appeared locally"
+    );
 }

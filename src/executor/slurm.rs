@@ -722,8 +722,17 @@ fn parse_poll(
                 _ => {}
             }
             // Ended, but accounting (which holds the metrics) could not answer for it.
-            obs.metrics_pending =
-                accounting && is_final(&obs.state) && (!sacct_answered || alloc.is_none());
+            // Ended, but accounting (which holds the metrics) has not recorded the end: it was
+            // down, or lags behind the controller.
+            // The batch step's record (its CPU time and memory) can come later still.
+            let batch_recorded = job_rows
+                .iter()
+                .any(|r| r.job_id.ends_with(".batch") && is_final(&map_state(&r.state, None)));
+            obs.metrics_pending = accounting
+                && is_final(&obs.state)
+                && (!sacct_answered
+                    || !alloc.is_some_and(|a| is_final(&map_state(&a.state, None)))
+                    || !batch_recorded);
             // The allocation's node list, from whichever source has all of it (accounting can
             // lag behind the controller while the job starts).
             let want = alloc.and_then(|a| a.alloc_nodes).unwrap_or(0) as usize;
@@ -742,7 +751,7 @@ fn parse_poll(
                 obs.start_time = parse_time(&a.start);
                 obs.end_time = parse_time(&a.end);
             }
-            if is_final(&obs.state) {
+            if is_final(&obs.state) && !obs.metrics_pending {
                 obs.metrics = job_metrics(&job_rows, w.requested_mem);
                 // Without cgroups, Slurm enforces memory through jobacct_gather's OverMemoryKill,
                 // which it records as FAILED by SIGKILL: name it for what it was.

@@ -390,6 +390,35 @@ mod tests {
     }
 
     #[test]
+    fn tilde_means_the_login_home_on_a_cluster() {
+        let s = spec(Payload {
+            remote_path: Some("~/bin/run.sh".into()),
+            ..Default::default()
+        });
+        for (base, want) in [
+            ("~", "/home/u/runs/default/a/2-1"),
+            ("~/", "/home/u/runs/default/a/2-1"),
+            ("~/scratch", "/home/u/scratch/runs/default/a/2-1"),
+            ("scratch", "/home/u/scratch/runs/default/a/2-1"),
+            ("/abs", "/abs/runs/default/a/2-1"),
+        ] {
+            let cluster: SlurmClusterSpec =
+                serde_json::from_value(serde_json::json!({"mode": "slurm", "remoteBase": base}))
+                    .unwrap();
+            let ctx = PlanContext {
+                asset_dir: Path::new("/m"),
+                cluster: &cluster,
+                cluster_dir: Path::new("/m"),
+                default_base: "/x".into(),
+                remote_home: Some("/home/u"),
+            };
+            let p = plan(&s, id(), &ctx).unwrap();
+            assert_eq!(p.run_dir, want, "{base}");
+            assert_eq!(p.argv, ["bash", "/home/u/bin/run.sh"]);
+        }
+    }
+
+    #[test]
     fn python_path_payload_uses_python3() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("t.py"), "print(1)").unwrap();

@@ -10,7 +10,6 @@
 
 mod common;
 use common::*;
-use serde_json::Value;
 use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -71,13 +70,7 @@ fn start_sshd() -> bool {
 }
 
 fn setup(test: &str, n: usize, script: &str) -> (tempfile::TempDir, Vec<String>) {
-    let c = test_cluster();
-    let dir = tempfile::tempdir().unwrap();
-    write(
-        dir.path(),
-        "cluster.yaml",
-        &c.manifest("hpc", &remote_base(test)),
-    );
+    let (dir, _) = slurm_dir(test);
     let names: Vec<String> = (0..n).map(|i| format!("{test}-{i}")).collect();
     for name in &names {
         write(
@@ -87,10 +80,6 @@ fn setup(test: &str, n: usize, script: &str) -> (tempfile::TempDir, Vec<String>)
         );
     }
     (dir, names)
-}
-
-fn terminal(o: &Value) -> bool {
-    matches!(phase(o), "Succeeded" | "Failed" | "Cancelled")
 }
 
 /// Every asset succeeded once: attempts 1, one job by its tag in sacct.
@@ -144,12 +133,7 @@ fn metrics_arrive_after_an_accounting_outage() {
             "Succeeded",
             "the true outcome, from squeue or the exit file: {o:#}"
         );
-        let cond = o["status"]["conditions"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["type"] == "MetricsAvailable")
-            .cloned()
+        let cond = condition(&o, "MetricsAvailable")
             .unwrap_or_else(|| panic!("no MetricsAvailable condition: {o:#}"));
         assert_eq!(cond["status"], "False", "{o:#}");
         assert_eq!(cond["reason"], "Awaiting");
@@ -169,13 +153,7 @@ fn metrics_arrive_after_an_accounting_outage() {
         // Two to three seconds of busy loop, measured by accounting after it came back.
         assert!(m["totalCpuSeconds"].as_f64().unwrap() >= 1.0, "{o:#}");
         assert!(m["elapsedSeconds"].as_f64().unwrap() >= 3.0, "{o:#}");
-        let cond = o["status"]["conditions"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["type"] == "MetricsAvailable")
-            .cloned()
-            .unwrap();
+        let cond = condition(&o, "MetricsAvailable").unwrap();
         assert_eq!(cond["status"], "True", "{o:#}");
     }
     assert_once_each(d, &names);

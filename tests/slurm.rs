@@ -7,14 +7,7 @@ use serde_json::Value;
 use std::time::Duration;
 
 fn setup(test: &str) -> (tempfile::TempDir, TestCluster) {
-    let c = test_cluster();
-    let dir = tempfile::tempdir().unwrap();
-    write(
-        dir.path(),
-        "cluster.yaml",
-        &c.manifest("hpc", &remote_base(test)),
-    );
-    (dir, c)
+    slurm_dir(test)
 }
 
 fn metric(s: &Value, k: &str) -> f64 {

@@ -436,7 +436,9 @@ fn group_of_run(pgid: i32, dir: &Path) -> Group {
             let ours = args
                 .windows(3)
                 .any(|w| w[0] == b"local-supervise" && w[1] == b"--run-dir" && w[2] == wanted);
-            if ours {
+            if ours || parent_of(pgid) == Some(std::process::id() as i32) {
+                // Ours by its command line, or the supervisor this operator just started
+                // (between fork and exec it still shows the operator's command line).
                 Group::Ours
             } else if cmdline.is_empty() && group_alive(pgid) {
                 // A zombie leader (already exited, not reaped): its group is still ours only
@@ -453,6 +455,12 @@ fn group_of_run(pgid: i32, dir: &Path) -> Group {
         Err(_) if group_alive(pgid) => Group::Orphaned,
         Err(_) => Group::Gone,
     }
+}
+
+/// The parent PID of a process, from `/proc/<pid>/stat`.
+fn parent_of(pid: i32) -> Option<i32> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(") ")?.1.split(' ').nth(1)?.parse().ok()
 }
 
 fn group_alive(pgid: i32) -> bool {

@@ -895,7 +895,6 @@ impl Driver {
         attempt: u32,
         result: std::result::Result<std::result::Result<crate::executor::Submitted, String>, Error>,
     ) {
-        let tag = self.assets.get(&key).map(|_| self.tag_of(&key));
         let Some(entry) = self.assets.get_mut(&key) else {
             return;
         };
@@ -922,7 +921,6 @@ impl Driver {
                     epoch: 0,
                 }
                 .tag();
-                let _ = tag;
                 let cluster_ref = entry.cluster_ref.clone();
                 if let Ok(Some(ckey)) = self
                     .cluster_for(&key, cluster_ref.as_deref())
@@ -1027,7 +1025,9 @@ impl Driver {
                 .and_then(|rc| self.worker_for(rc).ok().flatten());
             if worker.as_ref().is_some_and(|c| self.polling.contains(c)) {
                 // That cluster's last poll has not answered yet (a slow or dead cluster):
-                // wait for it rather than pile up queries.
+                // try again an interval later rather than pile up queries.
+                let poll = self.poll_interval(&key);
+                self.assets.get_mut(&key).expect("known").next_poll = Some(now + poll);
                 continue;
             }
             let entry = self.assets.get_mut(&key).expect("known");

@@ -202,6 +202,33 @@ pub fn b64(s: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(s)
 }
 
+/// A temp directory holding the SlurmCluster `hpc` (the test cluster, with a remote base of
+/// its own for `test`).
+pub fn slurm_dir(test: &str) -> (tempfile::TempDir, TestCluster) {
+    let c = test_cluster();
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "cluster.yaml",
+        &c.manifest("hpc", &remote_base(test)),
+    );
+    (dir, c)
+}
+
+/// Whether the asset's phase is final.
+pub fn terminal(obj: &Value) -> bool {
+    matches!(phase(obj), "Succeeded" | "Failed" | "Cancelled")
+}
+
+/// The condition of `type_` in an object's status.
+pub fn condition(obj: &Value, type_: &str) -> Option<Value> {
+    obj["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == type_)
+        .cloned()
+}
+
 /// A unique remote base per test.
 pub fn remote_base(test: &str) -> String {
     format!("sao-tests/{test}-{}", std::process::id())

@@ -73,6 +73,9 @@ pub struct Context {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Leadership epoch, the fencing token of every submission (0 without leader election).
     pub epoch: u64,
+    /// Whether assets may run on the operator's own host (local mode). Off unless an
+    /// administrator enables it: a payload there would sit beside the operator's credentials.
+    pub allow_local: bool,
 }
 
 impl Context {
@@ -99,7 +102,14 @@ impl Context {
             exe,
             metrics,
             epoch: 0,
+            allow_local: false,
         }
+    }
+
+    /// Lets assets run on the operator's host (`run --allow-local-execution`).
+    pub fn with_local_execution(mut self, allow: bool) -> Context {
+        self.allow_local = allow;
+        self
     }
 
     /// Sets the leadership epoch (the Lease's `leaseTransitions` + 1 when this replica took it).
@@ -126,13 +136,15 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let client = ctx.client.clone();
-    let (assets, clusters, secrets) = match &namespace {
+    let (assets, clusters, secrets, config_maps) = match &namespace {
         Some(ns) => (
             Api::<DeserializeGuard<SlurmAsset>>::namespaced(client.clone(), ns),
             Api::<SlurmCluster>::namespaced(client.clone(), ns),
             Api::<PartialObjectMeta<Secret>>::namespaced(client.clone(), ns),
+            Api::<PartialObjectMeta<ConfigMap>>::namespaced(client.clone(), ns),
         ),
         None => (
+            Api::all(client.clone()),
             Api::all(client.clone()),
             Api::all(client.clone()),
             Api::all(client.clone()),
@@ -141,6 +153,7 @@ pub async fn run(
     let controller = Controller::new(assets, watcher::Config::default());
     let store = controller.store();
     let store2 = store.clone();
+    let store3 = store.clone();
     controller
         .watches(clusters, watcher::Config::default(), move |cluster| {
             let (ns, name) = (cluster.namespace(), cluster.name_any());
@@ -172,6 +185,25 @@ pub async fn run(
                                         .as_ref()
                                         .is_some_and(|v| v.secret_key_ref.name == name)
                                 }))
+                    })
+                })
+                .map(|a| ObjectRef::from_obj(&**a))
+                .collect::<Vec<_>>()
+        })
+        // ConfigMap payloads: an asset waiting for its ConfigMap runs once it exists.
+        .watches(config_maps, watcher::Config::default(), move |cm| {
+            let (ns, name) = (cm.namespace(), cm.name_any());
+            store3
+                .state()
+                .iter()
+                .filter(|a| {
+                    a.0.as_ref().is_ok_and(|a| {
+                        a.namespace() == ns
+                            && a.spec
+                                .payload
+                                .config_map_ref
+                                .as_ref()
+                                .is_some_and(|r| r.name == name)
                     })
                 })
                 .map(|a| ObjectRef::from_obj(&**a))
@@ -379,17 +411,21 @@ async fn apply(asset: &SlurmAsset, ctx: &Context, deleted: bool) -> Result<Actio
     }
     if after.phase != before.phase || after.run != before.run {
         ctx.metrics.phase_change(after.phase);
-        let warn = matches!(after.phase, Phase::Failed);
+        // Something a user must act on (an unreachable cluster) is a Warning from the start.
+        let attention = needs_action(after.message.as_deref());
+        let warn = matches!(after.phase, Phase::Failed) || attention.is_some();
         let ev = KubeEvent {
             type_: if warn {
                 EventType::Warning
             } else {
                 EventType::Normal
             },
-            reason: after
-                .reason
-                .clone()
-                .unwrap_or_else(|| after.phase.as_str().to_string()),
+            reason: attention.map(str::to_string).unwrap_or_else(|| {
+                after
+                    .reason
+                    .clone()
+                    .unwrap_or_else(|| after.phase.as_str().to_string())
+            }),
             note: Some(format!(
                 "run {}: {} → {}{}",
                 after.run,
@@ -401,7 +437,9 @@ async fn apply(asset: &SlurmAsset, ctx: &Context, deleted: bool) -> Result<Actio
                     .map(|m| format!(": {m}"))
                     .unwrap_or_default()
             )),
-            action: "Reconcile".into(),
+            // Events are folded by (type, reason, action): naming the run keeps each run's
+            // own Event instead of counting later runs into the first one's.
+            action: format!("Run{}", after.run),
             secondary: None,
         };
         if let Err(e) = ctx.recorder.publish(&ev, &asset.object_ref(&())).await {
@@ -598,6 +636,10 @@ async fn resolve(asset: &SlurmAsset, ctx: &Context) -> Result<Resolved, String> 
                     r.name, r.key
                 )
             })?;
+        // The key is the script's file name: the same interpreter rule as `payload.path`.
+        if spec.payload.interpreter.is_none() && r.key.ends_with(".py") {
+            spec.payload.interpreter = Some(vec!["python3".into()]);
+        }
         spec.payload.inline = Some(text);
     }
     for (i, e) in spec.env.iter_mut().enumerate() {
@@ -638,6 +680,15 @@ async fn resolve(asset: &SlurmAsset, ctx: &Context) -> Result<Resolved, String> 
         }
     };
     let (backend, poll) = match cluster.mode {
+        ClusterMode::Local if !ctx.allow_local => {
+            return Err(format!(
+                "spec.clusterRef: {} runs payloads on the operator's own host, which is disabled in Kubernetes mode (an administrator can start the operator with --allow-local-execution); name a SlurmCluster in slurm mode",
+                match &spec.cluster_ref {
+                    Some(name) => format!("SlurmCluster {name:?} is in local mode and"),
+                    None => "no clusterRef means the implicit local cluster, which".to_string(),
+                }
+            ));
+        }
         ClusterMode::Local => (Backend::Local(ctx.local.clone()), POLL_LOCAL),
         ClusterMode::Slurm => {
             let key = format!("{ns}/{}", spec.cluster_ref.clone().unwrap_or_default());

@@ -42,11 +42,19 @@ enum Command {
     },
     /// Print the CustomResourceDefinitions of all kinds.
     Crds,
-    /// Kubernetes mode: reconcile SlurmAsset resources (in-cluster config, or KUBECONFIG).
+    /// Kubernetes mode: reconcile SlurmAsset resources (--kubeconfig, KUBECONFIG, ~/.kube/config,
+    /// else the pod's in-cluster configuration).
     Run {
+        /// Kubeconfig file (default: KUBECONFIG, then ~/.kube/config, then in-cluster).
+        #[arg(long)]
+        kubeconfig: Option<PathBuf>,
         /// Kubeconfig context to use instead of the current one.
         #[arg(long)]
         context: Option<String>,
+        /// Let assets run on the operator's own host (local mode). Off by default: a payload
+        /// there runs beside the operator's credentials, so only enable it for development.
+        #[arg(long)]
+        allow_local_execution: bool,
         /// Watch only this namespace (default: all namespaces).
         #[arg(long)]
         namespace: Option<String>,
@@ -147,7 +155,9 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Run {
+            kubeconfig,
             context,
+            allow_local_execution,
             namespace,
             metrics_port,
             leader_election,
@@ -157,7 +167,9 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         } => {
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(run_kubernetes(RunOptions {
+                kubeconfig,
                 context,
+                allow_local_execution,
                 namespace,
                 metrics_port,
                 leader_election,
@@ -180,7 +192,9 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
 }
 
 struct RunOptions {
+    kubeconfig: Option<PathBuf>,
     context: Option<String>,
+    allow_local_execution: bool,
     namespace: Option<String>,
     metrics_port: u16,
     leader_election: bool,
@@ -189,18 +203,60 @@ struct RunOptions {
     work_dir: PathBuf,
 }
 
+/// The API server's configuration. A kubeconfig that was asked for (`--kubeconfig`,
+/// `KUBECONFIG`, a `--context`) or that exists must load, and its error is the one reported;
+/// the pod's in-cluster account is used only when no kubeconfig is there at all.
+async fn client_config(o: &RunOptions) -> anyhow::Result<kube::Config> {
+    use kube::config::{KubeConfigOptions, Kubeconfig};
+    let options = KubeConfigOptions {
+        context: o.context.clone(),
+        ..Default::default()
+    };
+    let env = std::env::var_os("KUBECONFIG").filter(|v| !v.is_empty());
+    let home = std::env::var_os("HOME")
+        .map(|h| PathBuf::from(h).join(".kube/config"))
+        .filter(|p| p.exists());
+    let (file, origin) = match (&o.kubeconfig, &env, home) {
+        (Some(f), _, _) => (Some(f.clone()), "--kubeconfig"),
+        (None, Some(_), _) => (None, "KUBECONFIG"),
+        (None, None, Some(h)) => (Some(h), "~/.kube/config"),
+        (None, None, None) => {
+            if let Some(ctx) = &o.context {
+                anyhow::bail!(
+                    "--context {ctx}: no kubeconfig to take it from (use --kubeconfig or KUBECONFIG)"
+                );
+            }
+            tracing::info!("no kubeconfig: using the in-cluster configuration");
+            return kube::Config::incluster()
+                .context("loading the in-cluster configuration (no kubeconfig was found)");
+        }
+    };
+    let kubeconfig = match &file {
+        Some(f) => Kubeconfig::read_from(f)
+            .with_context(|| format!("reading the kubeconfig {} ({origin})", f.display()))?,
+        None => Kubeconfig::from_env()
+            .context("reading the kubeconfig named by KUBECONFIG")?
+            .context("KUBECONFIG names no kubeconfig")?,
+    };
+    let shown = file
+        .map(|f| f.display().to_string())
+        .unwrap_or_else(|| "KUBECONFIG".into());
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &options)
+        .await
+        .with_context(|| match &o.context {
+            Some(ctx) => format!("using context {ctx:?} of {shown}"),
+            None => format!("using the current context of {shown}"),
+        })?;
+    tracing::info!("API server {} (kubeconfig {shown})", config.cluster_url);
+    Ok(config)
+}
+
 /// Kubernetes mode: metrics server, optional leader election, then the controller. Losing the
 /// lease stops the controller and the process, so that a restarted pod campaigns again.
 async fn run_kubernetes(o: RunOptions) -> anyhow::Result<()> {
     use slurm_asset_operator::{controller, metrics};
     use std::os::unix::fs::PermissionsExt;
-    let config = kube::Config::from_kubeconfig(&kube::config::KubeConfigOptions {
-        context: o.context.clone(),
-        ..Default::default()
-    })
-    .await
-    .or_else(|_| kube::Config::incluster())
-    .context("loading a kubeconfig or the in-cluster configuration")?;
+    let config = client_config(&o).await?;
     let default_ns = config.default_namespace.clone();
     let client = kube::Client::try_from(config)?;
     std::fs::create_dir_all(&o.work_dir)?;
@@ -251,7 +307,9 @@ async fn run_kubernetes(o: RunOptions) -> anyhow::Result<()> {
     };
     let exe = std::env::current_exe()?;
     let ctx = std::sync::Arc::new(
-        controller::Context::new(client, exe, o.work_dir.clone(), metrics).with_epoch(epoch),
+        controller::Context::new(client, exe, o.work_dir.clone(), metrics)
+            .with_epoch(epoch)
+            .with_local_execution(o.allow_local_execution),
     );
     let mut rx = leader_rx;
     let shutdown = async move {

@@ -78,12 +78,16 @@ fn asset_json(finalizers: &[&str], deleting: Option<&str>) -> Value {
 }
 
 fn context(client: Client, dir: &std::path::Path) -> Arc<Context> {
-    Arc::new(Context::new(
-        client,
-        BIN.into(),
-        dir.to_path_buf(),
-        Arc::new(Metrics::default()),
-    ))
+    Arc::new(
+        Context::new(
+            client,
+            BIN.into(),
+            dir.to_path_buf(),
+            Arc::new(Metrics::default()),
+        )
+        // These tests run payloads locally, which an administrator must allow.
+        .with_local_execution(true),
+    )
 }
 
 fn guard(v: Value) -> Arc<DeserializeGuard<SlurmAsset>> {

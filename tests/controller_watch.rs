@@ -67,12 +67,16 @@ async fn watches_drive_assets_and_dependencies_wake_them() {
         json!({"assetKey": "t/b", "payload": {"inline": "true"}, "resources": {"mem": "lots"}}),
     ));
 
-    let ctx = Arc::new(Context::new(
-        client,
-        BIN.into(),
-        work.path().to_path_buf(),
-        Arc::new(Metrics::default()),
-    ));
+    let ctx = Arc::new(
+        Context::new(
+            client,
+            BIN.into(),
+            work.path().to_path_buf(),
+            Arc::new(Metrics::default()),
+        )
+        // These tests run payloads locally, which an administrator must allow.
+        .with_local_execution(true),
+    );
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let controller = tokio::spawn(run(ctx, Some("default".into()), async {
         let _ = stopped.await;
@@ -186,12 +190,16 @@ async fn an_unreachable_cluster_holds_a_deletion_until_forced() {
                                "observedGeneration": 1, "remoteRunDir": "/nowhere/1-1"});
     api.put(running);
     api.delete(&asset_path("orphan"));
-    let ctx = Arc::new(Context::new(
-        client,
-        BIN.into(),
-        work.path().to_path_buf(),
-        Arc::new(Metrics::default()),
-    ));
+    let ctx = Arc::new(
+        Context::new(
+            client,
+            BIN.into(),
+            work.path().to_path_buf(),
+            Arc::new(Metrics::default()),
+        )
+        // These tests run payloads locally, which an administrator must allow.
+        .with_local_execution(true),
+    );
     let current = || -> Arc<DeserializeGuard<SlurmAsset>> {
         Arc::new(serde_json::from_value(api.get(&asset_path("orphan")).unwrap()).unwrap())
     };

@@ -1,10 +1,10 @@
 //! The operator binary's Kubernetes mode as deployed: `slurm-asset-operator run` with a
 //! kubeconfig, leader election, the metrics server, and a real Slurm job behind it. The API
-//! server is the MOCKED one of `common::fake_api`, served over HTTP (no real API server can
-//! run on these machines); Slurm and sshd are the real test cluster.
+//! server is a real kube-apiserver (`common::k8s`, found through KUBECONFIG); Slurm and sshd
+//! are the real test cluster.
 
 mod common;
-use common::fake_api::{FakeApi, asset_path, path};
+use common::k8s::{Namespace, kubeconfig};
 use common::*;
 use serde_json::{Value, json};
 use std::process::{Child, Command, Stdio};
@@ -24,18 +24,19 @@ struct Replica {
 }
 
 impl Replica {
-    fn start(kubeconfig: &std::path::Path, work: &std::path::Path, name: &str) -> Replica {
+    fn start(ns: &str, work: &std::path::Path, name: &str) -> Replica {
         let metrics_port = free_port();
         let child = Command::new(BIN)
             .args([
                 "run",
                 "--leader-election",
-                "--lease-namespace=default",
+                &format!("--namespace={ns}"),
+                &format!("--lease-namespace={ns}"),
                 &format!("--metrics-port={metrics_port}"),
             ])
             .arg("--work-dir")
             .arg(work.join(name))
-            .env("KUBECONFIG", kubeconfig)
+            .env("KUBECONFIG", kubeconfig())
             .env("POD_NAME", name)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -108,16 +109,15 @@ fn sacct_comment(job_id: &str) -> String {
 fn slurm_asset(name: &str) -> Value {
     json!({
         "apiVersion": "dagster-slurm.io/v1alpha1", "kind": "SlurmAsset",
-        "metadata": {"name": name, "namespace": "default"},
+        "metadata": {"name": name},
         "spec": {"assetKey": format!("t/{name}"), "clusterRef": "hpc",
                  "payload": {"inline": format!("echo {name} ran")}},
     })
 }
 
-async fn succeeded(api: &FakeApi, name: &str) -> Value {
-    eventually(&format!("{name} Succeeded"), async || {
-        api.get(&asset_path(name))
-            .filter(|o| o["status"]["phase"] == "Succeeded")
+async fn succeeded(ns: &Namespace, name: &str) -> Value {
+    ns.wait("slurmasset", name, "Succeeded", |o| {
+        o["status"]["phase"] == "Succeeded"
     })
     .await
 }
@@ -126,40 +126,25 @@ async fn succeeded(api: &FakeApi, name: &str) -> Value {
 async fn run_with_leader_election_fences_and_hands_over() {
     let c = test_cluster();
     let dir = tempfile::tempdir().unwrap();
-    let api = FakeApi::default();
-    let port = api.serve_http().await;
-    let kubeconfig = dir.path().join("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\ncurrent-context: fake\nclusters:\n- name: fake\n  cluster: {{server: \"http://127.0.0.1:{port}\"}}\ncontexts:\n- name: fake\n  context: {{cluster: fake, user: u, namespace: default}}\nusers:\n- name: u\n  user: {{}}\n"
-        ),
-    )
-    .unwrap();
-    api.put(json!({
+    let ns = Namespace::new("run");
+    ns.apply(json!({
         "apiVersion": "v1", "kind": "Secret",
-        "metadata": {"name": "slurm-ssh", "namespace": "default"},
+        "metadata": {"name": "slurm-ssh"},
         "data": {"ssh-privatekey": b64(&std::fs::read_to_string(&c.key).unwrap()),
                  "known_hosts": b64(&std::fs::read_to_string(&c.known_hosts).unwrap())},
     }));
-    api.put(c.cluster_object(
+    ns.apply(c.cluster_object(
         &remote_base("run"),
         &c.port,
         "slurm-ssh",
         json!({"keySecretRef": {"name": "slurm-ssh", "key": "ssh-privatekey"}}),
     ));
-    api.put(slurm_asset("first"));
+    ns.apply(slurm_asset("first"));
 
     // Replica a leads; b stands by, ready but not leading.
-    let mut a = Replica::start(&kubeconfig, dir.path(), "op-a");
-    let first = succeeded(&api, "first").await;
-    let lease_path = path(
-        "coordination.k8s.io/v1",
-        "leases",
-        "default",
-        "slurm-asset-operator",
-    );
-    let lease = api.get(&lease_path).expect("a Lease");
+    let mut a = Replica::start(&ns.0, dir.path(), "op-a");
+    let first = succeeded(&ns, "first").await;
+    let lease = ns.get("lease", "slurm-asset-operator").expect("a Lease");
     assert_eq!(lease["spec"]["holderIdentity"], "op-a");
     let epoch_a = lease["spec"]["leaseTransitions"].as_u64().unwrap() + 1;
     let job = first["status"]["jobId"].as_str().unwrap().to_string();
@@ -169,7 +154,7 @@ async fn run_with_leader_election_fences_and_hands_over() {
         sacct_comment(&job)
     );
     assert_eq!(first["status"]["logTail"]["stdout"], "first ran");
-    let b = Replica::start(&kubeconfig, dir.path(), "op-b");
+    let b = Replica::start(&ns.0, dir.path(), "op-b");
     eventually("b ready", async || {
         b.get("/readyz").await.filter(|r| r.contains("200 OK"))
     })
@@ -197,12 +182,12 @@ async fn run_with_leader_election_fences_and_hands_over() {
             .filter(|v| v == "1")
     })
     .await;
-    let lease = api.get(&lease_path).unwrap();
+    let lease = ns.get("lease", "slurm-asset-operator").unwrap();
     assert_eq!(lease["spec"]["holderIdentity"], "op-b");
     let epoch_b = lease["spec"]["leaseTransitions"].as_u64().unwrap() + 1;
     assert!(epoch_b > epoch_a, "{epoch_b} > {epoch_a}");
-    api.put(slurm_asset("second"));
-    let second = succeeded(&api, "second").await;
+    ns.apply(slurm_asset("second"));
+    let second = succeeded(&ns, "second").await;
     let job = second["status"]["jobId"].as_str().unwrap();
     assert!(
         sacct_comment(job).ends_with(&format!("epoch {epoch_b}")),
@@ -210,6 +195,6 @@ async fn run_with_leader_election_fences_and_hands_over() {
         sacct_comment(job)
     );
     // The first asset was not run again by the new leader.
-    let again = api.get(&asset_path("first")).unwrap();
+    let again = ns.get("slurmasset", "first").unwrap();
     assert_eq!(again["status"]["jobId"], first["status"]["jobId"]);
 }

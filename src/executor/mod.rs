@@ -89,23 +89,32 @@ pub fn efficiency(
     requested_mem: Option<u64>,
 ) -> Metrics {
     let hours = elapsed / 3600.0;
+    // Status holds figures people read (and `kubectl get` prints): no float noise.
+    let ratio = |x: f64| round_to(x, 4);
+    let precise = |x: f64| round_to(x, 6);
     Metrics {
-        elapsed_seconds: Some(elapsed),
+        elapsed_seconds: Some(precise(elapsed)),
         cpu_efficiency: cpu_seconds
             .filter(|_| elapsed > 0.0 && alloc_cpus > 0)
-            .map(|c| c / (elapsed * f64::from(alloc_cpus))),
-        total_cpu_seconds: cpu_seconds,
+            .map(|c| ratio(c / (elapsed * f64::from(alloc_cpus)))),
+        total_cpu_seconds: cpu_seconds.map(precise),
         alloc_cpus: Some(alloc_cpus),
         alloc_nodes: Some(alloc_nodes),
         max_rss_bytes: max_rss,
         memory_efficiency: max_rss
             .zip(requested_mem)
             .filter(|(_, m)| *m > 0)
-            .map(|(r, m)| r as f64 / m as f64),
-        node_hours: Some(hours * f64::from(alloc_nodes)),
-        cpu_hours: Some(hours * f64::from(alloc_cpus)),
-        gpu_hours: Some(hours * f64::from(alloc_gpus)),
+            .map(|(r, m)| ratio(r as f64 / m as f64)),
+        node_hours: Some(precise(hours * f64::from(alloc_nodes))),
+        cpu_hours: Some(precise(hours * f64::from(alloc_cpus))),
+        gpu_hours: Some(precise(hours * f64::from(alloc_gpus))),
     }
+}
+
+/// `x` rounded to `digits` decimal places.
+fn round_to(x: f64, digits: i32) -> f64 {
+    let scale = 10f64.powi(digits);
+    (x * scale).round() / scale
 }
 
 #[cfg(test)]
@@ -125,9 +134,12 @@ mod tests {
     fn efficiency_figures() {
         let m = efficiency(100.0, Some(150.0), Some(1 << 30), 2, 1, 0, Some(2 << 30));
         assert_eq!(m.cpu_efficiency, Some(0.75));
+        // No float noise in what status holds.
+        let m = efficiency(250.0, Some(0.11), None, 1, 1, 0, None);
+        assert_eq!(m.cpu_efficiency, Some(0.0004));
         assert_eq!(m.memory_efficiency, Some(0.5));
-        assert!((m.node_hours.unwrap() - 100.0 / 3600.0).abs() < 1e-12);
-        assert!((m.cpu_hours.unwrap() - 200.0 / 3600.0).abs() < 1e-12);
+        assert!((m.node_hours.unwrap() - 100.0 / 3600.0).abs() < 1e-6);
+        assert!((m.cpu_hours.unwrap() - 200.0 / 3600.0).abs() < 1e-6);
         assert_eq!(
             efficiency(0.0, Some(0.0), None, 1, 1, 0, None).cpu_efficiency,
             None

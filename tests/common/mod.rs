@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod fake_api;
+pub mod k8s;
 
 use serde_json::Value;
 use std::path::{Path, PathBuf};

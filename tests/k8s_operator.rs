@@ -1,0 +1,264 @@
+//! Kubernetes mode on a real API server (issue 9): the operator binary runs as a process with
+//! a kubeconfig (`common::k8s`, found through KUBECONFIG), objects are created with kubectl,
+//! payloads run on the real Slurm test cluster. Each test has a namespace of its own and an
+//! operator that watches only that namespace.
+
+mod common;
+use common::k8s::{Namespace, kubeconfig, kubectl_ok};
+use common::*;
+use serde_json::{Value, json};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Operator(Child);
+
+impl Operator {
+    fn start(ns: &Namespace, work: &std::path::Path, extra: &[&str]) -> Operator {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new(BIN)
+            .args(["run", &format!("--namespace={}", ns.0)])
+            .arg(format!("--metrics-port={port}"))
+            .arg("--kubeconfig")
+            .arg(kubeconfig())
+            .arg("--work-dir")
+            .arg(work)
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        Operator(child)
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The test cluster as the SlurmCluster `hpc` of `ns`, with its key and known_hosts in a Secret.
+fn slurm_cluster(ns: &Namespace, test: &str) {
+    let c = test_cluster();
+    ns.apply(json!({
+        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "slurm-ssh"},
+        "data": {"ssh-privatekey": b64(&std::fs::read_to_string(&c.key).unwrap()),
+                 "known_hosts": b64(&std::fs::read_to_string(&c.known_hosts).unwrap())},
+    }));
+    ns.apply(c.cluster_object(
+        &remote_base(test),
+        &c.port,
+        "slurm-ssh",
+        json!({"keySecretRef": {"name": "slurm-ssh", "key": "ssh-privatekey"}}),
+    ));
+}
+
+fn asset(name: &str, spec: Value) -> Value {
+    json!({"apiVersion": "dagster-slurm.io/v1alpha1", "kind": "SlurmAsset",
+           "metadata": {"name": name}, "spec": spec})
+}
+
+fn phase_is(p: &'static str) -> impl Fn(&Value) -> bool {
+    move |o| o["status"]["phase"] == p
+}
+
+/// Events about `name`, as (type, reason, note).
+fn events(ns: &Namespace, name: &str) -> Vec<(String, String, String)> {
+    let out = kubectl_ok(
+        &["get", "events.events.k8s.io", "-n", &ns.0, "-o", "json"],
+        None,
+    );
+    let v: Value = serde_json::from_str(&out).unwrap();
+    v["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["regarding"]["name"] == name)
+        .map(|e| {
+            let s = |k: &str| e[k].as_str().unwrap_or_default().to_string();
+            (s("type"), s("reason"), s("note"))
+        })
+        .collect()
+}
+
+#[test]
+fn kubeconfig_errors_name_what_failed() {
+    let run = |args: &[&str], env: Option<&str>| -> (bool, String) {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("run").args(args).arg("--metrics-port=0");
+        match env {
+            Some(v) => cmd.env("KUBECONFIG", v),
+            None => cmd.env_remove("KUBECONFIG"),
+        };
+        let mut child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while child.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("`run {args:?}` kept running with a bad kubeconfig");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, err) = run(&["--kubeconfig", "/nonexistent/kc"], None);
+    assert!(!ok && err.contains("/nonexistent/kc"), "{err}");
+    let good = kubeconfig();
+    let (ok, err) = run(
+        &["--kubeconfig", good.to_str().unwrap(), "--context", "nope"],
+        None,
+    );
+    assert!(!ok && err.contains("nope"), "{err}");
+    let (ok, err) = run(&[], Some("/missing/kubeconfig"));
+    assert!(!ok && err.contains("KUBECONFIG"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_execution_is_off_unless_an_administrator_allows_it() {
+    let ns = Namespace::new("nolocal");
+    let work = tempfile::tempdir().unwrap();
+    let canary = work.path().join("CANARY");
+    let _op = Operator::start(&ns, &work.path().join("op"), &[]);
+    ns.apply(asset(
+        "here",
+        json!({"assetKey": "t/here", "payload": {"inline": format!("touch {}", canary.display())}}),
+    ));
+    let o = ns
+        .wait("slurmasset", "here", "Failed", phase_is("Failed"))
+        .await;
+    let m = o["status"]["message"].as_str().unwrap();
+    assert!(
+        m.contains("spec.clusterRef") && m.contains("--allow-local-execution"),
+        "{m}"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!canary.exists(), "the payload ran on the operator's host");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configmap_payloads_follow_the_interpreter_rule_and_wake_on_creation() {
+    let ns = Namespace::new("configmap");
+    let work = tempfile::tempdir().unwrap();
+    slurm_cluster(&ns, "k8s-configmap");
+    let _op = Operator::start(&ns, work.path(), &[]);
+    ns.apply(asset(
+        "py",
+        json!({"assetKey": "t/py", "clusterRef": "hpc",
+               "payload": {"configMapRef": {"name": "scripts", "key": "job.py"}}}),
+    ));
+    let o = ns
+        .wait("slurmasset", "py", "Failed", phase_is("Failed"))
+        .await;
+    assert!(
+        o["status"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("spec.payload.configMapRef"),
+        "{o:#}"
+    );
+    // The ConfigMap appears: the asset is woken by the ConfigMap watch, and `job.py` runs
+    // under python3 (bash would choke on it).
+    ns.apply(
+        json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "scripts"},
+                    "data": {"job.py": "import sys\nprint('python', sys.version_info[0] * 14)\n"}}),
+    );
+    let o = ns
+        .wait("slurmasset", "py", "Succeeded", phase_is("Succeeded"))
+        .await;
+    assert_eq!(o["status"]["logTail"]["stdout"], "python 42", "{o:#}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_run_has_its_own_event_and_metrics_are_rounded() {
+    let ns = Namespace::new("runevents");
+    let work = tempfile::tempdir().unwrap();
+    slurm_cluster(&ns, "k8s-runevents");
+    let _op = Operator::start(&ns, work.path(), &[]);
+    for run in 1..=3 {
+        ns.apply(asset(
+            "again",
+            json!({"assetKey": "t/again", "clusterRef": "hpc", "runKey": format!("r{run}"),
+                   "payload": {"inline": "sleep 1; echo again"}}),
+        ));
+        ns.wait("slurmasset", "again", "the run's success", |o| {
+            o["status"]["run"] == run && o["status"]["phase"] == "Succeeded"
+        })
+        .await;
+    }
+    let o = ns.get("slurmasset", "again").unwrap();
+    let eff = o["status"]["metrics"]["cpuEfficiency"].as_f64().unwrap();
+    assert_eq!(eff, (eff * 1e4).round() / 1e4, "{eff}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let notes: Vec<String> = events(&ns, "again").into_iter().map(|e| e.2).collect();
+        let done = (1..=3).all(|r| {
+            notes
+                .iter()
+                .any(|n| n.starts_with(&format!("run {r}: ")) && n.contains("→ Succeeded"))
+        });
+        if done {
+            break;
+        }
+        assert!(Instant::now() < deadline, "one Event per run: {notes:#?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_cluster_gets_a_warning_event() {
+    let ns = Namespace::new("unreachable");
+    let work = tempfile::tempdir().unwrap();
+    let c = test_cluster();
+    // A login node that accepts connections and never answers.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port().to_string();
+    std::thread::spawn(move || {
+        let mut held = vec![];
+        for s in listener.incoming().flatten() {
+            held.push(s);
+        }
+    });
+    slurm_cluster(&ns, "k8s-unreachable");
+    let mut dead = c.cluster_object(
+        &remote_base("k8s-unreachable"),
+        &port,
+        "slurm-ssh",
+        json!({"keySecretRef": {"name": "slurm-ssh", "key": "ssh-privatekey"}}),
+    );
+    dead["metadata"]["name"] = json!("dead");
+    dead["spec"]["ssh"]["connectTimeout"] = json!("2s");
+    ns.apply(dead);
+    let _op = Operator::start(&ns, work.path(), &[]);
+    ns.apply(asset(
+        "stuck",
+        json!({"assetKey": "t/stuck", "clusterRef": "dead", "payload": {"inline": "true"}}),
+    ));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let evs = events(&ns, "stuck");
+        if evs
+            .iter()
+            .any(|(t, r, _)| t == "Warning" && r == "ClusterUnreachable")
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no Warning Event for an unreachable cluster: {evs:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}

@@ -140,8 +140,10 @@ pub async fn drive(
                     match work.backend.submit(&plan).await {
                         Ok(ev) => next = Some(ev),
                         Err(e @ Error::Fenced { .. }) => {
-                            // A newer leader owns the asset; the status is its to write.
+                            // A newer leader submitted for this asset. Say so on the object:
+                            // if this replica is the leader after all, someone must look.
                             tracing::error!("submission refused: {e}");
+                            status.message = Some(format!("submission refused: {e}"));
                             submit_after = Some(Duration::from_secs(60));
                         }
                         Err(e) => {

@@ -580,6 +580,8 @@ fn needs_action(message: Option<&str>) -> Option<&'static str> {
         Some("ClusterUnreachable")
     } else if m.starts_with("cancel not confirmed") {
         Some("CancelNotConfirmed")
+    } else if m.starts_with("submission refused") {
+        Some("SubmissionRefused")
     } else {
         None
     }

@@ -203,6 +203,49 @@ struct RunOptions {
     work_dir: PathBuf,
 }
 
+/// Waits until this replica holds the Lease, and returns the manager that holds it. A lease
+/// manager alone sleeps until the holder's lease would expire, on its cached view of the
+/// Lease; a watch on the Lease starts a fresh manager as soon as the holder releases it (a
+/// leader stopping on SIGTERM), so that the standby takes over at once.
+async fn campaign(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+    identity: &str,
+) -> anyhow::Result<kube_lease_manager::LeaseManager> {
+    use futures::StreamExt;
+    use k8s_openapi::api::coordination::v1::Lease;
+    let leases: kube::Api<Lease> = kube::Api::namespaced(client.clone(), namespace);
+    let config = kube::runtime::watcher::Config::default().fields(&format!("metadata.name={name}"));
+    let mut released = kube::runtime::watcher(leases, config)
+        .filter_map(|event| async move {
+            let lease = match event.ok()? {
+                kube::runtime::watcher::Event::Apply(l) => l,
+                kube::runtime::watcher::Event::Delete(_) => return Some(()),
+                _ => return None,
+            };
+            let holder = lease.spec.and_then(|s| s.holder_identity);
+            holder.is_none_or(|h| h.is_empty()).then_some(())
+        })
+        .boxed();
+    loop {
+        let manager = kube_lease_manager::LeaseManagerBuilder::new(client.clone(), name)
+            .with_namespace(namespace)
+            .with_identity(identity)
+            .build()
+            .await?;
+        tokio::select! {
+            won = manager.changed() => {
+                if won? {
+                    return Ok(manager);
+                }
+            }
+            // Released: campaign again now, on a fresh view of the Lease.
+            Some(()) = released.next() => {}
+        }
+    }
+}
+
 /// The API server's configuration. A kubeconfig that was asked for (`--kubeconfig`,
 /// `KUBECONFIG`, a `--context`) or that exists must load, and its error is the one reported;
 /// the pod's in-cluster account is used only when no kubeconfig is there at all.
@@ -274,16 +317,10 @@ async fn run_kubernetes(o: RunOptions) -> anyhow::Result<()> {
         let identity =
             std::env::var("POD_NAME").unwrap_or_else(|_| uuid::Uuid::new_v4().to_string());
         let lease_ns = o.lease_namespace.clone().unwrap_or(default_ns);
-        let manager = kube_lease_manager::LeaseManagerBuilder::new(client.clone(), &o.lease_name)
-            .with_namespace(&lease_ns)
-            .with_identity(&identity)
-            .build()
-            .await?;
-        let (mut rx, task) = manager.watch().await;
         tracing::info!("waiting for the lease {}", o.lease_name);
-        while !*rx.borrow_and_update() {
-            rx.changed().await?;
-        }
+        let manager = campaign(&client, &lease_ns, &o.lease_name, &identity).await?;
+        // Leading: from here the manager's own loop renews the Lease.
+        let (mut rx, task) = manager.watch().await;
         epoch = leadership_epoch(&client, &lease_ns, &o.lease_name, &identity).await?;
         tracing::info!(epoch, "leading");
         metrics
@@ -345,8 +382,11 @@ async fn run_kubernetes(o: RunOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The leadership epoch: the Lease's `leaseTransitions` once this replica holds it. It only
-/// grows, so every submission carries it as a fencing token (see `executor::slurm`).
+/// The leadership epoch, the fencing token of every submission (see `executor::slurm`). It must
+/// rise with every new leader, also across a re-created Lease (a reinstalled release, an
+/// administrator's cleanup), whose `leaseTransitions` start again at 0. So it combines the
+/// Lease's creation time, set by the API server's clock, with its transitions:
+/// `creation seconds × 1,000,000 + leaseTransitions + 1`.
 async fn leadership_epoch(
     client: &kube::Client,
     namespace: &str,
@@ -358,14 +398,24 @@ async fn leadership_epoch(
         .get(name)
         .await
         .with_context(|| format!("reading the Lease {namespace}/{name}"))?;
+    let created = lease
+        .metadata
+        .creation_timestamp
+        .as_ref()
+        .map(|t| t.0.as_second().max(0) as u64)
+        .unwrap_or(0);
     let spec = lease.spec.unwrap_or_default();
     anyhow::ensure!(
         spec.holder_identity.as_deref() == Some(identity),
         "the Lease {namespace}/{name} is held by {:?}, not by this replica",
         spec.holder_identity
     );
-    // +1: the first leader of a new Lease has transitions 0, and epoch 0 means "not fenced".
-    Ok(spec.lease_transitions.unwrap_or(0).max(0) as u64 + 1)
+    Ok(lease_epoch(created, spec.lease_transitions.unwrap_or(0)))
+}
+
+/// See [`leadership_epoch`]; +1 because epoch 0 means "not fenced".
+fn lease_epoch(created_seconds: u64, transitions: i32) -> u64 {
+    created_seconds * 1_000_000 + transitions.max(0) as u64 + 1
 }
 
 /// Renders the job script and submit command of one asset in `file`; its cluster is looked up

@@ -106,6 +106,18 @@ fn sacct_comment(job_id: &str) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
+/// The fencing epoch of the Lease's holder: creation seconds × 10^6 + transitions + 1.
+fn epoch_of(lease: &Value) -> u64 {
+    let created: jiff::Timestamp = lease["metadata"]["creationTimestamp"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    created.as_second() as u64 * 1_000_000
+        + lease["spec"]["leaseTransitions"].as_u64().unwrap_or(0)
+        + 1
+}
+
 fn slurm_asset(name: &str) -> Value {
     json!({
         "apiVersion": "dagster-slurm.io/v1alpha1", "kind": "SlurmAsset",
@@ -146,7 +158,7 @@ async fn run_with_leader_election_fences_and_hands_over() {
     let first = succeeded(&ns, "first").await;
     let lease = ns.get("lease", "slurm-asset-operator").expect("a Lease");
     assert_eq!(lease["spec"]["holderIdentity"], "op-a");
-    let epoch_a = lease["spec"]["leaseTransitions"].as_u64().unwrap() + 1;
+    let epoch_a = epoch_of(&lease);
     let job = first["status"]["jobId"].as_str().unwrap().to_string();
     assert!(
         sacct_comment(&job).ends_with(&format!("epoch {epoch_a}")),
@@ -176,15 +188,22 @@ async fn run_with_leader_election_fences_and_hands_over() {
         .await
         .unwrap();
     assert!(status.success(), "{status:?}");
+    let released = Instant::now();
     eventually("b leads", async || {
         b.metric("slurm_asset_operator_leader")
             .await
             .filter(|v| v == "1")
     })
     .await;
+    // The standby takes over when the Lease is released, not when it would have expired.
+    let takeover = released.elapsed();
+    assert!(
+        takeover < Duration::from_secs(8),
+        "takeover took {takeover:?}"
+    );
     let lease = ns.get("lease", "slurm-asset-operator").unwrap();
     assert_eq!(lease["spec"]["holderIdentity"], "op-b");
-    let epoch_b = lease["spec"]["leaseTransitions"].as_u64().unwrap() + 1;
+    let epoch_b = epoch_of(&lease);
     assert!(epoch_b > epoch_a, "{epoch_b} > {epoch_a}");
     ns.apply(slurm_asset("second"));
     let second = succeeded(&ns, "second").await;
@@ -197,4 +216,33 @@ async fn run_with_leader_election_fences_and_hands_over() {
     // The first asset was not run again by the new leader.
     let again = ns.get("slurmasset", "first").unwrap();
     assert_eq!(again["status"]["jobId"], first["status"]["jobId"]);
+
+    // The release is reinstalled: every replica stops and the Lease is deleted, so the next
+    // Lease starts its transitions at 0. The fencing token must still rise, or assets that
+    // ran before would be refused forever.
+    let mut b = b;
+    b.terminate();
+    tokio::task::spawn_blocking(move || b.child.wait().unwrap())
+        .await
+        .unwrap();
+    common::k8s::kubectl_ok(
+        &["delete", "lease", "-n", &ns.0, "slurm-asset-operator"],
+        None,
+    );
+    // Creation timestamps have one-second resolution.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let _c = Replica::start(&ns.0, dir.path(), "op-c");
+    let mut rerun = slurm_asset("first");
+    rerun["spec"]["runKey"] = json!("after-reinstall");
+    ns.apply(rerun);
+    let rerun = ns
+        .wait("slurmasset", "first", "run 2 succeeded", |o| {
+            o["status"]["run"] == 2 && o["status"]["phase"] == "Succeeded"
+        })
+        .await;
+    let lease = ns.get("lease", "slurm-asset-operator").unwrap();
+    let epoch_c = epoch_of(&lease);
+    assert!(epoch_c > epoch_b, "{epoch_c} > {epoch_b}");
+    let job = rerun["status"]["jobId"].as_str().unwrap();
+    assert!(sacct_comment(job).ends_with(&format!("epoch {epoch_c}")));
 }

@@ -24,7 +24,6 @@ use kube::api::{Api, PartialObjectMeta, Patch, PatchParams};
 use kube::core::error_boundary::{DeserializeGuard, InvalidObject};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
-use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
@@ -244,18 +243,70 @@ pub async fn reconcile(
     };
     let ns = asset.namespace().unwrap_or_else(|| "default".into());
     let api: Api<SlurmAsset> = Api::namespaced(ctx.client.clone(), &ns);
-    finalizer(&api, FINALIZER, Arc::new(asset), |event| async {
-        match event {
-            Finalizer::Apply(a) => apply(&a, &ctx, false).await,
-            Finalizer::Cleanup(a) => apply(&a, &ctx, true).await,
+    let deleting = asset.meta().deletion_timestamp.is_some();
+    let index = asset.finalizers().iter().position(|f| f == FINALIZER);
+    match (index, deleting) {
+        (Some(_), false) => apply(&asset, &ctx, false).await,
+        (Some(i), true) => {
+            // The job is cancelled (or released) before the finalizer goes.
+            let action = apply(&asset, &ctx, true).await?;
+            patch_finalizers(&api, &asset.name_any(), finalizer_removal(i)).await?;
+            Ok(action)
         }
-    })
+        (None, false) => {
+            // The finalizer comes first: a job must never exist without it. Adding it wakes
+            // the next reconcile.
+            let add = finalizer_addition(asset.finalizers());
+            patch_finalizers(&api, &asset.name_any(), add).await?;
+            Ok(Action::await_change())
+        }
+        (None, true) => Ok(Action::await_change()),
+    }
+}
+
+/// JSON patches of `metadata.finalizers`, each guarded by a `test` so that a concurrent change
+/// by someone else fails the patch instead of being overwritten (as `kube::runtime::finalizer`
+/// does, but written under the operator's own field manager).
+fn finalizer_addition(current: &[String]) -> serde_json::Value {
+    if current.is_empty() {
+        serde_json::json!([
+            {"op": "test", "path": "/metadata/finalizers", "value": null},
+            {"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]},
+        ])
+    } else {
+        serde_json::json!([
+            {"op": "test", "path": "/metadata/finalizers", "value": current},
+            {"op": "add", "path": "/metadata/finalizers/-", "value": FINALIZER},
+        ])
+    }
+}
+
+fn finalizer_removal(index: usize) -> serde_json::Value {
+    let path = format!("/metadata/finalizers/{index}");
+    serde_json::json!([
+        {"op": "test", "path": path, "value": FINALIZER},
+        {"op": "remove", "path": path},
+    ])
+}
+
+async fn patch_finalizers(
+    api: &Api<SlurmAsset>,
+    name: &str,
+    ops: serde_json::Value,
+) -> Result<(), Error> {
+    let patch: json_patch::Patch =
+        serde_json::from_value(ops).map_err(|e| Error::Finalizer(e.to_string()))?;
+    api.patch(
+        name,
+        &PatchParams {
+            field_manager: Some(FIELD_MANAGER.into()),
+            ..Default::default()
+        },
+        &Patch::Json::<()>(patch),
+    )
     .await
-    .map_err(|e| match e {
-        kube::runtime::finalizer::Error::ApplyFailed(e)
-        | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
-        other => Error::Finalizer(other.to_string()),
-    })
+    .map_err(|e| Error::Finalizer(e.to_string()))?;
+    Ok(())
 }
 
 /// Marks a SlurmAsset whose spec does not parse: `Failed` with an `Invalid` condition and one

@@ -198,7 +198,42 @@ async fn every_run_has_its_own_event_and_metrics_are_rounded() {
         })
         .await;
     }
-    let o = ns.get("slurmasset", "again").unwrap();
+    let o: Value = serde_json::from_str(&kubectl_ok(
+        &[
+            "get",
+            "-n",
+            &ns.0,
+            "slurmasset",
+            "again",
+            "-o",
+            "json",
+            "--show-managed-fields",
+        ],
+        None,
+    ))
+    .unwrap();
+    // Every write of the operator's is under its own field manager, the finalizer included.
+    let managers: Vec<(String, String)> = o["metadata"]["managedFields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["manager"].as_str().unwrap_or_default().to_string(),
+                m["fieldsV1"].to_string(),
+            )
+        })
+        .collect();
+    assert!(
+        managers
+            .iter()
+            .any(|(m, f)| m == "slurm-asset-operator" && f.contains("f:finalizers")),
+        "{managers:#?}"
+    );
+    assert!(
+        managers.iter().all(|(m, _)| m != "unknown"),
+        "{managers:#?}"
+    );
     let eff = o["status"]["metrics"]["cpuEfficiency"].as_f64().unwrap();
     assert_eq!(eff, (eff * 1e4).round() / 1e4, "{eff}");
     let deadline = Instant::now() + Duration::from_secs(30);

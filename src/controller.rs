@@ -105,6 +105,15 @@ impl Context {
         }
     }
 
+    /// Closes every cluster's SSH master (on shutdown).
+    pub async fn close_connections(&self) {
+        let executors: Vec<Arc<SlurmExecutor>> =
+            self.slurm.lock().await.values().cloned().collect();
+        for ex in executors {
+            ex.close().await;
+        }
+    }
+
     /// Lets assets run on the operator's host (`run --allow-local-execution`).
     pub fn with_local_execution(mut self, allow: bool) -> Context {
         self.allow_local = allow;

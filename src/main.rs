@@ -365,7 +365,15 @@ async fn run_kubernetes(o: RunOptions) -> anyhow::Result<()> {
             _ = term.recv() => {},
         }
     };
-    controller::run(ctx, o.namespace, shutdown).await;
+    tracing::info!(
+        namespace = o.namespace.as_deref().unwrap_or("(all)"),
+        epoch,
+        "reconciling SlurmAssets"
+    );
+    controller::run(ctx.clone(), o.namespace, shutdown).await;
+    // The SSH masters would otherwise linger for their ControlPersist time.
+    ctx.close_connections().await;
+    tracing::info!("stopped");
     if let Some((monitor, task)) = lease {
         // Dropping the last receiver makes the manager release the Lease, so that a standby
         // takes over at once instead of after the lease duration.

@@ -175,8 +175,9 @@ pub fn askpass_answer(
 impl Connection {
     /// Starts a master connection (`ssh -M -N -f`), waiting until it is authenticated.
     pub async fn open(target: &SshTarget, operator_exe: &Path) -> Result<Connection> {
+        // The operator's PID in the name: whose masters these are, at a glance.
         let dir = tempfile::Builder::new()
-            .prefix("sao-ssh-")
+            .prefix(&format!("sao-ssh-{}-", std::process::id()))
             .tempdir()
             .map_err(|e| Error::Transport(format!("creating the control directory: {e}")))?;
         let ctl = dir.path().join("master");
@@ -282,6 +283,7 @@ impl Connection {
             )));
         }
         let session = Session::resume(ctl.clone().into_boxed_path(), Some(log.into_boxed_path()));
+        tracing::info!("connected to {target:?}");
         Ok(Connection {
             session,
             ctl,
@@ -340,6 +342,7 @@ impl Connection {
 
     /// Stops the master.
     pub async fn close(self) {
+        tracing::info!("closing the connection {}", self.ctl.display());
         let _ = tokio::process::Command::new("ssh")
             .arg("-S")
             .arg(&self.ctl)

@@ -14,6 +14,15 @@ struct Operator(Child);
 
 impl Operator {
     fn start(ns: &Namespace, work: &std::path::Path, extra: &[&str]) -> Operator {
+        Self::start_logging(ns, work, extra, Stdio::null())
+    }
+
+    fn start_logging(
+        ns: &Namespace,
+        work: &std::path::Path,
+        extra: &[&str],
+        log: impl Into<Stdio>,
+    ) -> Operator {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -27,8 +36,9 @@ impl Operator {
             .arg("--work-dir")
             .arg(work)
             .args(extra)
+            .env_remove("RUST_LOG")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .unwrap();
         Operator(child)
@@ -295,5 +305,53 @@ async fn an_unreachable_cluster_gets_a_warning_event() {
             "no Warning Event for an unreachable cluster: {evs:#?}"
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_closes_the_ssh_master_and_the_log_tells_the_story() {
+    let ns = Namespace::new("sigterm");
+    let work = tempfile::tempdir().unwrap();
+    slurm_cluster(&ns, "k8s-sigterm");
+    let log_path = work.path().join("operator.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut op = Operator::start_logging(&ns, &work.path().join("op"), &[], log);
+    let pid = op.0.id();
+    ns.apply(asset(
+        "once",
+        json!({"assetKey": "t/once", "clusterRef": "hpc", "payload": {"inline": "echo once"}}),
+    ));
+    ns.wait("slurmasset", "once", "Succeeded", phase_is("Succeeded"))
+        .await;
+    let masters = || {
+        let out = Command::new("pgrep")
+            .args(["-f", &format!("sao-ssh-{pid}-")])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert!(
+        !masters().is_empty(),
+        "the SSH master should be up while running"
+    );
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while op.0.try_wait().unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the operator did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(masters(), "", "an SSH master outlived the operator");
+    let text = std::fs::read_to_string(&log_path).unwrap();
+    for line in [
+        "reconciling SlurmAssets",
+        "connected to",
+        "closing the connection",
+        "stopped",
+    ] {
+        assert!(text.contains(line), "no {line:?} at info level:\n{text}");
     }
 }

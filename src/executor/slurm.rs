@@ -511,10 +511,13 @@ impl SlurmExecutor {
     }
 
     pub async fn close(&self) {
-        if let Some(c) = self.conn.lock().await.take()
-            && let Ok(c) = Arc::try_unwrap(c)
-        {
-            c.close().await;
+        if let Some(c) = self.conn.lock().await.take() {
+            match Arc::try_unwrap(c) {
+                Ok(c) => c.close().await,
+                // Still in use by a command (not after a shutdown): it ends with that
+                // command's handle, and the master after its ControlPersist time.
+                Err(c) => drop(c),
+            }
         }
     }
 }

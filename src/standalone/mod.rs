@@ -276,6 +276,10 @@ pub async fn run(opts: Options) -> Result<Outcome> {
             _ = sigterm.recv() => { info!("terminated; running jobs continue and are adopted on restart"); break; }
         }
     }
+    // The SSH masters would otherwise linger for their ControlPersist time.
+    for worker in driver.workers.values() {
+        worker.executor.close().await;
+    }
     Ok(driver.outcome())
 }
 

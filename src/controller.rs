@@ -814,26 +814,23 @@ async fn ssh_target(
 ) -> Result<SshTarget, String> {
     let ssh = c.ssh.clone().ok_or("spec.ssh: required in slurm mode")?;
     let private = |name: &str, content: &str| -> Result<PathBuf, String> {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
+        use std::os::unix::fs::DirBuilderExt;
         let dir = work.join("ssh");
-        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|e| format!("{}: {e}", dir.display()))?;
         let file = dir.join(format!(
             "{}-{name}",
             crate::manifest::hash_value(&serde_json::json!(key))
         ));
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&file)
-            .map_err(|e| format!("{}: {e}", file.display()))?;
         let mut text = content.to_string();
         if !text.ends_with('\n') {
             text.push('\n');
         }
-        f.write_all(text.as_bytes())
+        // Concurrent reconciles of one cluster's assets must not rewrite it under ssh's feet.
+        crate::files::write_private_once(&file, text.as_bytes())
             .map_err(|e| format!("{}: {e}", file.display()))?;
         Ok(file)
     };

@@ -5,7 +5,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::Read;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 /// Why a user-named file was not read. The message never quotes the file.
@@ -116,6 +116,25 @@ pub fn open_regular(path: &Path) -> Result<File, ReadError> {
         return Err(ReadError::NotRegular(shown));
     }
     Ok(f)
+}
+
+/// Writes a private (0600) file of credential material once: a file already holding `content`
+/// is left alone (no rewrite under a reader's feet), and a new one is written to a temp file
+/// and renamed into place, so that ssh never reads it half-written.
+pub fn write_private_once(path: &Path, content: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    if read_regular(path, 1 << 20).is_ok_and(|old| old == content) {
+        return Ok(());
+    }
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".write-")
+        .permissions(std::fs::Permissions::from_mode(0o600))
+        .tempfile_in(dir)?;
+    tmp.write_all(content)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    Ok(())
 }
 
 #[cfg(test)]

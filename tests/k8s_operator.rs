@@ -355,3 +355,53 @@ async fn sigterm_closes_the_ssh_master_and_the_log_tells_the_story() {
         assert!(text.contains(line), "no {line:?} at info level:\n{text}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssh_credential_files_are_written_once() {
+    use std::os::unix::fs::MetadataExt;
+    let ns = Namespace::new("keyfiles");
+    let work = tempfile::tempdir().unwrap();
+    slurm_cluster(&ns, "k8s-keyfiles");
+    let _op = Operator::start(&ns, work.path(), &[]);
+    let stamp = || -> Vec<(String, u64, i64, i64)> {
+        let mut files: Vec<_> = std::fs::read_dir(work.path().join("ssh"))
+            .unwrap()
+            .flatten()
+            .map(|e| {
+                let m = e.metadata().unwrap();
+                assert_eq!(m.mode() & 0o777, 0o600, "{:?}", e.path());
+                (
+                    e.file_name().to_string_lossy().into_owned(),
+                    m.ino(),
+                    m.mtime(),
+                    m.mtime_nsec(),
+                )
+            })
+            .collect();
+        files.sort();
+        files
+    };
+    let run_batch = async |from: usize| {
+        for i in from..from + 4 {
+            ns.apply(asset(
+                &format!("a{i}"),
+                json!({"assetKey": format!("t/a{i}"), "clusterRef": "hpc",
+                       "payload": {"inline": "echo ok"}}),
+            ));
+        }
+        for i in from..from + 4 {
+            ns.wait(
+                "slurmasset",
+                &format!("a{i}"),
+                "Succeeded",
+                phase_is("Succeeded"),
+            )
+            .await;
+        }
+    };
+    run_batch(0).await;
+    let before = stamp();
+    assert!(before.iter().any(|f| f.0.ends_with("-key")), "{before:?}");
+    run_batch(4).await;
+    assert_eq!(stamp(), before, "key or known_hosts files were rewritten");
+}

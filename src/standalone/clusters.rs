@@ -75,7 +75,8 @@ pub fn ssh_target(
                 std::process::id(),
                 crate::manifest::hash_value(&serde_json::json!(lines))
             ));
-            std::fs::write(&path, lines).map_err(|e| format!("{key}: writing known hosts: {e}"))?;
+            crate::files::write_private_once(&path, lines.as_bytes())
+                .map_err(|e| format!("{key}: writing known hosts: {e}"))?;
             Some(path)
         }
         _ => env("SLURM_EDGE_NODE_KNOWN_HOSTS").map(PathBuf::from),

@@ -1,11 +1,115 @@
 //! CustomResourceDefinitions generated from the Rust types; `crds/` holds this output.
 
 use crate::api::{SlurmAsset, SlurmCluster};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
+use serde_json::Value;
+
+/// The CRDs as installed: generated from the types, then tidied for the API server.
+pub fn crds() -> Vec<CustomResourceDefinition> {
+    [
+        (SlurmAsset::crd(), "A Dagster asset's compute on a Slurm cluster, and the status a Dagster sensor reads."),
+        (SlurmCluster::crd(), "How to reach one Slurm cluster (or the operator's host, in local mode), and its defaults."),
+    ]
+    .into_iter()
+    .map(|(crd, about)| {
+        let mut v = serde_json::to_value(&crd).expect("CRDs serialize");
+        for version in v["spec"]["versions"].as_array_mut().expect("versions") {
+            let schema = &mut version["schema"]["openAPIV3Schema"];
+            schema["description"] = about.into();
+            tidy(schema, "");
+        }
+        serde_json::from_value(v).expect("a tidied CRD is still a CRD")
+    })
+    .collect()
+}
+
+/// Fields whose kinds or features do not exist yet: their descriptions say so.
+const NOT_YET: &[(&str, &str)] = &[
+    (
+        ".spec.sessionRef",
+        "Not available in this version: SlurmSession does not exist yet, and setting this field is refused.",
+    ),
+    (
+        ".spec.environment.packCommand",
+        "Not available in this version: environment packing is refused; use preDeployedEnvPath.",
+    ),
+    (
+        ".spec.launcher.type",
+        "Only `bash` is available in this version; `ray` and `spark` are refused.",
+    ),
+];
+
+/// Makes a generated schema what the API server expects: integer formats it knows (`int32`,
+/// `int64`; `uint32` and friends draw warnings) with their bounds spelled out, a description
+/// on the generated wrapper types, and honest descriptions of fields not available yet.
+fn tidy(schema: &mut Value, path: &str) {
+    let Some(obj) = schema.as_object_mut() else {
+        return;
+    };
+    if let Some(Value::String(format)) = obj.get("format").cloned() {
+        // (format, the type's own maximum; none for 64 bits, which a float cannot state exactly)
+        let bounds = match format.as_str() {
+            "uint8" => Some(("int32", Some(u8::MAX as f64))),
+            "uint16" => Some(("int32", Some(u16::MAX as f64))),
+            "uint32" => Some(("int64", Some(u32::MAX as f64))),
+            "uint64" => Some(("int64", None)),
+            _ => None,
+        };
+        if let Some((to, max)) = bounds {
+            obj.insert("format".into(), to.into());
+            let lower = obj
+                .get("minimum")
+                .and_then(Value::as_f64)
+                .unwrap_or(0.0)
+                .max(0.0);
+            obj.insert("minimum".into(), (lower as i64).into());
+            if let Some(max) = max {
+                let upper = obj
+                    .get("maximum")
+                    .and_then(Value::as_f64)
+                    .unwrap_or(max)
+                    .min(max);
+                obj.insert("maximum".into(), (upper as i64).into());
+            }
+        }
+    }
+    if let Some(Value::String(d)) = obj.get("description")
+        && d.starts_with("Auto-generated derived type")
+    {
+        let about = if path == ".spec" {
+            "The desired state: what to run and where."
+        } else {
+            "The observed state, written by the operator."
+        };
+        obj.insert("description".into(), about.into());
+    }
+    if let Some((_, note)) = NOT_YET.iter().find(|(p, _)| *p == path) {
+        obj.insert("description".into(), (*note).into());
+    }
+    if let Some(props) = obj.get_mut("properties").and_then(Value::as_object_mut) {
+        for (k, v) in props.iter_mut() {
+            tidy(v, &format!("{path}.{k}"));
+        }
+    }
+    if let Some(items) = obj.get_mut("items") {
+        tidy(items, &format!("{path}[]"));
+    }
+    if let Some(extra) = obj.get_mut("additionalProperties") {
+        tidy(extra, &format!("{path}.*"));
+    }
+    for key in ["anyOf", "oneOf", "allOf"] {
+        if let Some(Value::Array(list)) = obj.get_mut(key) {
+            for v in list {
+                tidy(v, path);
+            }
+        }
+    }
+}
 
 /// All CRDs as one multi-document YAML stream.
 pub fn crds_yaml() -> String {
-    let docs = [SlurmAsset::crd(), SlurmCluster::crd()];
+    let docs = crds();
     docs.iter()
         .map(|c| serde_saphyr::to_string(c).expect("CRDs serialize"))
         .collect::<Vec<_>>()
@@ -35,7 +139,7 @@ mod tests {
     /// Every field shows text in `kubectl explain`.
     #[test]
     fn every_field_has_a_description() {
-        for crd in [SlurmAsset::crd(), SlurmCluster::crd()] {
+        for crd in crds() {
             let v = serde_json::to_value(&crd).unwrap();
             let schema = &v["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
             let mut missing = vec![];

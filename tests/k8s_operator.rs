@@ -405,3 +405,39 @@ async fn ssh_credential_files_are_written_once() {
     run_batch(4).await;
     assert_eq!(stamp(), before, "key or known_hosts files were rewritten");
 }
+
+#[test]
+fn crds_install_without_warnings_and_bound_their_integers() {
+    let crds = concat!(env!("CARGO_MANIFEST_DIR"), "/crds/crds.yaml");
+    let (ok, _, err) = common::k8s::kubectl_run(
+        &["apply", "--server-side", "--force-conflicts", "-f", crds],
+        None,
+    );
+    assert!(ok, "{err}");
+    assert!(!err.contains("Warning"), "the API server warned: {err}");
+    let explain = kubectl_ok(&["explain", "slurmassets"], None);
+    assert!(!explain.contains("Auto-generated"), "{explain}");
+    let ns = Namespace::new("bounds");
+    for (field, value) in [
+        ("cpusPerTask", json!(5_000_000_000u64)),
+        ("cpusPerTask", json!(0)),
+        ("nodes", json!(-1)),
+    ] {
+        let obj = asset(
+            "big",
+            json!({"assetKey": "t/big", "clusterRef": "hpc", "payload": {"inline": "true"},
+                   "resources": {field: value}}),
+        );
+        let mut obj = obj;
+        obj["metadata"]["namespace"] = json!(ns.0);
+        let (ok, _, err) = common::k8s::kubectl_run(
+            &["apply", "--server-side", "-f", "-"],
+            Some(&obj.to_string()),
+        );
+        assert!(!ok, "{field}: {value} was admitted");
+        assert!(
+            err.contains(&format!("spec.resources.{field}")),
+            "the refusal names no field: {err}"
+        );
+    }
+}

@@ -72,6 +72,7 @@ pub struct SshSettings {
     pub host: String,
     /// SSH port.
     #[serde(default = "default_port")]
+    #[schemars(range(min = 1))]
     pub port: u16,
     /// Login user.
     pub user: String,
@@ -135,6 +136,7 @@ pub struct JumpHost {
     pub host: String,
     /// SSH port.
     #[serde(default = "default_port")]
+    #[schemars(range(min = 1))]
     pub port: u16,
     /// Login user (default: the cluster's user).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -33,15 +33,15 @@ pub struct Resources {
     pub time_limit: Option<TimeLimit>,
     /// Number of nodes (`--nodes`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = 100000))]
     pub nodes: Option<u32>,
     /// Tasks in the job (`--ntasks`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = 1000000))]
     pub ntasks: Option<u32>,
     /// CPUs per task (`--cpus-per-task`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = 4096))]
     pub cpus_per_task: Option<u32>,
     /// Memory per node (`--mem`), e.g. `32G`. Mutually exclusive with `memPerCpu`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -51,6 +51,7 @@ pub struct Resources {
     pub mem_per_cpu: Option<Memory>,
     /// GPUs per node (`--gpus-per-node`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 1024))]
     pub gpus_per_node: Option<u32>,
     /// Node feature constraint (`--constraint`).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -75,7 +75,13 @@ pub struct Context {
     /// Whether assets may run on the operator's own host (local mode). Off unless an
     /// administrator enables it: a payload there would sit beside the operator's credentials.
     pub allow_local: bool,
+    /// Whether Secrets are watched (list/watch RBAC); without, assets that wait for one look
+    /// again every [`SECRET_RECHECK`].
+    pub watch_secrets: bool,
 }
+
+/// How often an asset that waits for a Secret looks again when Secrets are not watched.
+const SECRET_RECHECK: Duration = Duration::from_secs(60);
 
 impl Context {
     pub fn new(
@@ -102,7 +108,14 @@ impl Context {
             metrics,
             epoch: 0,
             allow_local: false,
+            watch_secrets: true,
         }
+    }
+
+    /// Reads Secrets with `get` only (`run --no-secret-watch`, for a namespaced RBAC).
+    pub fn with_secret_watch(mut self, watch: bool) -> Context {
+        self.watch_secrets = watch;
+        self
     }
 
     /// Closes every cluster's SSH master (on shutdown).
@@ -144,6 +157,8 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let client = ctx.client.clone();
+    // Secrets and ConfigMaps are watched by metadata only (`PartialObjectMeta`): their
+    // values never travel through the watch.
     let (assets, clusters, secrets, config_maps) = match &namespace {
         Some(ns) => (
             Api::<DeserializeGuard<SlurmAsset>>::namespaced(client.clone(), ns),
@@ -160,63 +175,51 @@ pub async fn run(
     };
     let controller = Controller::new(assets, watcher::Config::default());
     let store = controller.store();
-    let store2 = store.clone();
-    let store3 = store.clone();
-    controller
+    let assets_of = move |ns: Option<String>, wants: &dyn Fn(&SlurmAsset) -> bool| {
+        store
+            .state()
+            .iter()
+            .filter(|a| a.0.as_ref().is_ok_and(|a| a.namespace() == ns && wants(a)))
+            .map(|a| ObjectRef::from_obj(&**a))
+            .collect::<Vec<_>>()
+    };
+    let (by_cluster, by_secret, by_config_map) = (assets_of.clone(), assets_of.clone(), assets_of);
+    let mut controller = controller
         .watches(clusters, watcher::Config::default(), move |cluster| {
-            let (ns, name) = (cluster.namespace(), cluster.name_any());
-            store
-                .state()
-                .iter()
-                .filter(|a| {
-                    a.0.as_ref().is_ok_and(|a| {
-                        a.namespace() == ns && a.spec.cluster_ref.as_deref() == Some(name.as_str())
-                    })
-                })
-                .map(|a| ObjectRef::from_obj(&**a))
-                .collect::<Vec<_>>()
+            let name = cluster.name_any();
+            by_cluster(cluster.namespace(), &|a| {
+                a.spec.cluster_ref.as_deref() == Some(name.as_str())
+            })
         })
-        // Metadata only (`PartialObjectMeta`): Secret values never travel through the watch.
-        .watches(secrets, watcher::Config::default(), move |secret| {
+        // An asset waiting for its ConfigMap payload runs once it exists.
+        .watches(config_maps, watcher::Config::default(), move |cm| {
+            let name = cm.name_any();
+            by_config_map(cm.namespace(), &|a| {
+                a.spec
+                    .payload
+                    .config_map_ref
+                    .as_ref()
+                    .is_some_and(|r| r.name == name)
+            })
+        });
+    // Without list/watch rights on Secrets (a namespaced RBAC), assets that wait for one look
+    // again every SECRET_RECHECK instead.
+    if ctx.watch_secrets {
+        controller = controller.watches(secrets, watcher::Config::default(), move |secret| {
             // Assets that read this Secret directly, and every asset on a cluster in the same
             // namespace (clusters hold SSH credentials in Secrets).
-            let (ns, name) = (secret.namespace(), secret.name_any());
-            store2
-                .state()
-                .iter()
-                .filter(|a| {
-                    a.0.as_ref().is_ok_and(|a| {
-                        a.namespace() == ns
-                            && (a.spec.cluster_ref.is_some()
-                                || a.spec.env.iter().any(|e| {
-                                    e.value_from
-                                        .as_ref()
-                                        .is_some_and(|v| v.secret_key_ref.name == name)
-                                }))
+            let name = secret.name_any();
+            by_secret(secret.namespace(), &|a| {
+                a.spec.cluster_ref.is_some()
+                    || a.spec.env.iter().any(|e| {
+                        e.value_from
+                            .as_ref()
+                            .is_some_and(|v| v.secret_key_ref.name == name)
                     })
-                })
-                .map(|a| ObjectRef::from_obj(&**a))
-                .collect::<Vec<_>>()
-        })
-        // ConfigMap payloads: an asset waiting for its ConfigMap runs once it exists.
-        .watches(config_maps, watcher::Config::default(), move |cm| {
-            let (ns, name) = (cm.namespace(), cm.name_any());
-            store3
-                .state()
-                .iter()
-                .filter(|a| {
-                    a.0.as_ref().is_ok_and(|a| {
-                        a.namespace() == ns
-                            && a.spec
-                                .payload
-                                .config_map_ref
-                                .as_ref()
-                                .is_some_and(|r| r.name == name)
-                    })
-                })
-                .map(|a| ObjectRef::from_obj(&**a))
-                .collect::<Vec<_>>()
-        })
+            })
+        });
+    }
+    controller
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {
@@ -564,6 +567,8 @@ async fn apply(asset: &SlurmAsset, ctx: &Context, deleted: bool) -> Result<Actio
     Ok(match (driven.submit_after, driven.watch) {
         (Some(d), _) => Action::requeue(d),
         (None, true) => Action::requeue(poll),
+        // Invalid for want of a Secret, perhaps, and no Secret watch to say when it comes.
+        (None, false) if invalid.is_some() && !ctx.watch_secrets => Action::requeue(SECRET_RECHECK),
         (None, false) => Action::await_change(),
     })
 }

@@ -55,6 +55,10 @@ enum Command {
         /// there runs beside the operator's credentials, so only enable it for development.
         #[arg(long)]
         allow_local_execution: bool,
+        /// Read Secrets with `get` only, never list or watch them (for a namespaced RBAC): an
+        /// asset waiting for a Secret looks again every minute instead of at once.
+        #[arg(long)]
+        no_secret_watch: bool,
         /// Watch only this namespace (default: all namespaces).
         #[arg(long)]
         namespace: Option<String>,
@@ -158,6 +162,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             kubeconfig,
             context,
             allow_local_execution,
+            no_secret_watch,
             namespace,
             metrics_port,
             leader_election,
@@ -170,6 +175,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 kubeconfig,
                 context,
                 allow_local_execution,
+                no_secret_watch,
                 namespace,
                 metrics_port,
                 leader_election,
@@ -195,6 +201,7 @@ struct RunOptions {
     kubeconfig: Option<PathBuf>,
     context: Option<String>,
     allow_local_execution: bool,
+    no_secret_watch: bool,
     namespace: Option<String>,
     metrics_port: u16,
     leader_election: bool,
@@ -346,7 +353,8 @@ async fn run_kubernetes(o: RunOptions) -> anyhow::Result<()> {
     let ctx = std::sync::Arc::new(
         controller::Context::new(client, exe, o.work_dir.clone(), metrics)
             .with_epoch(epoch)
-            .with_local_execution(o.allow_local_execution),
+            .with_local_execution(o.allow_local_execution)
+            .with_secret_watch(!o.no_secret_watch),
     );
     let mut rx = leader_rx;
     let shutdown = async move {

@@ -441,3 +441,147 @@ fn crds_install_without_warnings_and_bound_their_integers() {
         );
     }
 }
+
+/// The chart rendered by the real Helm engine (tests/helm/render.py, in the venv that
+/// scripts/test-chart prepares).
+fn render_chart(release: &str, namespace: &str, values: Value) -> Vec<Value> {
+    let python = concat!(env!("CARGO_MANIFEST_DIR"), "/.venv-tools/bin/python3");
+    assert!(
+        std::path::Path::new(python).exists(),
+        "run scripts/test-chart first: it prepares the Helm engine"
+    );
+    let out = Command::new(python)
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/helm/render.py"))
+        .args([release, namespace, &values.to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_charts_service_account_is_enough_and_no_more() {
+    let ns = Namespace::new("chartrbac");
+    let release = format!("r{}", std::process::id());
+    let objs = render_chart(
+        &release,
+        &ns.0,
+        json!({"rbac": {"clusterWide": false, "secrets": "namespaced", "secretNamespaces": [ns.0]}}),
+    );
+    // Install what the chart grants (no Deployment: no kubelet runs it here).
+    let mut args = vec![];
+    for o in &objs {
+        match o["kind"].as_str().unwrap() {
+            "ServiceAccount" | "Role" | "RoleBinding" | "ClusterRole" | "ClusterRoleBinding" => {
+                kubectl_ok(
+                    &["apply", "--server-side", "--force-conflicts", "-f", "-"],
+                    Some(&o.to_string()),
+                );
+            }
+            "Deployment" => {
+                args = o["spec"]["template"]["spec"]["containers"][0]["args"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|a| a.as_str().unwrap().to_string())
+                    .filter(|a| !a.starts_with("--metrics-port") && a != "--log-json")
+                    .collect();
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(args[0], "run");
+    let sa = objs.iter().find(|o| o["kind"] == "ServiceAccount").unwrap()["metadata"]["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let token = kubectl_ok(&["create", "token", &sa, "-n", &ns.0], None);
+    let admin: Value =
+        serde_saphyr::from_str(&std::fs::read_to_string(kubeconfig()).unwrap()).unwrap();
+    let cluster = &admin["clusters"][0]["cluster"];
+    let work = tempfile::tempdir().unwrap();
+    let sa_config = work.path().join("sa-kubeconfig");
+    std::fs::write(
+        &sa_config,
+        json!({
+            "apiVersion": "v1", "kind": "Config", "current-context": "sa",
+            "clusters": [{"name": "t", "cluster": cluster}],
+            "users": [{"name": "sa", "user": {"token": token.trim()}}],
+            "contexts": [{"name": "sa", "context": {"cluster": "t", "user": "sa", "namespace": ns.0}}],
+        })
+        .to_string(),
+    )
+    .unwrap();
+    // Nothing more than it needs.
+    let can = |verb: &str, what: &str| -> bool {
+        let out = Command::new("kubectl")
+            .env("KUBECONFIG", &sa_config)
+            .args(["auth", "can-i", verb, what, "-n", &ns.0])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim() == "yes"
+    };
+    for (verb, what) in [
+        ("list", "secrets"),
+        ("create", "secrets"),
+        ("delete", "slurmassets"),
+        ("create", "slurmassets"),
+        ("get", "pods"),
+        ("create", "pods"),
+        ("list", "nodes"),
+    ] {
+        assert!(!can(verb, what), "the operator's account may {verb} {what}");
+    }
+    for (verb, what) in [
+        ("get", "secrets"),
+        ("watch", "slurmassets"),
+        ("patch", "slurmassets/status"),
+        ("create", "events.events.k8s.io"),
+        ("update", "leases.coordination.k8s.io"),
+    ] {
+        assert!(
+            can(verb, what),
+            "the operator's account may not {verb} {what}"
+        );
+    }
+    // And enough: the operator, with the Deployment's own arguments and only this account,
+    // runs an asset on the real Slurm.
+    slurm_cluster(&ns, "k8s-chartrbac");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut op = Command::new(BIN)
+        .args(&args)
+        .arg(format!("--metrics-port={port}"))
+        .arg("--kubeconfig")
+        .arg(&sa_config)
+        .arg("--work-dir")
+        .arg(work.path().join("op"))
+        .env("POD_NAME", "chart-rbac")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    ns.apply(asset(
+        "rbac",
+        json!({"assetKey": "t/rbac", "clusterRef": "hpc", "payload": {"inline": "echo least privilege"}}),
+    ));
+    let o = ns
+        .wait("slurmasset", "rbac", "Succeeded", phase_is("Succeeded"))
+        .await;
+    let _ = op.kill();
+    let _ = op.wait();
+    assert_eq!(o["status"]["logTail"]["stdout"], "least privilege");
+    assert!(
+        events(&ns, "rbac")
+            .iter()
+            .any(|e| e.2.contains("→ Succeeded")),
+        "Events need their permission too"
+    );
+}

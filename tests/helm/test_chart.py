@@ -40,7 +40,7 @@ def test_lints_clean(values):
 def test_default_objects_are_valid_and_secure():
     objs = render()
     kinds = sorted(o["kind"] for o in objs)
-    assert kinds == sorted(["ClusterRole", "ClusterRoleBinding", "Deployment", "Role", "RoleBinding", "Service", "ServiceAccount"])
+    assert kinds == sorted(["ClusterRole"] * 3 + ["ClusterRoleBinding", "Deployment", "Role", "RoleBinding", "Service", "ServiceAccount"])
     for o in objs:
         assert o["apiVersion"] and o["metadata"]["name"], o
     d = deployment(objs)
@@ -57,12 +57,17 @@ def test_default_objects_are_valid_and_secure():
     assert c["image"].endswith(":0.1.0")
 
 
+def operator_role(objs, kind="ClusterRole"):
+    (role,) = [r for r in by_kind(objs, kind) if r["metadata"]["name"] == "sao-slurm-asset-operator"]
+    return role
+
+
 def test_rbac_is_least_privilege():
     objs = render()
-    (role,) = by_kind(objs, "ClusterRole")
+    role = operator_role(objs)
     for rule in role["rules"]:
         assert "*" not in rule["verbs"] and "*" not in rule["resources"], rule
-        if rule["resources"] == ["secrets", "configmaps"]:
+        if rule["resources"] in (["secrets"], ["configmaps"]):
             assert rule["verbs"] == ["get", "list", "watch"], "credentials are read only"
     verbs = {r: rule["verbs"] for rule in role["rules"] for r in rule["resources"]}
     assert verbs["slurmassets/status"] == ["get", "patch"]
@@ -72,8 +77,30 @@ def test_rbac_is_least_privilege():
     assert lease_role["rules"][0]["resources"] == ["leases"]
 
 
+def test_user_roles_aggregate_into_edit_and_view():
+    objs = render()
+    roles = {r["metadata"]["name"]: r for r in by_kind(objs, "ClusterRole")}
+    editor, viewer = roles["slurmasset-editor"], roles["slurmasset-viewer"]
+    assert editor["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-edit"] == "true"
+    assert viewer["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-view"] == "true"
+    assert "create" in editor["rules"][0]["verbs"] and "slurmassets" in editor["rules"][0]["resources"]
+    assert all(set(rule["verbs"]) <= {"get", "list", "watch"} for rule in viewer["rules"])
+    assert by_kind(render({"rbac": {"aggregatedRoles": False}}), "ClusterRole") == [operator_role(objs)]
+
+
+def test_namespaced_secrets_grant_get_only_where_listed():
+    objs = render({"rbac": {"secrets": "namespaced", "secretNamespaces": ["team-a", "team-b"]}})
+    rules = [rule for rule in operator_role(objs)["rules"]]
+    assert not any("secrets" in rule["resources"] for rule in rules), "no cluster-wide Secrets"
+    secret_roles = [r for r in by_kind(objs, "Role") if r["metadata"]["name"].endswith("-secrets")]
+    assert sorted(r["metadata"]["namespace"] for r in secret_roles) == ["team-a", "team-b"]
+    assert all(r["rules"] == [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}] for r in secret_roles)
+    args = deployment(objs)["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--no-secret-watch" in args
+
+
 def test_namespaced_mode_uses_roles_and_passes_the_namespace():
-    objs = render({"rbac": {"clusterWide": False}, "leaderElection": {"enabled": False}})
+    objs = render({"rbac": {"clusterWide": False, "aggregatedRoles": False}, "leaderElection": {"enabled": False}})
     assert by_kind(objs, "ClusterRole") == [] and by_kind(objs, "ClusterRoleBinding") == []
     (role,) = by_kind(objs, "Role")
     assert role["metadata"]["namespace"] == "ops"

@@ -37,7 +37,8 @@ pub const FINALIZER: &str = "dagster-slurm.io/job-cleanup";
 pub const FIELD_MANAGER: &str = "slurm-asset-operator";
 /// Set to "true" on an asset whose cluster is gone for good to release it without `scancel`.
 pub const FORCE_RELEASE: &str = "dagster-slurm.io/force-release";
-/// How long a deletion waits for an unreachable cluster before releasing the object anyway.
+/// How long a deletion waits for an unreachable cluster before releasing the object anyway
+/// (the default of `run --release-grace`).
 pub const RELEASE_GRACE: Duration = Duration::from_secs(600);
 const POLL_LOCAL: Duration = Duration::from_secs(2);
 const POLL_SLURM: Duration = Duration::from_secs(10);
@@ -78,6 +79,8 @@ pub struct Context {
     /// Whether Secrets are watched (list/watch RBAC); without, assets that wait for one look
     /// again every [`SECRET_RECHECK`].
     pub watch_secrets: bool,
+    /// How long a deletion waits for a cancel that cannot reach the cluster.
+    pub release_grace: Duration,
 }
 
 /// How often an asset that waits for a Secret looks again when Secrets are not watched.
@@ -109,7 +112,14 @@ impl Context {
             epoch: 0,
             allow_local: false,
             watch_secrets: true,
+            release_grace: RELEASE_GRACE,
         }
+    }
+
+    /// Sets how long a deletion waits for an unreachable cluster (`run --release-grace`).
+    pub fn with_release_grace(mut self, grace: Duration) -> Context {
+        self.release_grace = grace;
+        self
     }
 
     /// Reads Secrets with `get` only (`run --no-secret-watch`, for a namespaced RBAC).
@@ -321,6 +331,26 @@ async fn patch_finalizers(
     Ok(())
 }
 
+/// The first error of a SlurmAsset's spec with its field path (`spec.resources.mem: ...`),
+/// read from the stored object, if it can be read.
+async fn field_of_error(ctx: &Context, ns: &str, name: &str) -> Option<String> {
+    let api: Api<kube::api::DynamicObject> = Api::namespaced_with(
+        ctx.client.clone(),
+        ns,
+        &kube::api::ApiResource::erase::<SlurmAsset>(&()),
+    );
+    let obj = api.get(name).await.ok()?;
+    let spec = obj.data.get("spec")?.clone();
+    let err = serde_path_to_error::deserialize::<_, SlurmAssetSpec>(spec).err()?;
+    let path = err.path().to_string();
+    let field = if path == "." {
+        "spec".to_string()
+    } else {
+        format!("spec.{path}")
+    };
+    Some(format!("{field}: {}", err.into_inner()))
+}
+
 /// Marks a SlurmAsset whose spec does not parse: `Failed` with an `Invalid` condition and one
 /// Warning Event (again only when the error or the generation changes).
 async fn report_malformed(invalid: &InvalidObject, ctx: &Context) -> Result<(), Error> {
@@ -335,10 +365,22 @@ async fn report_malformed(invalid: &InvalidObject, ctx: &Context) -> Result<(), 
         Some(i) => invalid.error[..i].to_string(),
         None => invalid.error.clone(),
     };
+    // The guard keeps no status to compare with: remember what was written instead,
+    // so that a resync writes (and tells, and reads) nothing new.
+    let seen = (invalid.metadata.generation, error.clone());
+    let uid = invalid.metadata.uid.clone().unwrap_or_default();
+    if ctx.invalid.lock().await.get(&uid) == Some(&seen) {
+        return Ok(());
+    }
+    // Name the field: parse the spec again, with its path this time.
+    let error = match field_of_error(ctx, &ns, &name).await {
+        Some(located) => located,
+        None => format!("spec: {error}"),
+    };
     let mut status = SlurmAssetStatus {
         phase: Phase::Failed,
         reason: Some(crate::core::REASON_INVALID.into()),
-        message: Some(format!("spec: {error}")),
+        message: Some(error.clone()),
         observed_generation: invalid.metadata.generation,
         ..Default::default()
     };
@@ -347,17 +389,10 @@ async fn report_malformed(invalid: &InvalidObject, ctx: &Context) -> Result<(), 
         "Invalid",
         true,
         crate::core::REASON_INVALID,
-        &format!("spec: {error}"),
+        &error,
         invalid.metadata.generation,
         Timestamp::now(),
     );
-    // The guard keeps no status to compare with: remember what was written instead,
-    // so that a resync writes (and tells) nothing new.
-    let seen = (invalid.metadata.generation, error.clone());
-    let uid = invalid.metadata.uid.clone().unwrap_or_default();
-    if ctx.invalid.lock().await.get(&uid) == Some(&seen) {
-        return Ok(());
-    }
     let api = Api::namespaced(ctx.client.clone(), &ns);
     patch_status(&api, &name, &status).await?;
     ctx.metrics.asset_phase(&uid, Some(Phase::Failed));
@@ -540,7 +575,7 @@ async fn apply(asset: &SlurmAsset, ctx: &Context, deleted: bool) -> Result<Actio
                 .annotations()
                 .get(FORCE_RELEASE)
                 .is_some_and(|v| v == "true");
-            if !forced && since < RELEASE_GRACE.as_secs() as i64 {
+            if !forced && since < ctx.release_grace.as_secs() as i64 {
                 return Err(Error::CancelPending(after.message.unwrap_or_default()));
             }
             let ev = KubeEvent {

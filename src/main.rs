@@ -59,6 +59,11 @@ enum Command {
         /// asset waiting for a Secret looks again every minute instead of at once.
         #[arg(long)]
         no_secret_watch: bool,
+        /// How long deleting an asset waits for a cancel its cluster cannot confirm before the
+        /// object is released anyway (with a Warning Event), e.g. `10m`.
+        #[arg(long, default_value = "10m")]
+        #[arg(value_parser = |s: &str| slurm_asset_operator::quantity::Interval::parse(s))]
+        release_grace: slurm_asset_operator::quantity::Interval,
         /// Watch only this namespace (default: all namespaces).
         #[arg(long)]
         namespace: Option<String>,
@@ -163,6 +168,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             context,
             allow_local_execution,
             no_secret_watch,
+            release_grace,
             namespace,
             metrics_port,
             leader_election,
@@ -176,6 +182,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 context,
                 allow_local_execution,
                 no_secret_watch,
+                release_grace,
                 namespace,
                 metrics_port,
                 leader_election,
@@ -202,6 +209,7 @@ struct RunOptions {
     context: Option<String>,
     allow_local_execution: bool,
     no_secret_watch: bool,
+    release_grace: slurm_asset_operator::quantity::Interval,
     namespace: Option<String>,
     metrics_port: u16,
     leader_election: bool,
@@ -354,7 +362,8 @@ async fn run_kubernetes(o: RunOptions) -> anyhow::Result<()> {
         controller::Context::new(client, exe, o.work_dir.clone(), metrics)
             .with_epoch(epoch)
             .with_local_execution(o.allow_local_execution)
-            .with_secret_watch(!o.no_secret_watch),
+            .with_secret_watch(!o.no_secret_watch)
+            .with_release_grace(o.release_grace.duration()),
     );
     let mut rx = leader_rx;
     let shutdown = async move {

@@ -212,7 +212,11 @@ async fn malformed_object_gets_a_condition_and_reconcile_succeeds() {
     let action = reconcile(g.clone(), ctx.clone()).await;
     assert!(action.is_ok());
     let sent = log.lock().unwrap().drain(..).collect::<Vec<_>>();
-    assert_eq!(sent.len(), 2, "a status patch and an Event: {sent:#?}");
+    // A read of the object (to name the failing field), a status patch and an Event.
+    assert_eq!(sent.len(), 3, "{sent:#?}");
+    assert_eq!(sent[0].method, "GET");
+    assert!(sent[0].uri.ends_with("/slurmassets/a"), "{}", sent[0].uri);
+    let sent = &sent[1..];
     assert!(sent[0].uri.contains("/slurmassets/a/status"));
     assert_eq!(sent[1].method, "POST");
     assert!(sent[1].uri.contains("/events"), "{}", sent[1].uri);

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-struct Operator(Child);
+struct Operator(Child, u16);
 
 impl Operator {
     fn start(ns: &Namespace, work: &std::path::Path, extra: &[&str]) -> Operator {
@@ -41,7 +41,23 @@ impl Operator {
             .stderr(log)
             .spawn()
             .unwrap();
-        Operator(child)
+        Operator(child, port)
+    }
+
+    /// The value of one metric on /metrics (`None` until the server answers).
+    fn metric(&self, name: &str) -> Option<f64> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.1)).ok()?;
+        write!(
+            s,
+            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).ok()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.trim().parse().ok())
     }
 }
 
@@ -583,5 +599,429 @@ async fn the_charts_service_account_is_enough_and_no_more() {
             .iter()
             .any(|e| e.2.contains("→ Succeeded")),
         "Events need their permission too"
+    );
+}
+
+const SECRET_TOKEN: &str = "s3cr3t-token-value";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_apply_runs_on_slurm_to_succeeded_and_delete_cancels() {
+    let ns = Namespace::new("e2e");
+    let work = tempfile::tempdir().unwrap();
+    let c = test_cluster();
+    let base = remote_base("k8s-e2e");
+    slurm_cluster(&ns, "k8s-e2e");
+    ns.apply(
+        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "app"},
+                    "data": {"token": b64(SECRET_TOKEN)}}),
+    );
+    ns.apply(json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "payloads"},
+        "data": {"busy.sh": "end=$((SECONDS+3)); while [ $SECONDS -lt $end ]; do :; done\necho \"greeting=$GREETING token-length=${#TOKEN}\"\n"}}));
+    let op = Operator::start(&ns, work.path(), &[]);
+    ns.apply(asset(
+        "busy",
+        json!({
+            "assetKey": "analytics/busy", "clusterRef": "hpc",
+            "payload": {"configMapRef": {"name": "payloads", "key": "busy.sh"}},
+            "env": [
+                {"name": "GREETING", "value": "it's $(not) run"},
+                {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "app", "key": "token"}}},
+            ],
+            "resources": {"mem": "100M", "timeLimit": "00:05:00"},
+        }),
+    ));
+    let done = ns
+        .wait("slurmasset", "busy", "Succeeded", phase_is("Succeeded"))
+        .await;
+    let s = &done["status"];
+    assert_eq!(
+        done["metadata"]["finalizers"],
+        json!(["dagster-slurm.io/job-cleanup"])
+    );
+    assert_eq!(s["observedGeneration"], 1);
+    let job_id = s["jobId"].as_str().unwrap().to_string();
+    assert!(
+        s["metrics"]["elapsedSeconds"].as_f64().unwrap() >= 3.0,
+        "{s:#}"
+    );
+    assert!(
+        s["metrics"]["cpuEfficiency"].as_f64().unwrap() > 0.5,
+        "a busy loop: {s:#}"
+    );
+    assert_eq!(
+        s["logTail"]["stdout"],
+        format!(
+            "greeting=it's $(not) run token-length={}",
+            SECRET_TOKEN.len()
+        )
+    );
+    assert!(
+        s["remoteRunDir"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("/home/{}/{base}/runs/{}/busy/1-1", c.user, ns.0))
+    );
+    let tag = format!("sao.{}.1.1", done["metadata"]["uid"].as_str().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while sacct_jobs(&tag).is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let sacct = sacct_jobs(&tag);
+    assert_eq!(sacct.len(), 1, "exactly one Slurm job: {sacct:?}");
+    assert_eq!(sacct[0].2, job_id);
+    // The SlurmCluster's status says what the connection learnt.
+    let cluster = ns
+        .wait("slurmcluster", "hpc", "Reachable", |o| {
+            o["status"]["conditions"][0]["status"] == "True"
+        })
+        .await;
+    let cs = &cluster["status"];
+    assert_eq!(cs["conditions"][0]["type"], "Reachable", "{cs:#}");
+    assert_eq!(cs["accountingAvailable"], true, "{cs:#}");
+    assert!(
+        cs["platform"].as_str().unwrap().starts_with("linux-"),
+        "{cs:#}"
+    );
+    // An unchanged status is not written again: the object stays put.
+    let version = done["metadata"]["resourceVersion"].clone();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let later = ns.get("slurmasset", "busy").unwrap();
+    assert_eq!(
+        later["metadata"]["resourceVersion"], version,
+        "status rewritten"
+    );
+    // Secrets stay secret: not in the object, not in its Events.
+    let evs = events(&ns, "busy");
+    assert!(evs.iter().any(|e| e.1 == "Completed"), "{evs:#?}");
+    let text = format!("{later} {evs:?}");
+    assert!(!text.contains(SECRET_TOKEN) && !text.contains("PRIVATE KEY"));
+
+    // Deleting a running asset cancels its Slurm job, then releases the object.
+    ns.apply(asset(
+        "long",
+        json!({"assetKey": "analytics/long", "clusterRef": "hpc",
+               "payload": {"inline": "echo started; sleep 300"}}),
+    ));
+    let running = ns
+        .wait("slurmasset", "long", "Running", phase_is("Running"))
+        .await;
+    let long_id = running["status"]["jobId"].as_str().unwrap().to_string();
+    ns.delete("slurmasset", "long");
+    ns.wait("slurmasset", "long", "released", |o| o.is_null())
+        .await;
+    let uid = running["metadata"]["uid"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let jobs = sacct_jobs(&format!("sao.{uid}.1.1"));
+        if jobs.len() == 1 && jobs[0].1.starts_with("CANCELLED") {
+            assert_eq!(jobs[0].2, long_id);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not cancelled in sacct: {jobs:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // One SSH master for both assets.
+    assert_eq!(
+        op.metric("slurm_asset_operator_ssh_connects_total"),
+        Some(1.0)
+    );
+    assert_eq!(
+        op.metric("slurm_asset_operator_submit_latency_seconds_count"),
+        Some(2.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn password_and_one_time_code_from_secrets() {
+    let ns = Namespace::new("totp");
+    let work = tempfile::tempdir().unwrap();
+    let c = test_cluster();
+    let known = std::fs::read_to_string(&c.known_hosts).unwrap();
+    let login = |seed: &str| {
+        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "login"},
+               "data": {"password": b64(&c.password), "totp": b64(seed), "known_hosts": b64(&known)}})
+    };
+    ns.apply(login(&c.totp_seed));
+    ns.apply(c.cluster_object(
+        &remote_base("k8s-totp"),
+        &c.otp_port,
+        "login",
+        json!({"passwordSecretRef": {"name": "login", "key": "password"},
+               "totpSecretRef": {"name": "login", "key": "totp"}}),
+    ));
+    let _op = Operator::start(&ns, work.path(), &[]);
+    ns.apply(asset(
+        "otp",
+        json!({"assetKey": "t/otp", "clusterRef": "hpc", "payload": {"inline": "echo via otp"}}),
+    ));
+    let done = ns
+        .wait("slurmasset", "otp", "Succeeded", phase_is("Succeeded"))
+        .await;
+    assert_eq!(done["status"]["logTail"]["stdout"], "via otp");
+    // Password and seed stay in memory: in no file of the work dir, not in status.
+    let mut stack = vec![work.path().to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            if e.path().is_dir() {
+                stack.push(e.path());
+            } else {
+                let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+                assert!(!text.contains(&c.totp_seed) && !text.contains(&c.password));
+            }
+        }
+    }
+    // A seed that is not base32 is named in the status, never echoed; fixing the Secret
+    // (its watch wakes the asset) lets the same spec run.
+    ns.apply(login("not a seed!"));
+    ns.apply(asset(
+        "bad-seed",
+        json!({"assetKey": "t/bad", "clusterRef": "hpc", "payload": {"inline": "true"}}),
+    ));
+    let bad = ns
+        .wait("slurmasset", "bad-seed", "Failed", phase_is("Failed"))
+        .await;
+    let message = bad["status"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("spec.ssh.totpSecretRef") && message.contains("not a base32 TOTP seed"),
+        "{message}"
+    );
+    assert!(!message.contains("not a seed!"), "{message}");
+    ns.apply(login(&c.totp_seed));
+    let fixed = ns
+        .wait("slurmasset", "bad-seed", "Succeeded", phase_is("Succeeded"))
+        .await;
+    assert_eq!(fixed["status"]["observedGeneration"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_asset_reconciles_share_one_scheduler_poll_per_interval() {
+    let ns = Namespace::new("batch");
+    let work = tempfile::tempdir().unwrap();
+    slurm_cluster(&ns, "k8s-batch");
+    let op = Operator::start(&ns, work.path(), &[]);
+    let started = Instant::now();
+    let names: Vec<String> = (0..8).map(|i| format!("b{i}")).collect();
+    for n in &names {
+        ns.apply(asset(
+            n,
+            json!({"assetKey": format!("t/{n}"), "clusterRef": "hpc",
+                   "payload": {"inline": "sleep 3; echo ok"}}),
+        ));
+    }
+    for n in &names {
+        let o = ns
+            .wait("slurmasset", n, "Succeeded", phase_is("Succeeded"))
+            .await;
+        assert_eq!(o["status"]["logTail"]["stdout"], "ok");
+    }
+    let polls = op
+        .metric("slurm_asset_operator_scheduler_polls_total")
+        .unwrap();
+    let reconciles = op.metric("slurm_asset_operator_reconciles_total").unwrap();
+    let bound = started.elapsed().as_secs_f64() + 2.0; // pollInterval is 1s
+    assert!(
+        polls <= bound,
+        "{polls} scheduler polls in {:?}",
+        started.elapsed()
+    );
+    assert!(
+        reconciles > 3.0 * polls,
+        "{reconciles} reconciles, {polls} polls"
+    );
+    assert_eq!(
+        op.metric("slurm_asset_operator_ssh_connects_total"),
+        Some(1.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dependencies_wake_assets_and_a_malformed_object_is_reported_once() {
+    let ns = Namespace::new("watches");
+    let work = tempfile::tempdir().unwrap();
+    let _op = Operator::start(&ns, work.path(), &["--allow-local-execution"]);
+    ns.apply(asset(
+        "hello",
+        json!({"assetKey": "t/hello", "payload": {"inline": "echo hello"}}),
+    ));
+    ns.apply(asset(
+        "needs-cluster",
+        json!({"assetKey": "t/c", "clusterRef": "later", "payload": {"inline": "echo on the cluster"}}),
+    ));
+    ns.apply(asset(
+        "needs-secret",
+        json!({"assetKey": "t/s", "payload": {"inline": "echo \"len=${#TOKEN}\""},
+               "env": [{"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "app", "key": "token"}}}]}),
+    ));
+    // Admitted by the schema, refused by the operator's own parsing: it must not stop the rest.
+    ns.apply(asset(
+        "broken",
+        json!({"assetKey": "t/b", "payload": {"inline": "true"}, "resources": {"mem": "99999999999999999999999G"}}),
+    ));
+    let hello = ns
+        .wait("slurmasset", "hello", "Succeeded", phase_is("Succeeded"))
+        .await;
+    assert_eq!(hello["status"]["logTail"]["stdout"], "hello");
+    let broken = ns
+        .wait("slurmasset", "broken", "Failed", phase_is("Failed"))
+        .await;
+    assert!(
+        broken["status"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("spec.resources.mem"),
+        "{broken:#}"
+    );
+    let c = ns
+        .wait("slurmasset", "needs-cluster", "Failed", phase_is("Failed"))
+        .await;
+    assert!(
+        c["status"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("SlurmCluster \"later\" not found")
+    );
+    let s = ns
+        .wait("slurmasset", "needs-secret", "Failed", phase_is("Failed"))
+        .await;
+    assert!(
+        s["status"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("Secret \"app\" not found")
+    );
+    // Creating what they lack wakes them through the SlurmCluster and Secret watches.
+    ns.apply(
+        json!({"apiVersion": "dagster-slurm.io/v1alpha1", "kind": "SlurmCluster",
+                    "metadata": {"name": "later"}, "spec": {"mode": "local"}}),
+    );
+    let c = ns
+        .wait(
+            "slurmasset",
+            "needs-cluster",
+            "Succeeded",
+            phase_is("Succeeded"),
+        )
+        .await;
+    assert_eq!(c["status"]["logTail"]["stdout"], "on the cluster");
+    ns.apply(
+        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "app"},
+                    "data": {"token": "c2VjcmV0"}}),
+    );
+    let s = ns
+        .wait(
+            "slurmasset",
+            "needs-secret",
+            "Succeeded",
+            phase_is("Succeeded"),
+        )
+        .await;
+    assert_eq!(s["status"]["logTail"]["stdout"], "len=6");
+    // The malformed object: one status write and one Warning Event, not one per resync.
+    let version = ns.get("slurmasset", "broken").unwrap()["metadata"]["resourceVersion"].clone();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        ns.get("slurmasset", "broken").unwrap()["metadata"]["resourceVersion"],
+        version
+    );
+    let warnings: Vec<_> = events(&ns, "broken")
+        .into_iter()
+        .filter(|e| e.0 == "Warning" && e.1 == "InvalidSpec")
+        .collect();
+    assert_eq!(warnings.len(), 1, "{warnings:#?}");
+    // Deleting a finished asset releases it.
+    ns.delete("slurmasset", "hello");
+    ns.wait("slurmasset", "hello", "released", |o| o.is_null())
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_cluster_holds_a_deletion_until_forced_or_the_grace_ends() {
+    let ns = Namespace::new("holddelete");
+    let work = tempfile::tempdir().unwrap();
+    // Nothing listens on port 1: every connection is refused.
+    ns.apply(
+        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "ssh"},
+                    "data": {"key": "bm90IGEga2V5"}}),
+    );
+    ns.apply(
+        json!({"apiVersion": "dagster-slurm.io/v1alpha1", "kind": "SlurmCluster",
+        "metadata": {"name": "gone"},
+        "spec": {"mode": "slurm", "ssh": {"host": "127.0.0.1", "port": 1, "user": "u",
+                 "keySecretRef": {"name": "ssh", "key": "key"}, "connectTimeout": "1s"}}}),
+    );
+    let _op = Operator::start(&ns, work.path(), &["--release-grace=60s"]);
+    for name in ["orphan", "stale"] {
+        ns.apply(asset(
+            name,
+            json!({"assetKey": format!("t/{name}"), "clusterRef": "gone", "payload": {"inline": "sleep 1000"}}),
+        ));
+        ns.wait("slurmasset", name, "submitting", |o| {
+            o["status"]["phase"] == "Submitting"
+                && o["metadata"]["finalizers"]
+                    .as_array()
+                    .is_some_and(|f| !f.is_empty())
+        })
+        .await;
+    }
+    // The cancel cannot reach the cluster: the object is held, not reported Cancelled.
+    ns.delete("slurmasset", "orphan");
+    let deleting = Instant::now();
+    ns.delete("slurmasset", "stale");
+    let held = ns
+        .wait("slurmasset", "orphan", "held", |o| {
+            o["status"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("cancel not confirmed"))
+        })
+        .await;
+    assert_eq!(held["status"]["phase"], "Submitting", "{held:#}");
+    let gone = ns
+        .wait("slurmcluster", "gone", "unreachable", |o| {
+            o["status"]["conditions"][0]["reason"] == "ConnectFailed"
+        })
+        .await;
+    assert_eq!(gone["status"]["conditions"][0]["status"], "False");
+    // The annotation releases it at once, with a Warning Event.
+    kubectl_ok(
+        &[
+            "annotate",
+            "-n",
+            &ns.0,
+            "slurmasset",
+            "orphan",
+            "dagster-slurm.io/force-release=true",
+        ],
+        None,
+    );
+    ns.wait("slurmasset", "orphan", "released", |o| o.is_null())
+        .await;
+    assert!(
+        deleting.elapsed() < Duration::from_secs(60),
+        "forced before the grace period"
+    );
+    let evs = events(&ns, "orphan");
+    assert!(
+        evs.iter()
+            .any(|e| e.0 == "Warning" && e.1 == "CancelNotConfirmed"),
+        "{evs:#?}"
+    );
+    assert!(
+        evs.iter()
+            .any(|e| e.0 == "Warning" && e.1 == "ReleasedWithoutCancel"),
+        "{evs:#?}"
+    );
+    // Without the annotation the wait is bounded: past the grace period it is released too.
+    ns.wait("slurmasset", "stale", "released after the grace", |o| {
+        o.is_null()
+    })
+    .await;
+    assert!(deleting.elapsed() >= Duration::from_secs(60));
+    assert!(
+        events(&ns, "stale")
+            .iter()
+            .any(|e| e.2.contains("after the grace period"))
     );
 }

@@ -2,7 +2,6 @@
 //! manifests and read back its status files.
 #![allow(dead_code)]
 
-pub mod fake_api;
 pub mod k8s;
 
 use serde_json::Value;

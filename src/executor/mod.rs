@@ -134,10 +134,10 @@ mod tests {
     fn efficiency_figures() {
         let m = efficiency(100.0, Some(150.0), Some(1 << 30), 2, 1, 0, Some(2 << 30));
         assert_eq!(m.cpu_efficiency, Some(0.75));
-        // No float noise in what status holds.
-        let m = efficiency(250.0, Some(0.11), None, 1, 1, 0, None);
-        assert_eq!(m.cpu_efficiency, Some(0.0004));
         assert_eq!(m.memory_efficiency, Some(0.5));
+        // No float noise in what status holds.
+        let tiny = efficiency(250.0, Some(0.11), None, 1, 1, 0, None);
+        assert_eq!(tiny.cpu_efficiency, Some(0.0004));
         assert!((m.node_hours.unwrap() - 100.0 / 3600.0).abs() < 1e-6);
         assert!((m.cpu_hours.unwrap() - 200.0 / 3600.0).abs() < 1e-6);
         assert_eq!(

@@ -534,11 +534,14 @@ async fn the_charts_service_account_is_enough_and_no_more() {
     .unwrap();
     // Nothing more than it needs.
     let can = |verb: &str, what: &str| -> bool {
-        let out = Command::new("kubectl")
-            .env("KUBECONFIG", &sa_config)
-            .args(["auth", "can-i", verb, what, "-n", &ns.0])
-            .output()
-            .unwrap();
+        let (resource, sub) = what.split_once('/').unwrap_or((what, ""));
+        let mut cmd = Command::new("kubectl");
+        cmd.env("KUBECONFIG", &sa_config)
+            .args(["auth", "can-i", verb, resource, "-n", &ns.0]);
+        if !sub.is_empty() {
+            cmd.arg(format!("--subresource={sub}"));
+        }
+        let out = cmd.output().unwrap();
         String::from_utf8_lossy(&out.stdout).trim() == "yes"
     };
     for (verb, what) in [
@@ -1024,4 +1027,63 @@ async fn an_unreachable_cluster_holds_a_deletion_until_forced_or_the_grace_ends(
             .iter()
             .any(|e| e.2.contains("after the grace period"))
     );
+}
+
+#[test]
+fn the_default_charts_account_reads_what_it_reconciles_and_nothing_else() {
+    // Cluster-wide RBAC (the default): applied and probed only, since an operator watching
+    // every namespace would reconcile the other tests' objects too.
+    let ns = Namespace::new("chartdefault");
+    let release = format!("d{}", std::process::id());
+    let objs = render_chart(&release, &ns.0, json!({}));
+    for o in &objs {
+        if matches!(
+            o["kind"].as_str().unwrap(),
+            "ServiceAccount" | "Role" | "RoleBinding" | "ClusterRole" | "ClusterRoleBinding"
+        ) {
+            kubectl_ok(
+                &["apply", "--server-side", "--force-conflicts", "-f", "-"],
+                Some(&o.to_string()),
+            );
+        }
+    }
+    let sa = format!(
+        "system:serviceaccount:{}:{release}-slurm-asset-operator",
+        ns.0
+    );
+    let can = |verb: &str, what: &str, namespace: &str| -> bool {
+        let (resource, sub) = what.split_once('/').unwrap_or((what, ""));
+        let sub = format!("--subresource={sub}");
+        let mut args = vec![
+            "auth", "can-i", verb, resource, "-n", namespace, "--as", &sa,
+        ];
+        if sub != "--subresource=" {
+            args.push(&sub);
+        }
+        let (_, out, _) = common::k8s::kubectl_run(&args, None);
+        out.trim() == "yes"
+    };
+    for (verb, what) in [
+        ("watch", "slurmassets"),
+        ("patch", "slurmassets/status"),
+        ("update", "slurmassets/finalizers"),
+        ("watch", "configmaps"),
+        // The documented trade-off of rbac.secrets=cluster.
+        ("watch", "secrets"),
+        ("create", "events.events.k8s.io"),
+    ] {
+        assert!(can(verb, what, "default"), "cannot {verb} {what}");
+    }
+    assert!(can("update", "leases.coordination.k8s.io", &ns.0));
+    for (verb, what) in [
+        ("create", "secrets"),
+        ("delete", "slurmassets"),
+        ("create", "slurmassets"),
+        ("update", "slurmassets"),
+        ("create", "pods"),
+        ("get", "pods"),
+        ("update", "leases.coordination.k8s.io"),
+    ] {
+        assert!(!can(verb, what, "default"), "may {verb} {what}");
+    }
 }

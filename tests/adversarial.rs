@@ -757,3 +757,41 @@ fn hostile_values_over_slurm_stay_inert_and_pipes_floods_are_read_past() {
         "a canary appeared locally"
     );
 }
+
+#[test]
+fn local_payloads_never_see_the_operators_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write(
+        d,
+        "env.yaml",
+        &asset(
+            "env",
+            "env | grep -E '^(SLURM_EDGE|KUBERNETES|PATH=|DAGSTER_PIPES_CONTEXT=)' | cut -c1-80",
+        ),
+    );
+    let out = Command::new(BIN)
+        .args(["standalone", "--once", "--dir"])
+        .arg(d)
+        // A password handed to the operator for a cluster's `passwordEnv`, and what a pod has.
+        .env("SLURM_EDGE_NODE_PASSWORD", SECRET)
+        .env("KUBERNETES_SERVICE_HOST", "10.0.0.1")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = status(d, "env");
+    let seen = s["logTail"]["stdout"].as_str().unwrap();
+    assert!(
+        !seen.contains(SECRET),
+        "the payload saw the operator's password: {seen}"
+    );
+    assert!(!seen.contains("KUBERNETES_SERVICE_HOST"), "{seen}");
+    assert!(
+        seen.contains("PATH=") && seen.contains("DAGSTER_PIPES_CONTEXT="),
+        "{seen}"
+    );
+}

@@ -530,9 +530,20 @@ pub fn supervise(dir: &Path) -> i32 {
         libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
     }
     let t0 = Instant::now();
+    // The job gets a plain environment, not the operator's: that holds credentials (a
+    // `passwordEnv` or `totpEnv` variable, a pod's KUBERNETES_* service address) that no
+    // payload may read. The job script sets the rest (Pipes bootstrap, the manifest's env).
+    let inherited = std::env::vars().filter(|(k, _)| {
+        matches!(
+            k.as_str(),
+            "PATH" | "HOME" | "USER" | "LOGNAME" | "SHELL" | "LANG" | "TZ" | "TMPDIR" | "TERM"
+        ) || k.starts_with("LC_")
+    });
     let child = std::process::Command::new("bash")
         .arg(dir.join(JOB_SCRIPT))
         .current_dir(dir)
+        .env_clear()
+        .envs(inherited)
         .stdin(std::process::Stdio::null())
         .stdout(out)
         .stderr(err)

@@ -542,18 +542,7 @@ fn cancelling_never_signals_a_process_group_of_another_run() {
     assert!(alive, "the unrelated process group was signalled: {obj:#}");
 }
 
-// ---- Slurm mode, against the real test cluster ---------------------------------------------
-
-fn slurm_dir(test: &str) -> (tempfile::TempDir, TestCluster) {
-    let c = test_cluster();
-    let dir = tempfile::tempdir().unwrap();
-    write(
-        dir.path(),
-        "cluster.yaml",
-        &c.manifest("hpc", &remote_base(test)),
-    );
-    (dir, c)
-}
+// ---- Slurm mode, against the real test cluster (`common::slurm_dir`) -----------------------
 
 #[test]
 fn one_dead_cluster_delays_no_one_else() {

@@ -137,9 +137,25 @@ impl Context {
         }
     }
 
-    /// Lets assets run on the operator's host (`run --allow-local-execution`).
+    /// Lets assets run on the operator's host (`run --allow-local-execution`). Their jobs
+    /// never see the operator's credentials: its SSH key files and its ServiceAccount token
+    /// are hidden from them (user and mount namespaces), and their environment is plain.
     pub fn with_local_execution(mut self, allow: bool) -> Context {
         self.allow_local = allow;
+        let ssh = self.work_dir.join("ssh");
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            // It must exist to be hidden, even before the first key is written.
+            let _ = std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&ssh);
+        }
+        self.local.hide = vec![
+            ssh,
+            "/var/run/secrets/kubernetes.io".into(),
+            "/run/secrets/kubernetes.io".into(),
+        ];
         self
     }
 

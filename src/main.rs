@@ -92,6 +92,9 @@ enum Command {
     LocalSupervise {
         #[arg(long)]
         run_dir: PathBuf,
+        /// Paths the job must not see (repeatable).
+        #[arg(long)]
+        hide: Vec<PathBuf>,
     },
 }
 
@@ -116,8 +119,8 @@ fn main() -> ExitCode {
         }
     }
     let cli = Cli::parse();
-    if let Command::LocalSupervise { run_dir } = &cli.command {
-        return ExitCode::from(executor::local::supervise(run_dir) as u8);
+    if let Command::LocalSupervise { run_dir, hide } = &cli.command {
+        return ExitCode::from(executor::local::supervise(run_dir, hide) as u8);
     }
     init_logging(cli.log_json);
     match run(cli.command) {

@@ -1087,3 +1087,41 @@ fn the_default_charts_account_reads_what_it_reconciles_and_nothing_else() {
         assert!(!can(verb, what, "default"), "may {verb} {what}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allowed_local_jobs_never_see_the_operators_credentials() {
+    let ns = Namespace::new("localcreds");
+    let work = tempfile::tempdir().unwrap();
+    slurm_cluster(&ns, "k8s-localcreds");
+    let _op = Operator::start(&ns, work.path(), &["--allow-local-execution"]);
+    // A Slurm asset first: its connection writes the SSH key into the work dir.
+    ns.apply(asset(
+        "remote",
+        json!({"assetKey": "t/remote", "clusterRef": "hpc", "payload": {"inline": "echo remote"}}),
+    ));
+    ns.wait("slurmasset", "remote", "Succeeded", phase_is("Succeeded"))
+        .await;
+    let ssh = work.path().join("ssh");
+    let keys = std::fs::read_dir(&ssh).unwrap().count();
+    assert!(keys >= 2, "the key and known_hosts files are there");
+    // A local asset looks for them, and for the operator's environment.
+    ns.apply(asset(
+        "snoop",
+        json!({"assetKey": "t/snoop", "payload": {"inline": format!(
+            "echo \"files=$(ls -A {dir} | wc -l)\"\ncat {dir}/*-key >/dev/null 2>&1 && echo key-read || echo key-hidden\necho \"kube=${{KUBERNETES_SERVICE_HOST:-none}}\"",
+            dir = ssh.display()
+        )}}),
+    ));
+    let o = ns
+        .wait("slurmasset", "snoop", "ended", |o| {
+            matches!(o["status"]["phase"].as_str(), Some("Succeeded" | "Failed"))
+        })
+        .await;
+    assert_eq!(o["status"]["phase"], "Succeeded", "{o:#}");
+    assert_eq!(
+        o["status"]["logTail"]["stdout"], "files=0\nkey-hidden\nkube=none",
+        "{o:#}"
+    );
+    // Hidden from the job only: the operator still reads its files.
+    assert_eq!(std::fs::read_dir(&ssh).unwrap().count(), keys);
+}

@@ -35,6 +35,9 @@ pub struct LocalExecutor {
     pub exe: PathBuf,
     /// How long a cancelled process group gets between SIGTERM and SIGKILL.
     pub kill_grace: Duration,
+    /// Paths the job must not see (the operator's credentials in Kubernetes mode): the job
+    /// runs in user and mount namespaces of its own with empty filesystems over them.
+    pub hide: Vec<PathBuf>,
 }
 
 /// What the run directory says about an attempt.
@@ -69,6 +72,7 @@ impl LocalExecutor {
         LocalExecutor {
             exe,
             kill_grace: Duration::from_secs(5),
+            hide: vec![],
         }
     }
 
@@ -107,10 +111,12 @@ impl LocalExecutor {
             plan.extras.as_ref(),
         );
         write_file(&dir.join(CONTEXT_FILE), ctx.to_string().as_bytes(), 0o600)?;
-        let child = tokio::process::Command::new(&self.exe)
-            .arg("local-supervise")
-            .arg("--run-dir")
-            .arg(&dir)
+        let mut command = tokio::process::Command::new(&self.exe);
+        command.arg("local-supervise").arg("--run-dir").arg(&dir);
+        for path in &self.hide {
+            command.arg("--hide").arg(path);
+        }
+        let child = command
             .process_group(0)
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
@@ -482,7 +488,7 @@ fn hostname() -> String {
 }
 
 /// The supervisor's body (`local-supervise --run-dir DIR`). Returns its exit code.
-pub fn supervise(dir: &Path) -> i32 {
+pub fn supervise(dir: &Path, hide: &[PathBuf]) -> i32 {
     let lock = match OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -539,17 +545,32 @@ pub fn supervise(dir: &Path) -> i32 {
             "PATH" | "HOME" | "USER" | "LOGNAME" | "SHELL" | "LANG" | "TZ" | "TMPDIR" | "TERM"
         ) || k.starts_with("LC_")
     });
-    let child = std::process::Command::new("bash")
+    let mut command = std::process::Command::new("bash");
+    command
         .arg(dir.join(JOB_SCRIPT))
         .current_dir(dir)
         .env_clear()
         .envs(inherited)
         .stdin(std::process::Stdio::null())
         .stdout(out)
-        .stderr(err)
-        .spawn();
-    let Ok(child) = child else {
-        return 2;
+        .stderr(err);
+    if !hide.is_empty() {
+        let hide = hide.to_vec();
+        // SAFETY: runs in the forked child before exec; the supervisor is single-threaded, so
+        // the allocations and file writes of `isolate` cannot deadlock.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut command, move || isolate(&hide));
+        }
+    }
+    let child = match command.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            // Say why in the job's own stderr, which the status's log tail shows.
+            if let Ok(mut log) = open_log(STDERR_FILE) {
+                let _ = writeln!(log, "slurm-asset-operator: the job could not start: {e}");
+            }
+            return 2;
+        }
     };
     let mut status = 0;
     // SAFETY: rusage is plain old data; wait4 fills it for our own child.
@@ -572,6 +593,68 @@ pub fn supervise(dir: &Path) -> i32 {
     kill_leftovers();
     drop(lock);
     0
+}
+
+/// Puts the calling process into user and mount namespaces of its own (same uid and gid) and
+/// covers each of `hide` that exists with an empty tmpfs, so that the job cannot read the
+/// operator's credentials (its ServiceAccount token, its SSH key files).
+fn isolate(hide: &[PathBuf]) -> std::io::Result<()> {
+    use std::ffi::CString;
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let check = |rc: i32, what: &str| -> std::io::Result<()> {
+        if rc == 0 {
+            Ok(())
+        } else {
+            let e = std::io::Error::last_os_error();
+            Err(std::io::Error::new(
+                e.kind(),
+                format!(
+                    "{what}: {e} (local execution in Kubernetes mode needs unprivileged user namespaces)"
+                ),
+            ))
+        }
+    };
+    // SAFETY: plain syscalls on this (child) process.
+    check(
+        unsafe { libc::unshare(libc::CLONE_NEWUSER | libc::CLONE_NEWNS) },
+        "unshare",
+    )?;
+    fs::write("/proc/self/setgroups", "deny")?;
+    fs::write("/proc/self/uid_map", format!("{uid} {uid} 1"))?;
+    fs::write("/proc/self/gid_map", format!("{gid} {gid} 1"))?;
+    let root = CString::new("/").expect("no NUL");
+    // SAFETY: as above; null pointers are allowed for these arguments.
+    check(
+        unsafe {
+            libc::mount(
+                std::ptr::null(),
+                root.as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            )
+        },
+        "making mounts private",
+    )?;
+    let tmpfs = CString::new("tmpfs").expect("no NUL");
+    let options = CString::new("size=4k,mode=700").expect("no NUL");
+    for path in hide.iter().filter(|p| p.exists()) {
+        let target = CString::new(path.as_os_str().as_encoded_bytes())
+            .map_err(|_| std::io::Error::other("a NUL in a hidden path"))?;
+        check(
+            unsafe {
+                libc::mount(
+                    tmpfs.as_ptr(),
+                    target.as_ptr(),
+                    tmpfs.as_ptr(),
+                    libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                    options.as_ptr().cast(),
+                )
+            },
+            &format!("hiding {}", path.display()),
+        )?;
+    }
+    Ok(())
 }
 
 /// SIGKILLs every process left in the supervisor's group or re-parented to it, and reaps them.

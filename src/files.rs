@@ -26,36 +26,23 @@ pub enum ReadError {
 /// Reads `path` (relative paths are taken from `root`) when it resolves, after following
 /// every symlink, to a regular file under `root`, of at most `cap` bytes.
 pub fn read_confined(root: &Path, path: &Path, cap: u64) -> Result<Vec<u8>, ReadError> {
-    let shown = path.display().to_string();
-    let root = root
-        .canonicalize()
-        .map_err(|_| ReadError::Missing(root.display().to_string()))?;
-    let resolved = resolve_confined(&root, path)?;
-    read_regular(&resolved, cap).map_err(|e| match e {
-        // Report the name the user wrote, not the resolved one.
-        ReadError::NotRegular(_) => ReadError::NotRegular(shown.clone()),
-        ReadError::TooLarge(_, c) => ReadError::TooLarge(shown.clone(), c),
-        ReadError::Io(_, why) => ReadError::Io(shown.clone(), why),
-        other => other,
-    })
+    let (f, shown) = open_confined(root, path, cap)?;
+    read_capped(f, &shown, cap)
 }
 
 /// Checks, without reading it, that [`read_confined`] would accept the file.
 pub fn check_confined(root: &Path, path: &Path, cap: u64) -> Result<(), ReadError> {
+    open_confined(root, path, cap).map(|_| ())
+}
+
+/// Opens what [`read_confined`] reads; errors name the path as the user wrote it.
+fn open_confined(root: &Path, path: &Path, cap: u64) -> Result<(File, String), ReadError> {
     let shown = path.display().to_string();
     let root = root
         .canonicalize()
         .map_err(|_| ReadError::Missing(root.display().to_string()))?;
     let resolved = resolve_confined(&root, path)?;
-    let f = open_regular(&resolved).map_err(|e| match e {
-        ReadError::NotRegular(_) => ReadError::NotRegular(shown.clone()),
-        other => other,
-    })?;
-    match f.metadata() {
-        Ok(m) if m.len() > cap => Err(ReadError::TooLarge(shown, cap)),
-        Ok(_) => Ok(()),
-        Err(e) => Err(ReadError::Io(shown, e.kind().to_string())),
-    }
+    Ok((open_capped(&resolved, &shown, cap)?, shown))
 }
 
 /// The canonical path of `path` (relative to `root`), if it lies under the canonical `root`.
@@ -79,43 +66,45 @@ pub fn resolve_confined(root: &Path, path: &Path) -> Result<PathBuf, ReadError> 
 /// FIFO or a device never blocks; anything but a regular file is refused before reading.
 pub fn read_regular(path: &Path, cap: u64) -> Result<Vec<u8>, ReadError> {
     let shown = path.display().to_string();
-    let f = open_regular(path)?;
-    let len = f
-        .metadata()
-        .map_err(|e| ReadError::Io(shown.clone(), e.kind().to_string()))?
-        .len();
-    if len > cap {
-        return Err(ReadError::TooLarge(shown, cap));
-    }
-    let mut buf = Vec::with_capacity(len as usize);
-    // The file may grow while it is read: never past the cap.
-    f.take(cap + 1)
-        .read_to_end(&mut buf)
-        .map_err(|e| ReadError::Io(shown.clone(), e.kind().to_string()))?;
-    if buf.len() as u64 > cap {
-        return Err(ReadError::TooLarge(shown, cap));
-    }
-    Ok(buf)
+    read_capped(open_capped(path, &shown, cap)?, &shown, cap)
 }
 
 /// Opens `path` for reading if it is a regular file, without blocking on special files.
 pub fn open_regular(path: &Path) -> Result<File, ReadError> {
-    let shown = path.display().to_string();
+    open_capped(path, &path.display().to_string(), u64::MAX)
+}
+
+/// Opens a regular file of at most `cap` bytes; errors name it `shown`.
+fn open_capped(path: &Path, shown: &str, cap: u64) -> Result<File, ReadError> {
+    let io = |e: std::io::Error| ReadError::Io(shown.to_string(), e.kind().to_string());
     let f = OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
         .open(path)
         .map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => ReadError::Missing(shown.clone()),
-            k => ReadError::Io(shown.clone(), k.to_string()),
+            std::io::ErrorKind::NotFound => ReadError::Missing(shown.to_string()),
+            _ => io(e),
         })?;
-    let meta = f
-        .metadata()
-        .map_err(|e| ReadError::Io(shown.clone(), e.kind().to_string()))?;
+    let meta = f.metadata().map_err(io)?;
     if !meta.is_file() {
-        return Err(ReadError::NotRegular(shown));
+        return Err(ReadError::NotRegular(shown.to_string()));
+    }
+    if meta.len() > cap {
+        return Err(ReadError::TooLarge(shown.to_string(), cap));
     }
     Ok(f)
+}
+
+/// Reads an opened file, never past `cap` bytes (it may grow while it is read).
+fn read_capped(f: File, shown: &str, cap: u64) -> Result<Vec<u8>, ReadError> {
+    let mut buf = Vec::new();
+    f.take(cap + 1)
+        .read_to_end(&mut buf)
+        .map_err(|e| ReadError::Io(shown.to_string(), e.kind().to_string()))?;
+    if buf.len() as u64 > cap {
+        return Err(ReadError::TooLarge(shown.to_string(), cap));
+    }
+    Ok(buf)
 }
 
 /// Writes a private (0600) file of credential material once: a file already holding `content`

@@ -354,6 +354,21 @@ mod tests {
         }
     }
 
+    /// The plan of `s` on a Slurm cluster with `remote_base`, for the login home `/home/u`.
+    fn slurm_plan(s: &SlurmAssetSpec, remote_base: &str) -> RunPlan {
+        let cluster: SlurmClusterSpec =
+            serde_json::from_value(serde_json::json!({"mode": "slurm", "remoteBase": remote_base}))
+                .unwrap();
+        let ctx = PlanContext {
+            asset_dir: Path::new("/m"),
+            cluster: &cluster,
+            cluster_dir: Path::new("/m"),
+            default_base: "/x".into(),
+            remote_home: Some("/home/u"),
+        };
+        plan(s, id(), &ctx).unwrap()
+    }
+
     #[test]
     fn hostile_strings_are_quoted_in_script_and_sbatch() {
         let mut s = spec(Payload {
@@ -367,17 +382,7 @@ mod tests {
             value_from: None,
         }];
         s.resources.partition = Some("p; rm".into());
-        let cluster: SlurmClusterSpec =
-            serde_json::from_value(serde_json::json!({"mode": "slurm", "remoteBase": "/base dir"}))
-                .unwrap();
-        let ctx = PlanContext {
-            asset_dir: Path::new("/m"),
-            cluster: &cluster,
-            cluster_dir: Path::new("/m"),
-            default_base: "/x".into(),
-            remote_home: Some("/home/u"),
-        };
-        let p = plan(&s, id(), &ctx).unwrap();
+        let p = slurm_plan(&s, "/base dir");
         assert_eq!(p.run_dir, "/base dir/runs/default/a/2-1");
         let script = render_script(&p);
         assert!(script.contains("cd '/base dir/runs/default/a/2-1' || exit 1"));
@@ -402,17 +407,7 @@ mod tests {
             ("scratch", "/home/u/scratch/runs/default/a/2-1"),
             ("/abs", "/abs/runs/default/a/2-1"),
         ] {
-            let cluster: SlurmClusterSpec =
-                serde_json::from_value(serde_json::json!({"mode": "slurm", "remoteBase": base}))
-                    .unwrap();
-            let ctx = PlanContext {
-                asset_dir: Path::new("/m"),
-                cluster: &cluster,
-                cluster_dir: Path::new("/m"),
-                default_base: "/x".into(),
-                remote_home: Some("/home/u"),
-            };
-            let p = plan(&s, id(), &ctx).unwrap();
+            let p = slurm_plan(&s, base);
             assert_eq!(p.run_dir, want, "{base}");
             assert_eq!(p.argv, ["bash", "/home/u/bin/run.sh"]);
         }

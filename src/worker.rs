@@ -125,8 +125,7 @@ async fn handle<K>(ex: &SlurmExecutor, req: Request<K>) -> Option<Reply<K>> {
                 result,
             }
         }
-        Request::Poll(items) => {
-            let mut items = items;
+        Request::Poll(mut items) => {
             let result = {
                 let mut watched: Vec<Watched> = items
                     .iter_mut()

@@ -103,6 +103,8 @@ pub struct Driver {
     exe: PathBuf,
     /// One worker per Slurm cluster; it owns the cluster's connection.
     workers: HashMap<ObjectKey, ClusterWorker<ObjectKey>>,
+    /// The manifest spec hash each worker was made for.
+    worker_specs: HashMap<ObjectKey, String>,
     replies: tokio::sync::mpsc::UnboundedSender<(ObjectKey, Reply<ObjectKey>)>,
     /// Clusters with a batched poll or a probe under way.
     polling: HashSet<ObjectKey>,
@@ -200,6 +202,8 @@ struct ResolvedCluster {
     spec: SlurmClusterSpec,
     dir: PathBuf,
     key: Option<ObjectKey>,
+    /// The manifest's spec hash: while it is unchanged, so is the cluster's worker.
+    spec_hash: String,
 }
 
 /// Runs standalone mode until interrupted, or until every asset is terminal with `once`.
@@ -214,6 +218,7 @@ pub async fn run(opts: Options) -> Result<Outcome> {
         executor: LocalExecutor::new(opts.exe.clone()),
         exe: opts.exe,
         workers: HashMap::new(),
+        worker_specs: HashMap::new(),
         replies,
         polling: HashSet::new(),
         probing: HashSet::new(),
@@ -465,6 +470,7 @@ impl Driver {
                 spec: SlurmClusterSpec::default(),
                 dir: self.dir.clone(),
                 key: None,
+                spec_hash: String::new(),
             });
         };
         let ckey = ObjectKey {
@@ -478,30 +484,43 @@ impl Driver {
                 key.namespace
             ));
         };
-        match &c.spec {
-            Err(errors) => Err(format!(
-                "spec.clusterRef: SlurmCluster {name:?} is invalid: {}",
-                describe(errors)
-            )),
-            Ok(_) => {
-                let mut spec = c.cluster().expect("a SlurmCluster spec").clone();
-                if spec.mode == ClusterMode::Slurm {
-                    // The Python tool's environment names fill what the manifest leaves out.
-                    if spec.remote_base.is_none() {
-                        spec.remote_base = std::env::var("SLURM_DEPLOYMENT_BASE_PATH").ok();
-                    }
-                    if spec.environment.pre_deployed_env_path.is_none() {
-                        spec.environment.pre_deployed_env_path =
-                            std::env::var("CI_DEPLOYED_ENVIRONMENT_PATH").ok();
-                    }
-                }
-                Ok(ResolvedCluster {
-                    spec,
-                    dir: c.file.parent().unwrap_or(&self.dir).to_path_buf(),
-                    key: Some(ckey),
-                })
+        self.resolve_cluster(c, ckey)
+    }
+
+    /// A SlurmCluster manifest as its assets (and its probe) use it: the Python tool's
+    /// environment names fill what the manifest leaves out.
+    fn resolve_cluster(
+        &self,
+        c: &Loaded,
+        ckey: ObjectKey,
+    ) -> std::result::Result<ResolvedCluster, String> {
+        let Some(cluster) = c.cluster() else {
+            return Err(format!(
+                "spec.clusterRef: SlurmCluster {:?} is invalid: {}",
+                ckey.name,
+                c.spec
+                    .as_ref()
+                    .err()
+                    .map(|e| describe(e))
+                    .unwrap_or_default()
+            ));
+        };
+        let mut spec = cluster.clone();
+        if spec.mode == ClusterMode::Slurm {
+            if spec.remote_base.is_none() {
+                spec.remote_base = std::env::var("SLURM_DEPLOYMENT_BASE_PATH").ok();
+            }
+            if spec.environment.pre_deployed_env_path.is_none() {
+                spec.environment.pre_deployed_env_path =
+                    std::env::var("CI_DEPLOYED_ENVIRONMENT_PATH").ok();
             }
         }
+        Ok(ResolvedCluster {
+            spec,
+            dir: c.file.parent().unwrap_or(&self.dir).to_path_buf(),
+            key: Some(ckey),
+            spec_hash: c.spec_hash.clone(),
+        })
     }
 
     /// The worker of a Slurm cluster (`None` for local clusters), started on first use and
@@ -514,7 +533,13 @@ impl Driver {
             return Ok(None);
         }
         let key = rc.key.clone().expect("slurm clusters are explicit");
+        // The hot path (every submit, poll and cancel): an unchanged manifest keeps its worker,
+        // without resolving SSH settings (files, environment) again.
+        if self.workers.contains_key(&key) && self.worker_specs.get(&key) == Some(&rc.spec_hash) {
+            return Ok(Some(key));
+        }
         let target = ssh_target(&rc.spec, &rc.dir, &key)?;
+        self.worker_specs.insert(key.clone(), rc.spec_hash.clone());
         if self
             .workers
             .get(&key)
@@ -530,8 +555,10 @@ impl Driver {
         let worker = ClusterWorker::spawn(ex, key.clone(), self.replies.clone());
         // The old worker (if any) finishes its queue and closes its connection.
         self.workers.insert(key.clone(), worker);
+        // New settings, new answers.
         self.polling.remove(&key);
         self.probing.remove(&key);
+        self.probes.remove(&key);
         Ok(Some(key))
     }
 
@@ -726,14 +753,19 @@ impl Driver {
         None
     }
 
+    /// The tag of the asset's current attempt.
     fn tag_of(&self, key: &ObjectKey) -> String {
-        let e = &self.assets[key];
+        let s = &self.assets[key].status;
+        self.tag_for(key, s.run, s.attempts.max(1))
+    }
+
+    fn tag_for(&self, key: &ObjectKey, run: u64, attempt: u32) -> String {
         RunId {
             namespace: key.namespace.clone(),
             name: key.name.clone(),
-            uid: e.uid.clone(),
-            run: e.status.run,
-            attempt: e.status.attempts.max(1),
+            uid: self.assets[key].uid.clone(),
+            run,
+            attempt,
             epoch: 0,
         }
         .tag()
@@ -916,16 +948,8 @@ impl Driver {
                     "{key}: job {} belongs to a superseded run; cancelling it",
                     sub.job_id
                 );
-                let stale_tag = RunId {
-                    namespace: key.namespace.clone(),
-                    name: key.name.clone(),
-                    uid: entry.uid.clone(),
-                    run,
-                    attempt,
-                    epoch: 0,
-                }
-                .tag();
                 let cluster_ref = entry.cluster_ref.clone();
+                let stale_tag = self.tag_for(&key, run, attempt);
                 if let Ok(Some(ckey)) = self
                     .cluster_for(&key, cluster_ref.as_deref())
                     .and_then(|rc| self.worker_for(&rc))
@@ -1140,19 +1164,14 @@ impl Driver {
 
     /// Starts a probe of a Slurm cluster unless one is under way or has succeeded.
     fn probe(&mut self, key: &ObjectKey) {
-        let Some(spec) = self.clusters.get(key).and_then(|o| o.cluster()).cloned() else {
-            return;
-        };
-        let dir = self.clusters[key]
-            .file
-            .parent()
-            .unwrap_or(&self.dir)
-            .to_path_buf();
         // Probe through the same resolution the assets use (env defaults included).
-        let rc = ResolvedCluster {
-            spec,
-            dir,
-            key: Some(key.clone()),
+        let Some(Ok(rc)) = self
+            .clusters
+            .get(key)
+            .filter(|c| c.cluster().is_some())
+            .map(|c| self.resolve_cluster(c, key.clone()))
+        else {
+            return;
         };
         match self.worker_for(&rc) {
             Ok(Some(ckey)) => {

@@ -63,8 +63,13 @@ pub fn kubectl_run(args: &[&str], input: Option<&str>) -> (bool, String, String)
     )
 }
 
-/// Installs the CRDs of `crds/` with server-side apply (idempotent).
+/// Installs the CRDs of `crds/` with server-side apply, once per test binary.
 pub fn install_crds() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(apply_crds);
+}
+
+fn apply_crds() {
     let crds = concat!(env!("CARGO_MANIFEST_DIR"), "/crds/crds.yaml");
     kubectl_ok(
         &["apply", "--server-side", "--force-conflicts", "-f", crds],

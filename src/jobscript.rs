@@ -52,6 +52,7 @@ pub struct RunPlan {
     pub env_path: Option<String>,
     pub resources: Resources,
     pub extras: Option<Value>,
+    pub pipes_context: Option<crate::api::PipesContext>,
 }
 
 /// Where a standalone spec's relative paths are resolved.
@@ -188,6 +189,7 @@ pub fn plan(spec: &SlurmAssetSpec, id: RunId, ctx: &PlanContext) -> Result<RunPl
         env_path,
         resources,
         extras: spec.extras.clone(),
+        pipes_context: spec.pipes_context.clone(),
     })
 }
 

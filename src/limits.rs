@@ -18,7 +18,7 @@ pub const MAX_INLINE: usize = 512 << 10;
 pub const MAX_ARG: usize = 64 << 10;
 /// All environment values and arguments together.
 pub const MAX_ARGS_TOTAL: usize = 512 << 10;
-/// `spec.extras`, serialised.
+/// `spec.extras`, and `spec.pipesContext`, each serialised.
 pub const MAX_EXTRAS: usize = 256 << 10;
 /// `spec.assetKey`.
 pub const MAX_ASSET_KEY: usize = 512;
@@ -57,13 +57,15 @@ fn string_limit(path: &str) -> usize {
 pub fn check_sizes(spec: &Value) -> Vec<(String, String)> {
     let mut out = vec![];
     walk(spec, "spec".to_string(), &mut out);
-    if let Some(extras) = spec.get("extras") {
-        let n = extras.to_string().len();
-        if n > MAX_EXTRAS {
-            out.push((
-                "spec.extras".into(),
-                format!("is {n} bytes serialised, over the limit of {MAX_EXTRAS}"),
-            ));
+    for field in ["extras", "pipesContext"] {
+        if let Some(v) = spec.get(field) {
+            let n = v.to_string().len();
+            if n > MAX_EXTRAS {
+                out.push((
+                    format!("spec.{field}"),
+                    format!("is {n} bytes serialised, over the limit of {MAX_EXTRAS}"),
+                ));
+            }
         }
     }
     let args_total: usize = ["env", "payload"]

@@ -13,6 +13,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
@@ -97,6 +98,9 @@ pub struct Loaded {
     pub spec_hash: String,
     /// `spec.assetKey` as written, readable even when the spec is invalid (for listings).
     pub asset_key: Option<String>,
+    /// `metadata.labels`, copied into the status file so that a reader can select objects
+    /// (e.g. those of one Dagster run) without parsing every manifest.
+    pub labels: BTreeMap<String, String>,
     pub spec: Result<Spec, Vec<FieldError>>,
 }
 
@@ -194,6 +198,10 @@ fn parse_document(
     if let Some(reason) = dns_label_problem(&namespace) {
         return Err(err(format!("metadata.namespace: {reason}")));
     }
+    let labels = meta.labels.clone().unwrap_or_default();
+    if let Some(reason) = labels_problem(&labels) {
+        return Err(err(format!("metadata.labels: {reason}")));
+    }
     let spec_value = map.remove("spec").unwrap_or(Value::Null);
     let spec_hash = hash_value(&spec_value);
     let asset_key = spec_value
@@ -227,8 +235,48 @@ fn parse_document(
         name,
         spec_hash,
         asset_key,
+        labels,
         spec,
     })
+}
+
+/// Labels as Kubernetes accepts them: at most 64, keys `[prefix/]name` (prefix a DNS
+/// subdomain, name up to 63 characters), values up to 63 characters of `[A-Za-z0-9._-]`,
+/// starting and ending alphanumeric.
+fn labels_problem(labels: &BTreeMap<String, String>) -> Option<String> {
+    const MAX_LABELS: usize = 64;
+    if labels.len() > MAX_LABELS {
+        return Some(format!("more than {MAX_LABELS} labels"));
+    }
+    let name_ok = |s: &str, empty_ok: bool| {
+        if s.is_empty() {
+            return empty_ok;
+        }
+        let b = s.as_bytes();
+        s.len() <= 63
+            && b[0].is_ascii_alphanumeric()
+            && b[b.len() - 1].is_ascii_alphanumeric()
+            && b.iter()
+                .all(|c| c.is_ascii_alphanumeric() || b"-_.".contains(c))
+    };
+    for (k, v) in labels {
+        let (prefix, name) = k.rsplit_once('/').unwrap_or(("", k));
+        let prefix_ok = prefix.is_empty() && !k.contains('/')
+            || (prefix.len() <= 253 && dns_subdomain_problem(prefix).is_none());
+        if !prefix_ok || !name_ok(name, false) {
+            return Some(format!(
+                "key {:?} is not a valid label key",
+                crate::limits::truncate(k, 64)
+            ));
+        }
+        if !name_ok(v, true) {
+            return Some(format!(
+                "value of {:?} is not a valid label value (up to 63 characters of letters, digits, '-', '_', '.')",
+                crate::limits::truncate(k, 64)
+            ));
+        }
+    }
+    None
 }
 
 /// Parser limits for manifests: small documents, shallow nesting, few aliases (YAML bombs).

@@ -2,7 +2,7 @@
 //! messages it writes (messages out), in the wire format of the `dagster-pipes` package:
 //! params are `base64(zlib(json))`, the file message channel is one JSON object per line.
 
-use crate::api::{PipesCheckResult, PipesMaterialization, PipesStatus};
+use crate::api::{PipesCheckResult, PipesContext, PipesLog, PipesMaterialization, PipesStatus};
 use crate::limits::{MAX_PIPES_LINE, MAX_PIPES_METADATA, MAX_PIPES_STATUS};
 use base64::Engine;
 use flate2::Compression;
@@ -15,6 +15,9 @@ pub const MESSAGES_FILE: &str = "pipes_messages.jsonl";
 const MAX_MATERIALIZATIONS: usize = 100;
 const MAX_CHECKS: usize = 100;
 const MAX_CUSTOM: usize = 20;
+/// Log messages kept in status, and the length each is cut to.
+const MAX_LOGS: usize = 50;
+const MAX_LOG_MESSAGE: usize = 1024;
 
 /// Encodes a bootstrap parameter the way `dagster_pipes.encode_param` does.
 pub fn encode_param(value: &Value) -> String {
@@ -24,23 +27,35 @@ pub fn encode_param(value: &Value) -> String {
     base64::engine::general_purpose::STANDARD.encode(z.finish().expect("writing to memory"))
 }
 
-/// The context data (`PipesContextData`) for one run of one asset.
+/// The context data (`PipesContextData`) for one run of one asset: what the spec's
+/// `pipesContext` gives (the Dagster step's own context), completed with this asset's key, run ID
+/// and attempt.
 pub fn context_data(
     asset_key: &str,
     run_id: &str,
     retry_number: u32,
     extras: Option<&Value>,
+    given: Option<&PipesContext>,
 ) -> Value {
+    let given = given.cloned().unwrap_or_default();
+    let range = |r: Option<crate::api::PartitionRange>| {
+        r.map_or(Value::Null, |r| json!({"start": r.start, "end": r.end}))
+    };
+    let asset_keys = if given.asset_keys.is_empty() {
+        vec![asset_key.to_string()]
+    } else {
+        given.asset_keys
+    };
     json!({
-        "asset_keys": [asset_key],
-        "code_version_by_asset_key": null,
-        "provenance_by_asset_key": null,
-        "partition_key": null,
-        "partition_key_range": null,
-        "partition_time_window": null,
-        "run_id": run_id,
-        "job_name": null,
-        "retry_number": retry_number,
+        "asset_keys": asset_keys,
+        "code_version_by_asset_key": given.code_version_by_asset_key,
+        "provenance_by_asset_key": given.provenance_by_asset_key,
+        "partition_key": given.partition_key,
+        "partition_key_range": range(given.partition_key_range),
+        "partition_time_window": range(given.partition_time_window),
+        "run_id": given.run_id.unwrap_or_else(|| run_id.to_string()),
+        "job_name": given.job_name,
+        "retry_number": given.retry_number.unwrap_or(retry_number),
         "extras": extras.cloned().unwrap_or_else(|| json!({})),
     })
 }
@@ -150,6 +165,24 @@ impl MessageReader {
                 s.closed = true;
                 return;
             }
+            Some("log") => {
+                let index = s.message_count;
+                s.logs.push(PipesLog {
+                    index,
+                    level: params
+                        .get("level")
+                        .and_then(Value::as_str)
+                        .map_or_else(|| "INFO".into(), |l| crate::limits::truncate(l, 16)),
+                    message: crate::limits::truncate(
+                        params.get("message").and_then(Value::as_str).unwrap_or(""),
+                        MAX_LOG_MESSAGE,
+                    ),
+                });
+                if s.logs.len() > MAX_LOGS {
+                    s.logs.remove(0);
+                }
+                return;
+            }
             Some("report_asset_materialization") => {
                 let m = PipesMaterialization {
                     asset_key: string("asset_key"),
@@ -239,6 +272,65 @@ mod tests {
         let mut s = String::new();
         ZlibDecoder::new(&raw[..]).read_to_string(&mut s).unwrap();
         assert_eq!(serde_json::from_str::<Value>(&s).unwrap(), v);
+    }
+
+    #[test]
+    fn context_data_takes_the_dagster_context_and_completes_it() {
+        let own = context_data("a/b", "run-1", 2, None, None);
+        assert_eq!(own["asset_keys"], json!(["a/b"]));
+        assert_eq!(own["run_id"], "run-1");
+        assert_eq!(own["retry_number"], 2);
+        assert_eq!(own["extras"], json!({}));
+        let given = PipesContext {
+            asset_keys: vec!["x".into(), "y/z".into()],
+            partition_key: Some("2026-11-01".into()),
+            partition_time_window: Some(crate::api::PartitionRange {
+                start: "2026-11-01T00:00:00+00:00".into(),
+                end: "2026-11-02T00:00:00+00:00".into(),
+            }),
+            run_id: Some("dagster-run".into()),
+            retry_number: Some(0),
+            code_version_by_asset_key: Some([("x".to_string(), Some("v1".to_string()))].into()),
+            ..Default::default()
+        };
+        let ctx = context_data("a/b", "run-1", 2, Some(&json!({"k": 1})), Some(&given));
+        assert_eq!(ctx["asset_keys"], json!(["x", "y/z"]));
+        assert_eq!(ctx["partition_key"], "2026-11-01");
+        assert_eq!(
+            ctx["partition_time_window"]["start"],
+            "2026-11-01T00:00:00+00:00"
+        );
+        assert_eq!(ctx["partition_key_range"], Value::Null);
+        assert_eq!(ctx["run_id"], "dagster-run");
+        assert_eq!(ctx["retry_number"], 0);
+        assert_eq!(ctx["code_version_by_asset_key"]["x"], "v1");
+        assert_eq!(ctx["extras"], json!({"k": 1}));
+    }
+
+    #[test]
+    fn log_messages_are_kept_in_order_and_bounded() {
+        let mut r = MessageReader::default();
+        let mut text = String::new();
+        for i in 0..120 {
+            let long = if i == 119 {
+                "z".repeat(5000)
+            } else {
+                format!("line {i}")
+            };
+            text.push_str(
+                &json!({"method": "log", "params": {"message": long, "level": "WARNING"}})
+                    .to_string(),
+            );
+            text.push('\n');
+        }
+        r.feed(text.as_bytes());
+        let logs = &r.status.logs;
+        assert_eq!(logs.len(), MAX_LOGS);
+        assert_eq!(logs[0].index, 120 - MAX_LOGS as u64 + 1);
+        assert_eq!(logs[0].message, format!("line {}", 120 - MAX_LOGS));
+        assert_eq!(logs[0].level, "WARNING");
+        assert_eq!(logs.last().unwrap().index, 120);
+        assert!(logs.last().unwrap().message.len() <= MAX_LOG_MESSAGE);
     }
 
     #[test]

@@ -318,7 +318,7 @@ fn hostile_manifests_and_files_in_local_mode() {
     let meta = status(d, "meta");
     assert_eq!(
         meta["logTail"]["stdout"],
-        format!("$(touch {c})|`touch {c}`|; touch {c}|'; touch {c}; '|--help|\\n|$(touch {c})")
+        format!("$(touch {c})|`touch {c}`|; touch {c}|'; touch {c}; '|--help|\\n|$(touch {c})\n")
     );
     assert!(!canary.exists(), "a canary file appeared");
 
@@ -729,7 +729,7 @@ fn hostile_values_over_slurm_stay_inert_and_pipes_floods_are_read_past() {
     assert_eq!(phase(&mail), "Succeeded", "{mail:#}");
     assert_eq!(
         mail["status"]["logTail"]["stdout"],
-        format!("$(touch {canary}); touch {local_canary}")
+        format!("$(touch {canary}); touch {local_canary}\n")
     );
     let flood = wait_for(d, "flood", "ended", terminal);
     assert_eq!(phase(&flood), "Succeeded", "{flood:#}");

@@ -204,7 +204,7 @@ async fn configmap_payloads_follow_the_interpreter_rule_and_wake_on_creation() {
     let o = ns
         .wait("slurmasset", "py", "Succeeded", phase_is("Succeeded"))
         .await;
-    assert_eq!(o["status"]["logTail"]["stdout"], "python 42", "{o:#}");
+    assert_eq!(o["status"]["logTail"]["stdout"], "python 42\n", "{o:#}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -596,7 +596,7 @@ async fn the_charts_service_account_is_enough_and_no_more() {
         .await;
     let _ = op.kill();
     let _ = op.wait();
-    assert_eq!(o["status"]["logTail"]["stdout"], "least privilege");
+    assert_eq!(o["status"]["logTail"]["stdout"], "least privilege\n");
     assert!(
         events(&ns, "rbac")
             .iter()
@@ -654,7 +654,7 @@ async fn kubectl_apply_runs_on_slurm_to_succeeded_and_delete_cancels() {
     assert_eq!(
         s["logTail"]["stdout"],
         format!(
-            "greeting=it's $(not) run token-length={}",
+            "greeting=it's $(not) run token-length={}\n",
             SECRET_TOKEN.len()
         )
     );
@@ -763,7 +763,7 @@ async fn password_and_one_time_code_from_secrets() {
     let done = ns
         .wait("slurmasset", "otp", "Succeeded", phase_is("Succeeded"))
         .await;
-    assert_eq!(done["status"]["logTail"]["stdout"], "via otp");
+    assert_eq!(done["status"]["logTail"]["stdout"], "via otp\n");
     // Password and seed stay in memory: in no file of the work dir, not in status.
     let mut stack = vec![work.path().to_path_buf()];
     while let Some(d) = stack.pop() {
@@ -818,7 +818,7 @@ async fn per_asset_reconciles_share_one_scheduler_poll_per_interval() {
         let o = ns
             .wait("slurmasset", n, "Succeeded", phase_is("Succeeded"))
             .await;
-        assert_eq!(o["status"]["logTail"]["stdout"], "ok");
+        assert_eq!(o["status"]["logTail"]["stdout"], "ok\n");
     }
     let polls = op
         .metric("slurm_asset_operator_scheduler_polls_total")
@@ -866,7 +866,7 @@ async fn dependencies_wake_assets_and_a_malformed_object_is_reported_once() {
     let hello = ns
         .wait("slurmasset", "hello", "Succeeded", phase_is("Succeeded"))
         .await;
-    assert_eq!(hello["status"]["logTail"]["stdout"], "hello");
+    assert_eq!(hello["status"]["logTail"]["stdout"], "hello\n");
     let broken = ns
         .wait("slurmasset", "broken", "Failed", phase_is("Failed"))
         .await;
@@ -908,7 +908,7 @@ async fn dependencies_wake_assets_and_a_malformed_object_is_reported_once() {
             phase_is("Succeeded"),
         )
         .await;
-    assert_eq!(c["status"]["logTail"]["stdout"], "on the cluster");
+    assert_eq!(c["status"]["logTail"]["stdout"], "on the cluster\n");
     ns.apply(
         json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "app"},
                     "data": {"token": "c2VjcmV0"}}),
@@ -921,7 +921,7 @@ async fn dependencies_wake_assets_and_a_malformed_object_is_reported_once() {
             phase_is("Succeeded"),
         )
         .await;
-    assert_eq!(s["status"]["logTail"]["stdout"], "len=6");
+    assert_eq!(s["status"]["logTail"]["stdout"], "len=6\n");
     // The malformed object: one status write and one Warning Event, not one per resync.
     let version = ns.get("slurmasset", "broken").unwrap()["metadata"]["resourceVersion"].clone();
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -1119,7 +1119,7 @@ async fn allowed_local_jobs_never_see_the_operators_credentials() {
         .await;
     assert_eq!(o["status"]["phase"], "Succeeded", "{o:#}");
     assert_eq!(
-        o["status"]["logTail"]["stdout"], "files=0\nkey-hidden\nkube=none",
+        o["status"]["logTail"]["stdout"], "files=0\nkey-hidden\nkube=none\n",
         "{o:#}"
     );
     // Hidden from the job only: the operator still reads its files.

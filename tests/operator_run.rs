@@ -165,7 +165,7 @@ async fn run_with_leader_election_fences_and_hands_over() {
         "{}",
         sacct_comment(&job)
     );
-    assert_eq!(first["status"]["logTail"]["stdout"], "first ran");
+    assert_eq!(first["status"]["logTail"]["stdout"], "first ran\n");
     let b = Replica::start(&ns.0, dir.path(), "op-b");
     eventually("b ready", async || {
         b.get("/readyz").await.filter(|r| r.contains("200 OK"))

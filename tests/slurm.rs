@@ -81,7 +81,7 @@ fn success_metrics_and_pipes_over_slurm() {
     );
     let sleepy = status(d, "sleepy");
     assert!(metric(&sleepy, "cpuEfficiency") < 0.1, "{sleepy:#}");
-    assert_eq!(sleepy["logTail"]["stdout"], "slept");
+    assert_eq!(sleepy["logTail"]["stdout"], "slept\n");
 }
 
 #[test]
@@ -144,8 +144,8 @@ fn failures_exit_code_timeout_and_memory() {
     let three = status(d, "three");
     assert_eq!(three["phase"], "Failed");
     assert_eq!(three["exitCode"], 3);
-    assert_eq!(three["logTail"]["stdout"], "partial");
-    assert_eq!(three["logTail"]["stderr"], "broken");
+    assert_eq!(three["logTail"]["stdout"], "partial\n");
+    assert_eq!(three["logTail"]["stderr"], "broken\n");
     let slow = status(d, "slow");
     assert_eq!(slow["phase"], "Failed");
     assert_eq!(slow["reason"], "TIMEOUT", "{slow:#}");
@@ -291,7 +291,7 @@ fn password_login_is_multiplexed_too() {
     for i in 0..3 {
         assert_eq!(
             status(d, &format!("p{i}"))["logTail"]["stdout"],
-            "via password"
+            "via password\n"
         );
     }
     assert_eq!(operator_metrics(d)["sshConnects"], 1);
@@ -338,7 +338,7 @@ fn password_and_one_time_code_login() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     let s = status(d, "otp");
-    assert_eq!(s["logTail"]["stdout"], "via one-time code", "{s:#}");
+    assert_eq!(s["logTail"]["stdout"], "via one-time code\n", "{s:#}");
     assert_eq!(operator_metrics(d)["sshConnects"], 1);
     let all = walk_text(d) + &stderr;
     assert!(!all.contains(&c.totp_seed), "the seed is in no file or log");
@@ -413,7 +413,7 @@ fn key_and_one_time_code_login() {
     let out = run();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
-    assert_eq!(status(d, "k")["logTail"]["stdout"], "key and code");
+    assert_eq!(status(d, "k")["logTail"]["stdout"], "key and code\n");
     assert!(!(walk_text(d) + &stderr).contains(&c.totp_seed));
 
     // The key alone does not get in: the server really asks for the code.
@@ -470,7 +470,7 @@ fn shell_metacharacters_stay_intact_and_inert() {
     let stdout = s["logTail"]["stdout"].as_str().unwrap();
     assert_eq!(
         stdout,
-        format!("{value}\n<$(touch pwned-arg)><a b><'><;|&>"),
+        format!("{value}\n<$(touch pwned-arg)><a b><'><;|&>\n"),
         "{s:#}"
     );
     assert!(

@@ -56,7 +56,7 @@ fn node_failure_is_retried_and_counted() {
     assert_eq!(s["attempts"], 2);
     assert_eq!(s["run"], 1);
     assert_ne!(s["jobId"].as_str().unwrap(), first_job);
-    assert_eq!(s["logTail"]["stdout"], "done");
+    assert_eq!(s["logTail"]["stdout"], "done\n");
     let uid = done["metadata"]["uid"].as_str().unwrap();
     let jobs = sacct_jobs(&format!("sao.{uid}.1."));
     assert_eq!(jobs.len(), 2, "one job per attempt: {jobs:?}");

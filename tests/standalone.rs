@@ -41,7 +41,7 @@ fn examples_complete_with_metrics_and_pipes_metadata() {
         out.contains("greeting=it's a 'quoted' $VALUE, args: first arg $(not executed)"),
         "{out}"
     );
-    assert_eq!(hello["logTail"]["stderr"], "a line on stderr");
+    assert_eq!(hello["logTail"]["stderr"], "a line on stderr\n");
     for k in [
         "elapsedSeconds",
         "totalCpuSeconds",
@@ -89,7 +89,7 @@ fn examples_complete_with_metrics_and_pipes_metadata() {
     assert_eq!(failing["phase"], "Failed");
     assert_eq!(failing["exitCode"], 3);
     assert_eq!(failing["reason"], "NonZeroExit");
-    assert_eq!(failing["logTail"]["stderr"], "about to fail");
+    assert_eq!(failing["logTail"]["stderr"], "about to fail\n");
 
     let invalid = status(dir.path(), "invalid-memory");
     assert_eq!(invalid["phase"], "Failed");
@@ -163,7 +163,7 @@ fn invalid_manifests_are_reported_and_valid_ones_still_run() {
 
     assert_eq!(status(d, "good")["phase"], "Succeeded");
     assert!(
-        status(d, "good")["logTail"]["stdout"] == "fine",
+        status(d, "good")["logTail"]["stdout"] == "fine\n",
         "the first definition wins"
     );
     let msg = |n: &str| {
@@ -244,7 +244,7 @@ fn editing_the_spec_starts_a_new_run_and_keeps_history() {
     let s = &second["status"];
     assert_eq!(s["observedGeneration"], 2);
     assert_eq!(second["metadata"]["generation"], 2);
-    assert_eq!(s["logTail"]["stdout"], "v2");
+    assert_eq!(s["logTail"]["stdout"], "v2\n");
     assert_eq!(s["history"][0]["run"], 1);
     assert_eq!(s["history"][0]["phase"], "Succeeded");
     assert_eq!(s["history"][0]["jobId"], first["status"]["jobId"]);

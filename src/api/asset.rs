@@ -50,6 +50,11 @@ pub struct SlurmAssetSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "free_json")]
     pub extras: Option<serde_json::Value>,
+    /// Dagster's Pipes context for the payload, as the Dagster step that launched this asset
+    /// sees it (the `dagster-slurm` package fills it in); absent fields default to this
+    /// asset's key, `runKey` and attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pipes_context: Option<PipesContext>,
     /// Overrides of the cluster's environment settings.
     #[serde(default)]
     pub environment: EnvironmentSettings,
@@ -75,6 +80,60 @@ fn free_json(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
         "type": "object",
         "x-kubernetes-preserve-unknown-fields": true,
         "description": "Free JSON handed to the payload as the Dagster Pipes context `extras`."
+    })
+}
+
+/// The Dagster Pipes context (`PipesContextData`) handed to the payload; `extras` come from
+/// `spec.extras`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PipesContext {
+    /// Keys of the assets the payload materializes, e.g. `["analytics/a", "analytics/b"]`
+    /// (default: `spec.assetKey`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub asset_keys: Vec<String>,
+    /// Code version per asset key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code_version_by_asset_key: Option<BTreeMap<String, Option<String>>>,
+    /// Data provenance per asset key, in Pipes' wire form.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "free_provenance")]
+    pub provenance_by_asset_key: Option<BTreeMap<String, serde_json::Value>>,
+    /// Partition key of the step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition_key: Option<String>,
+    /// Partition key range of the step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition_key_range: Option<PartitionRange>,
+    /// Partition time window of the step (ISO 8601 bounds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition_time_window: Option<PartitionRange>,
+    /// Dagster run ID (default: `spec.runKey`, else `<uid>-<run>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_id: Option<String>,
+    /// Dagster job name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_name: Option<String>,
+    /// Retry number of the Dagster step (default: the operator's resubmissions of this run).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_number: Option<u32>,
+}
+
+/// A range of partition keys or a time window.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PartitionRange {
+    /// First key, or the window's start.
+    pub start: String,
+    /// Last key, or the window's end.
+    pub end: String,
+}
+
+fn free_provenance(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "object",
+        "additionalProperties": {"x-kubernetes-preserve-unknown-fields": true},
+        "description": "Data provenance per asset key, in Pipes' wire form."
     })
 }
 
@@ -369,6 +428,10 @@ pub struct PipesStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "free_json_list")]
     pub custom_messages: Vec<serde_json::Value>,
+    /// The payload's latest log messages (`context.log.*`), bounded to the last 50, each cut
+    /// to 1 KiB; `index` orders them across status updates.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub logs: Vec<PipesLog>,
     /// Messages skipped or cut because they exceeded the operator's limits (a line over
     /// 256 KiB, metadata over 16 KiB, or the oldest results when all of them exceed 128 KiB).
     #[serde(default, skip_serializing_if = "is_zero")]
@@ -393,6 +456,18 @@ fn free_metadata(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
         "x-kubernetes-preserve-unknown-fields": true,
         "description": "Metadata in Pipes' wire form: name → {raw_value, type}."
     })
+}
+
+/// A log message reported through Pipes.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PipesLog {
+    /// Position of the message in the payload's message stream (1 = first message).
+    pub index: u64,
+    /// `DEBUG`, `INFO`, `WARNING`, `ERROR` or `CRITICAL`.
+    pub level: String,
+    /// The message text.
+    pub message: String,
 }
 
 /// A materialization reported through `report_asset_materialization`.
@@ -441,6 +516,13 @@ pub struct LogTail {
     /// Last lines of standard error.
     #[serde(default)]
     pub stderr: String,
+    /// Size of the whole standard output so far, in bytes: what a reader has not seen yet is
+    /// the end of `stdout` past the size it saw last.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdout_bytes: Option<u64>,
+    /// Size of the whole standard error so far, in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stderr_bytes: Option<u64>,
 }
 
 /// A finished (or superseded) earlier run.

@@ -109,6 +109,7 @@ impl LocalExecutor {
             &plan.dagster_run_id,
             plan.id.attempt.saturating_sub(1),
             plan.extras.as_ref(),
+            plan.pipes_context.as_ref(),
         );
         write_file(&dir.join(CONTEXT_FILE), ctx.to_string().as_bytes(), 0o600)?;
         let mut command = tokio::process::Command::new(&self.exe);

@@ -45,36 +45,57 @@ pub struct Submitted {
 pub const LOG_TAIL_LINES: usize = 40;
 pub const LOG_TAIL_BYTES: u64 = 4096;
 
-/// Reads the bounded end of a log file (never the whole file).
-pub fn tail_file(path: &Path) -> String {
+/// Reads the bounded end of a log file (never the whole file), and the file's size: the tail
+/// ends at that size even when the file grows meanwhile.
+pub fn tail_file(path: &Path) -> (Option<u64>, String) {
     let Ok(mut f) = std::fs::File::open(path) else {
-        return String::new();
+        return (None, String::new());
     };
     let len = f.metadata().map(|m| m.len()).unwrap_or(0);
     let from = len.saturating_sub(LOG_TAIL_BYTES);
     if f.seek(SeekFrom::Start(from)).is_err() {
-        return String::new();
+        return (Some(len), String::new());
     }
     let mut buf = Vec::new();
-    let _ = f.take(LOG_TAIL_BYTES).read_to_end(&mut buf);
-    tail_text(&buf, from > 0)
+    let _ = f.take(len - from).read_to_end(&mut buf);
+    (Some(len), tail_text(&buf, from > 0))
 }
 
-/// The last [`LOG_TAIL_LINES`] lines of `bytes`; drops a first line that was cut mid-way.
+/// The last [`LOG_TAIL_LINES`] lines of `bytes`, exactly as they are (a trailing newline and
+/// `\r` kept), so that the tail is a byte-exact suffix of the file and a reader who knows the
+/// file's size can tell which lines are new; drops a first line that was cut mid-way.
 pub fn tail_text(bytes: &[u8], cut: bool) -> String {
-    let text = String::from_utf8_lossy(bytes);
-    let mut lines: Vec<&str> = text.lines().collect();
-    if cut && !lines.is_empty() {
-        lines.remove(0);
+    let mut start = 0;
+    if cut {
+        start = bytes
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(bytes.len(), |i| i + 1);
     }
-    let start = lines.len().saturating_sub(LOG_TAIL_LINES);
-    lines[start..].join("\n")
+    let body = &bytes[start..];
+    // A trailing newline ends the last line; it does not start another.
+    let scan = body.strip_suffix(b"\n").unwrap_or(body);
+    let mut newlines = 0;
+    for (i, &b) in scan.iter().enumerate().rev() {
+        if b == b'\n' {
+            newlines += 1;
+            if newlines == LOG_TAIL_LINES {
+                start += i + 1;
+                break;
+            }
+        }
+    }
+    String::from_utf8_lossy(&bytes[start..]).into_owned()
 }
 
 pub fn log_tail(stdout: &Path, stderr: &Path) -> LogTail {
+    let (stdout_bytes, stdout) = tail_file(stdout);
+    let (stderr_bytes, stderr) = tail_file(stderr);
     LogTail {
-        stdout: tail_file(stdout),
-        stderr: tail_file(stderr),
+        stdout,
+        stderr,
+        stdout_bytes,
+        stderr_bytes,
     }
 }
 
@@ -126,8 +147,14 @@ mod tests {
         let text: String = (0..100).map(|i| format!("line {i}\n")).collect();
         let t = tail_text(text.as_bytes(), false);
         assert_eq!(t.lines().count(), LOG_TAIL_LINES);
-        assert!(t.ends_with("line 99"));
-        assert_eq!(tail_text(b"ne 1\nline 2\n", true), "line 2");
+        assert!(t.starts_with("line 60\n") && t.ends_with("line 99\n"));
+        assert_eq!(tail_text(b"ne 1\nline 2\n", true), "line 2\n");
+        assert_eq!(
+            tail_text(b"a\r\nb", false),
+            "a\r\nb",
+            "bytes kept as they are"
+        );
+        assert_eq!(tail_text(b"only part of a line", true), "");
     }
 
     #[test]

@@ -352,6 +352,7 @@ impl SlurmExecutor {
             &plan.dagster_run_id,
             plan.id.attempt.saturating_sub(1),
             plan.extras.as_ref(),
+            plan.pipes_context.as_ref(),
         );
         files.push((CONTEXT_FILE, ctx.to_string().into_bytes(), "600"));
         for (name, content, mode) in &files {
@@ -451,6 +452,13 @@ impl SlurmExecutor {
             .collect();
         let id_list = ids.join(",");
         let mut s = String::new();
+        // `sao_tail KEY FILE` prints the file's size and its last bytes up to that size, so
+        // that a reader of both can tell which lines it has not seen (the file may grow).
+        s.push_str(&format!(
+            "sao_tail() {{ n=$(stat -c %s \"$2\" 2>/dev/null || echo 0); \
+             k=$(( n < {LOG_TAIL_BYTES} ? n : {LOG_TAIL_BYTES} )); \
+             printf '%s %s %s\\n' \"$1\" \"$n\" \"$(tail -c +$(( n - k + 1 )) \"$2\" 2>/dev/null | head -c \"$k\" | base64 -w0)\"; }}\n"
+        ));
         // squeue for the user's jobs, in every state: `squeue -j ID` fails as a whole when one
         // ID was purged, which would make a healthy batch look unknown. Each query's exit
         // status travels with its output: a failed query is "unknown", never "absent".
@@ -471,8 +479,8 @@ impl SlurmExecutor {
                 "echo '@@SAO JOB {i}'\n\
                  if cd {d} 2>/dev/null; then\n\
                  printf 'EXIT %s\\n' \"$(base64 -w0 {EXIT_FILE} 2>/dev/null)\"\n\
-                 printf 'OUT %s\\n' \"$(tail -c {LOG_TAIL_BYTES} {STDOUT_FILE} 2>/dev/null | base64 -w0)\"\n\
-                 printf 'ERR %s\\n' \"$(tail -c {LOG_TAIL_BYTES} {STDERR_FILE} 2>/dev/null | base64 -w0)\"\n\
+                 sao_tail OUT {STDOUT_FILE}\n\
+                 sao_tail ERR {STDERR_FILE}\n\
                  printf 'MSG %s\\n' \"$(tail -c +{} {MESSAGES_FILE} 2>/dev/null | head -c {MESSAGES_CHUNK} | base64 -w0)\"\n\
                  printf 'SIZE %s\\n' \"$(stat -c %s {MESSAGES_FILE} 2>/dev/null)\"\n\
                  cd - >/dev/null\nfi\n",
@@ -528,11 +536,16 @@ fn decode(b64: &str) -> Vec<u8> {
         .unwrap_or_default()
 }
 
-/// A log tail read with `tail -c`: its first line is partial only when the limit was hit.
-fn tail_decoded(b64: &str) -> String {
+/// A log tail as `sao_tail` prints it (`<size> <base64 of the last bytes>`): the file's size,
+/// and the tail, whose first line is partial only when the file is longer than the tail.
+fn tail_decoded(line: Option<&String>) -> (Option<u64>, String) {
+    let Some((size, b64)) = line.and_then(|l| l.split_once(' ')) else {
+        return (None, String::new());
+    };
+    let size = size.parse::<u64>().ok();
     let bytes = decode(b64);
-    let cut = bytes.len() as u64 >= LOG_TAIL_BYTES;
-    tail_text(&bytes, cut)
+    let cut = size.is_some_and(|n| n > bytes.len() as u64);
+    (size, tail_text(&bytes, cut))
 }
 
 /// Turns the poll script's output into one observation per job.
@@ -779,15 +792,13 @@ fn parse_poll(
                     ));
                 }
             }
+            let (stdout_bytes, stdout) = tail_decoded(files.get("OUT"));
+            let (stderr_bytes, stderr) = tail_decoded(files.get("ERR"));
             obs.log_tail = Some(crate::api::LogTail {
-                stdout: files
-                    .get("OUT")
-                    .map(|o| tail_decoded(o))
-                    .unwrap_or_default(),
-                stderr: files
-                    .get("ERR")
-                    .map(|o| tail_decoded(o))
-                    .unwrap_or_default(),
+                stdout,
+                stderr,
+                stdout_bytes,
+                stderr_bytes,
             });
             obs.pipes = Some(w.track.reader.status.clone());
             obs
@@ -820,13 +831,16 @@ mod tests {
         let mut r = JobTrack::default();
         let mut jobs = [watched(&mut r, "9")];
         let text = format!(
-            "@@SAO SACCT\n@@SAO JOB 0\nEXIT {}\nOUT {}\nERR \nMSG \n",
+            "@@SAO SACCT\n@@SAO JOB 0\nEXIT {}\nOUT 11 {}\nERR 0 \nMSG \n",
             b64("exit_code=4\nstart=1\nend=2\n"),
-            b64("hello\n")
+            b64("ne\nhello\n")
         );
         let obs = parse_poll(&text, &mut jobs, false, jiff::Timestamp::now());
         assert_eq!(obs[0].state, JobState::Exited { exit_code: 4 });
-        assert_eq!(obs[0].log_tail.as_ref().unwrap().stdout, "hello");
+        let tail = obs[0].log_tail.as_ref().unwrap();
+        // The file (11 bytes) is longer than its tail: the tail's cut first line is dropped.
+        assert_eq!(tail.stdout, "hello\n");
+        assert_eq!((tail.stdout_bytes, tail.stderr_bytes), (Some(11), Some(0)));
     }
 
     #[test]

@@ -1145,6 +1145,7 @@ impl Driver {
             &stored,
             entry.loaded.as_ref().map(|l| l.file.as_path()),
             entry.loaded.as_ref().and_then(|l| l.asset_key.as_deref()),
+            entry.loaded.as_ref().map(|l| &l.labels),
             deleted_at,
         );
         let path = store::status_path(&self.dir, key);
@@ -1290,7 +1291,7 @@ impl Driver {
             status: serde_json::to_value(&status).unwrap_or_default(),
         };
         let path = store::status_path(&self.dir, key);
-        match store::render_object(key, &stored, Some(&obj.file), None, None)
+        match store::render_object(key, &stored, Some(&obj.file), None, Some(&obj.labels), None)
             .and_then(|t| self.cache.write(&path, t))
         {
             Ok(_) => {}

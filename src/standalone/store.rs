@@ -237,6 +237,7 @@ pub fn render_object(
     stored: &Stored,
     source: Option<&Path>,
     asset_key: Option<&str>,
+    labels: Option<&BTreeMap<String, String>>,
     deleted_at: Option<jiff::Timestamp>,
 ) -> Result<String> {
     let mut annotations = serde_json::Map::new();
@@ -260,6 +261,9 @@ pub fn render_object(
         "generation": stored.generation,
         "annotations": annotations,
     });
+    if let Some(l) = labels.filter(|l| !l.is_empty()) {
+        metadata["labels"] = json!(l);
+    }
     if let Some(t) = deleted_at {
         metadata["deletionTimestamp"] = json!(t.to_string());
     }

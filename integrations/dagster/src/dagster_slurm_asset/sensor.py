@@ -1,0 +1,299 @@
+"""Reporting `SlurmAsset` runs started outside Dagster (``kubectl apply``, GitOps, a standalone
+directory): a sensor that turns every run that ended into asset events, and `AssetSpec`s that
+put those assets into the asset graph."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from dagster import (
+    AssetCheckEvaluation,
+    AssetCheckSeverity,
+    AssetKey,
+    AssetMaterialization,
+    AssetObservation,
+    AssetRecordsFilter,
+    AssetSpec,
+    DagsterInstance,
+    DefaultSensorStatus,
+    MetadataValue,
+    SensorDefinition,
+    SensorEvaluationContext,
+    SensorResult,
+    sensor,
+)
+from dagster._core.definitions.metadata.external_metadata import metadata_map_from_external
+
+from .client import ANN_PARTITION, LAUNCHED_BY
+from .status import TERMINAL, metrics_pending, run_identity, slurm_metadata
+from .store import SlurmAssetObject, SlurmAssetStore, asset_key_of
+
+#: Tag on every event the sensor reports: the object's UID and run number. The sensor looks
+#: for it in the event log before reporting, so a lost cursor never reports a run twice.
+TAG_RUN = "dagster-slurm/run"
+#: Annotation (or `spec.pipesContext.partitionKey`) naming the partition an object computes.
+ANN_PARTITION_KEY = "dagster-slurm.io/partition-key"
+
+Event = AssetMaterialization | AssetObservation | AssetCheckEvaluation
+
+
+@dataclass
+class TickReport:
+    """What one evaluation did (for the sensor's log line and for measuring it)."""
+
+    events: list[Event]
+    cursor: str
+    objects: int
+    candidates: int
+    already_reported: int
+    seconds: float
+
+
+def report_ended_runs(
+    instance: DagsterInstance,
+    store: SlurmAssetStore,
+    cursor: str | None,
+    *,
+    label_selector: str | None = None,
+    lookback_seconds: float = 600.0,
+    now: float | None = None,
+) -> TickReport:
+    """The events for every run that ended since `cursor` and is not in the event log yet.
+
+    The cursor holds the time of the previous tick; a run counts as ended when its last
+    condition changed (the operator's clock), so runs ending within `lookback_seconds` before
+    that tick are looked at again (clock skew, status written late) and filtered out by the
+    event-log check. Without a cursor every ended run is looked at once.
+    """
+    start = time.monotonic()
+    tick = now if now is not None else time.time()
+    since = _since(cursor)
+    selector = ",".join(x for x in (label_selector, f"!{LAUNCHED_BY}") if x)
+    objects = store.list(selector)
+    candidates = []
+    for obj in objects:
+        status = obj.get("status") or {}
+        if status.get("phase") not in TERMINAL or not status.get("run"):
+            continue
+        if metrics_pending(status):
+            continue  # reported when accounting has answered (its condition changes then)
+        if since is not None and _ended_at(status) < since - lookback_seconds:
+            continue
+        candidates.append(obj)
+    events: list[Event] = []
+    seen = 0
+    for obj in candidates:
+        if "spec" not in obj:
+            obj = store.get(obj["metadata"]["name"]) or obj
+        evs = events_for_run(obj, store.namespace)
+        if not evs or _reported(instance, evs[0], run_identity(obj)):
+            seen += 1
+            continue
+        events.extend(evs)
+    return TickReport(
+        events=events,
+        cursor=json.dumps({"since": tick}),
+        objects=len(objects),
+        candidates=len(candidates),
+        already_reported=seen,
+        seconds=time.monotonic() - start,
+    )
+
+
+def events_for_run(obj: SlurmAssetObject, namespace: str | None = None) -> list[Event]:
+    """The asset events of one ended run. The first event is the run's marker: a
+    materialization (success) or an observation (failure, cancellation)."""
+    status = obj.get("status") or {}
+    primary = asset_key_of(obj)
+    if not primary:
+        return []
+    partition = partition_of(obj)
+    tags = {TAG_RUN: run_identity(obj)}
+    facts = slurm_metadata(obj, namespace)
+    pipes = status.get("pipes") or {}
+    events: list[Event] = []
+    if status.get("phase") == "Succeeded":
+        reported = pipes.get("materializations") or [{}]
+        for m in reported:
+            payload_meta = metadata_map_from_external(m.get("metadata") or {})
+            meta = {**payload_meta, **facts}
+            if m.get("dataVersion"):
+                meta["slurm/data_version"] = MetadataValue.text(m["dataVersion"])
+            events.append(
+                AssetMaterialization(
+                    asset_key=AssetKey.from_escaped_user_string(m.get("assetKey") or primary),
+                    partition=partition,
+                    metadata=meta,
+                    tags=tags,
+                )
+            )
+    else:
+        tail = status.get("logTail") or {}
+        meta = dict(facts)
+        if status.get("message"):
+            meta["slurm/message"] = MetadataValue.text(status["message"])
+        for stream in ("stdout", "stderr"):
+            if tail.get(stream):
+                meta[f"slurm/{stream}_tail"] = MetadataValue.md(
+                    f"```\n{tail[stream].rstrip()}\n```"
+                )
+        events.append(
+            AssetObservation(
+                asset_key=AssetKey.from_escaped_user_string(primary),
+                partition=partition,
+                description=f"Slurm run {status.get('phase')}: {status.get('reason', '')}",
+                metadata=meta,
+                tags=tags,
+            )
+        )
+    for c in pipes.get("checkResults") or []:
+        severity = c.get("severity") or "ERROR"
+        events.append(
+            AssetCheckEvaluation(
+                asset_key=AssetKey.from_escaped_user_string(c.get("assetKey") or primary),
+                check_name=c["checkName"],
+                passed=bool(c.get("passed")),
+                metadata={**metadata_map_from_external(c.get("metadata") or {}), **facts},
+                severity=AssetCheckSeverity(severity if severity in ("ERROR", "WARN") else "ERROR"),
+                partition=partition,
+            )
+        )
+    return events
+
+
+def partition_of(obj: SlurmAssetObject) -> str | None:
+    """The partition an object computes: `spec.pipesContext.partitionKey`, else its
+    annotation."""
+    ctx = (obj.get("spec") or {}).get("pipesContext") or {}
+    if isinstance(ctx.get("partitionKey"), str):
+        return ctx["partitionKey"]
+    ann = (obj.get("metadata") or {}).get("annotations") or {}
+    value = ann.get(ANN_PARTITION_KEY) or ann.get(ANN_PARTITION)
+    return value if isinstance(value, str) else None
+
+
+def _reported(instance: DagsterInstance, marker: Event, identity: str) -> bool:
+    """Whether the event log already holds this run's marker event."""
+    partitions = [marker.partition] if marker.partition else None
+    flt = AssetRecordsFilter(asset_key=marker.asset_key, asset_partitions=partitions)
+    if isinstance(marker, AssetMaterialization):
+        records = instance.fetch_materializations(flt, limit=100).records
+        found = (r.asset_materialization for r in records)
+    else:
+        records = instance.fetch_observations(flt, limit=100).records
+        found = (r.asset_observation for r in records)
+    return any(e is not None and (e.tags or {}).get(TAG_RUN) == identity for e in found)
+
+
+def _ended_at(status: Mapping[str, Any]) -> float:
+    """When the run's status last changed: the newest condition transition or end time."""
+    times = [c.get("lastTransitionTime") for c in status.get("conditions") or []]
+    times.append(status.get("endTime"))
+    best = 0.0
+    for t in times:
+        if isinstance(t, str):
+            try:
+                best = max(best, datetime.fromisoformat(t.replace("Z", "+00:00")).timestamp())
+            except ValueError:
+                continue
+    return best
+
+
+def _since(cursor: str | None) -> float | None:
+    if not cursor:
+        return None
+    try:
+        value = json.loads(cursor).get("since")
+        return float(value) if value is not None else None
+    except (ValueError, AttributeError, TypeError):
+        return None
+
+
+def build_slurm_asset_sensor(
+    store: SlurmAssetStore,
+    *,
+    name: str = "slurm_asset_sensor",
+    label_selector: str | None = None,
+    minimum_interval_seconds: int = 30,
+    lookback_seconds: float = 600.0,
+    default_status: DefaultSensorStatus = DefaultSensorStatus.RUNNING,
+    description: str | None = None,
+) -> SensorDefinition:
+    """A sensor reporting every `SlurmAsset` run that ended, except those a
+    :class:`PipesSlurmAssetClient` launched (their step reports them): a success becomes an
+    ``AssetMaterialization`` (payload metadata plus Slurm facts, in its partition), a failure or
+    cancellation an ``AssetObservation`` with the reason, exit code and log tail, and check
+    results ``AssetCheckEvaluation``s. Each run is reported once, across ticks, restarts of
+    the daemon and lost cursor updates.
+    """
+
+    @sensor(
+        name=name,
+        minimum_interval_seconds=minimum_interval_seconds,
+        default_status=default_status,
+        description=description or f"Reports SlurmAsset runs that ended, from {store.describe()}",
+    )
+    def _sensor(context: SensorEvaluationContext) -> SensorResult:
+        report = report_ended_runs(
+            context.instance,
+            store,
+            context.cursor,
+            label_selector=label_selector,
+            lookback_seconds=lookback_seconds,
+        )
+        context.log.info(
+            f"{report.objects} objects, {report.candidates} ended recently, "
+            f"{report.already_reported} already reported, {len(report.events)} events "
+            f"in {report.seconds:.2f}s"
+        )
+        return SensorResult(asset_events=report.events, cursor=report.cursor)
+
+    return _sensor
+
+
+def slurm_asset_specs(
+    store: SlurmAssetStore, *, label_selector: str | None = None, group_name: str | None = None
+) -> Sequence[AssetSpec]:
+    """One ``AssetSpec`` (``kinds={"slurm"}``) per asset key among the store's objects, so that
+    assets applied outside Dagster appear in the asset graph. Description from the annotation
+    ``dagster-slurm.io/description``; owners from the label ``dagster-slurm.io/owner`` (a team)
+    and the annotation ``dagster-slurm.io/owners`` (comma-separated e-mails or ``team:x``);
+    group from the label ``dagster-slurm.io/group``."""
+    selector = ",".join(x for x in (label_selector, f"!{LAUNCHED_BY}") if x)
+    specs: dict[AssetKey, AssetSpec] = {}
+    for obj in sorted(store.list(selector), key=lambda o: o["metadata"]["name"]):
+        key_text = asset_key_of(obj)
+        if not key_text:
+            continue
+        key = AssetKey.from_escaped_user_string(key_text)
+        if key in specs:
+            continue
+        meta = obj.get("metadata") or {}
+        labels = meta.get("labels") or {}
+        ann = meta.get("annotations") or {}
+        owners = []
+        if labels.get("dagster-slurm.io/owner"):
+            owners.append(f"team:{labels['dagster-slurm.io/owner']}")
+        owners += [
+            o.strip() for o in str(ann.get("dagster-slurm.io/owners", "")).split(",") if o.strip()
+        ]
+        where = f"{meta.get('namespace', store.namespace)}/{meta['name']}"
+        specs[key] = AssetSpec(
+            key=key,
+            description=ann.get("dagster-slurm.io/description")
+            or f"Computed on Slurm by the SlurmAsset {where}",
+            kinds={"slurm"},
+            owners=owners,
+            group_name=labels.get("dagster-slurm.io/group") or group_name,
+            metadata={
+                "slurm/object": MetadataValue.text(
+                    f"{meta.get('namespace', store.namespace)}/{meta['name']}"
+                )
+            },
+        )
+    return list(specs.values())

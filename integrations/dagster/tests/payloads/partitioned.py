@@ -1,0 +1,36 @@
+"""A Pipes payload: prints a line, logs through Pipes, optionally waits for a release file
+(so a test can see the line reach Dagster before the job ends), then reports a
+materialization, a check and a custom message, or exits with the code it is given."""
+
+import os
+import sys
+import time
+
+from dagster_pipes import open_dagster_pipes
+
+with open_dagster_pipes() as pipes:
+    key = pipes.partition_key
+    print(f"early line partition={key}", flush=True)
+    pipes.log.info(f"pipes log partition={key} retry={pipes.retry_number}")
+    release = pipes.extras.get("release_file")
+    if release:
+        deadline = time.time() + 300
+        while not os.path.exists(release) and time.time() < deadline:
+            time.sleep(0.2)
+    code = pipes.extras.get("exit_code")
+    if code:
+        print("about to fail", file=sys.stderr, flush=True)
+        sys.exit(int(code))
+    window = pipes.partition_time_window
+    pipes.report_asset_materialization(
+        metadata={
+            "partition": key,
+            "rows": pipes.get_extra("rows"),
+            "window_start": window["start"] if window else "",
+            "run_id": pipes.run_id,
+        },
+        data_version=f"v-{key}",
+    )
+    pipes.report_asset_check(check_name="non_empty", passed=True, metadata={"rows": pipes.get_extra("rows")})
+    pipes.report_custom_message({"partition": key})
+    print(f"done partition={key}", flush=True)

@@ -64,9 +64,7 @@ class TestCluster:
 def test_cluster() -> TestCluster:
     if not CLUSTER_ENV.exists():
         pytest.fail("the Slurm test cluster is not up: run tests/cluster/up (as root)")
-    env = dict(
-        line.split("=", 1) for line in CLUSTER_ENV.read_text().splitlines() if "=" in line
-    )
+    env = dict(line.split("=", 1) for line in CLUSTER_ENV.read_text().splitlines() if "=" in line)
     return TestCluster(
         host=env["SLURM_EDGE_NODE_HOST"],
         port=env["SLURM_EDGE_NODE_PORT"],
@@ -188,7 +186,10 @@ def k8s_namespace(
         "apiVersion": "v1",
         "kind": "Secret",
         "metadata": {"name": "slurm-ssh", "namespace": ns},
-        "data": {"ssh-privatekey": b64(test_cluster.key), "known_hosts": b64(test_cluster.known_hosts)},
+        "data": {
+            "ssh-privatekey": b64(test_cluster.key),
+            "known_hosts": b64(test_cluster.known_hosts),
+        },
     }
     base = f"{test_cluster.deploy_base}/pytest-{ns}"
     cluster = {
@@ -209,15 +210,34 @@ def k8s_namespace(
             },
         },
     }
-    kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": [secret, cluster]}))
+    kubectl(
+        "apply",
+        "-f",
+        "-",
+        input=json.dumps({"apiVersion": "v1", "kind": "List", "items": [secret, cluster]}),
+    )
     work = tmp_path / "work"
     work.mkdir()
     op = Operator(
-        ["run", f"--namespace={ns}", "--metrics-port=0", "--kubeconfig", kubeconfig, "--work-dir", str(work)],
+        [
+            "run",
+            f"--namespace={ns}",
+            "--metrics-port=0",
+            "--kubeconfig",
+            kubeconfig,
+            "--work-dir",
+            str(work),
+        ],
         tmp_path / "operator.log",
     )
     yield ns, op
     # Objects first, while the operator still runs to release their finalizers.
-    subprocess.run(["kubectl", "delete", "slurmassets", "--all", "-n", ns, "--wait=true", "--timeout=60s"], capture_output=True, check=False)
+    subprocess.run(
+        ["kubectl", "delete", "slurmassets", "--all", "-n", ns, "--wait=true", "--timeout=60s"],
+        capture_output=True,
+        check=False,
+    )
     op.stop()
-    subprocess.run(["kubectl", "delete", "namespace", ns, "--wait=false"], capture_output=True, check=False)
+    subprocess.run(
+        ["kubectl", "delete", "namespace", ns, "--wait=false"], capture_output=True, check=False
+    )

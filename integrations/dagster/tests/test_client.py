@@ -1,6 +1,5 @@
 """The Pipes client against the real operator: standalone (local and over the real Slurm)."""
 
-
 import os
 import signal
 import subprocess
@@ -24,7 +23,9 @@ def partitioned_asset(client: PipesSlurmAssetClient, extras: dict[str, Any]) -> 
         name="daily_rows",
         key_prefix=["analytics"],
         partitions_def=PARTITIONS,
-        check_specs=[dg.AssetCheckSpec("non_empty", asset=dg.AssetKey(["analytics", "daily_rows"]))],
+        check_specs=[
+            dg.AssetCheckSpec("non_empty", asset=dg.AssetKey(["analytics", "daily_rows"]))
+        ],
     )
     def daily_rows(context: dg.AssetExecutionContext):
         invocation = client.run(
@@ -89,7 +90,12 @@ def _check_materialization(result: dg.ExecuteInProcessResult, partition: str, lo
     assert md["slurm/elapsed_seconds"] >= 0
     if not local:
         # Accounting figures from sacct, seff-style.
-        for k in ("slurm/cpu_efficiency", "slurm/node_hours", "slurm/max_rss_bytes", "slurm/alloc_cpus"):
+        for k in (
+            "slurm/cpu_efficiency",
+            "slurm/node_hours",
+            "slurm/max_rss_bytes",
+            "slurm/alloc_cpus",
+        ):
             assert k in md, (k, md)
         assert md["slurm/state"] == "COMPLETED"
     checks = result.get_asset_check_evaluations()
@@ -98,8 +104,10 @@ def _check_materialization(result: dg.ExecuteInProcessResult, partition: str, lo
 
 
 @pytest.mark.parametrize("cluster", ["laptop", "hpc"])
-def test_partitioned_asset_runs_through_the_operator(standalone, tmp_path: Path, cluster: str) -> None:
-    d, op = standalone()
+def test_partitioned_asset_runs_through_the_operator(
+    standalone, tmp_path: Path, cluster: str
+) -> None:
+    d, _ = standalone()
     store = DirectoryStore(d)
     release = Path("/tmp") / f"sao-release-{uuid.uuid4().hex}"
     client = PipesSlurmAssetClient(store, cluster=cluster, poll_interval=0.2)
@@ -114,7 +122,11 @@ def test_partitioned_asset_runs_through_the_operator(standalone, tmp_path: Path,
     assert any("[stdout] done partition=2026-11-02" in m for m in messages)
     assert any("custom messages: ({'partition': '2026-11-02'},)" in m for m in messages), messages
     # The object carries the Dagster facts, findable by label.
-    (obj,) = [o for o in store.list("dagster/run-id") if o["metadata"]["labels"]["dagster/run-id"] == result.run_id]
+    (obj,) = [
+        o
+        for o in store.list("dagster/run-id")
+        if o["metadata"]["labels"]["dagster/run-id"] == result.run_id
+    ]
     assert obj["status"]["jobId"] == md["slurm/job_id"]
     full = store.get(obj["metadata"]["name"])
     assert full["spec"]["pipesContext"]["partitionKey"] == "2026-11-02"
@@ -133,7 +145,9 @@ def test_the_same_step_twice_submits_one_job(standalone) -> None:
     job = dg.Definitions(assets=[asset]).get_implicit_global_asset_job_def()
     run_id = str(uuid.uuid4())
     results = [
-        job.execute_in_process(instance=dg.DagsterInstance.ephemeral(), run_id=run_id, partition_key="2026-11-03")
+        job.execute_in_process(
+            instance=dg.DagsterInstance.ephemeral(), run_id=run_id, partition_key="2026-11-03"
+        )
         for _ in range(2)
     ]
     ids = []
@@ -170,7 +184,9 @@ def test_a_multi_asset_reports_each_key(standalone) -> None:
 
     @dg.multi_asset(specs=[dg.AssetSpec("left"), dg.AssetSpec("right")])
     def pair(context: dg.AssetExecutionContext):
-        yield from client.run(context=context, spec=SlurmJob(script=PAYLOADS / "multi.py")).get_results()
+        yield from client.run(
+            context=context, spec=SlurmJob(script=PAYLOADS / "multi.py")
+        ).get_results()
 
     result = dg.materialize([pair])
     assert result.success
@@ -215,4 +231,7 @@ def test_a_terminated_run_cancels_the_job(standalone, tmp_path: Path) -> None:
             proc.kill()
     name, uid = obj["metadata"]["name"], obj["metadata"]["uid"]
     assert not (d / "dagster" / f"{name}.yaml").exists(), "the object was deleted"
-    wait_until("the job to be CANCELLED in sacct", lambda: [j for j in sacct_jobs(uid) if j[1].startswith("CANCELLED")])
+    wait_until(
+        "the job to be CANCELLED in sacct",
+        lambda: [j for j in sacct_jobs(uid) if j[1].startswith("CANCELLED")],
+    )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -17,10 +18,11 @@ from dagster import (
     AssetKey,
     AssetMaterialization,
     AssetObservation,
-    AssetRecordsFilter,
     AssetSpec,
+    DagsterEventType,
     DagsterInstance,
     DefaultSensorStatus,
+    EventRecordsFilter,
     MetadataValue,
     SensorDefinition,
     SensorEvaluationContext,
@@ -87,13 +89,13 @@ def report_ended_runs(
         candidates.append(obj)
     events: list[Event] = []
     seen = 0
+    after = min((_ended_at(o.get("status") or {}) for o in candidates), default=tick)
+    reported = _reported_runs(instance, after - lookback_seconds) if candidates else set()
     for obj in candidates:
-        if "spec" not in obj:
-            obj = store.get(obj["metadata"]["name"]) or obj
-        evs = events_for_run(obj, store.namespace)
-        if not evs or _reported(instance, evs[0], run_identity(obj)):
+        if run_identity(obj) in reported:
             seen += 1
             continue
+        evs = events_for_run(store.with_spec(obj), store.namespace)
         events.extend(evs)
     return TickReport(
         events=events,
@@ -151,6 +153,12 @@ def events_for_run(obj: SlurmAssetObject, namespace: str | None = None) -> list[
                 tags=tags,
             )
         )
+    # The partition goes into the checks' metadata, not their `partition`: Dagster's SQL storage
+    # keeps one run-less evaluation per (check, partition), so a second run of the same
+    # partition could not be reported.
+    check_facts = dict(facts)
+    if partition:
+        check_facts["slurm/partition"] = MetadataValue.text(partition)
     for c in pipes.get("checkResults") or []:
         severity = c.get("severity") or "ERROR"
         events.append(
@@ -158,9 +166,8 @@ def events_for_run(obj: SlurmAssetObject, namespace: str | None = None) -> list[
                 asset_key=AssetKey.from_escaped_user_string(c.get("assetKey") or primary),
                 check_name=c["checkName"],
                 passed=bool(c.get("passed")),
-                metadata={**metadata_map_from_external(c.get("metadata") or {}), **facts},
+                metadata={**metadata_map_from_external(c.get("metadata") or {}), **check_facts},
                 severity=AssetCheckSeverity(severity if severity in ("ERROR", "WARN") else "ERROR"),
-                partition=partition,
             )
         )
     return events
@@ -177,17 +184,28 @@ def partition_of(obj: SlurmAssetObject) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _reported(instance: DagsterInstance, marker: Event, identity: str) -> bool:
-    """Whether the event log already holds this run's marker event."""
-    partitions = [marker.partition] if marker.partition else None
-    flt = AssetRecordsFilter(asset_key=marker.asset_key, asset_partitions=partitions)
-    if isinstance(marker, AssetMaterialization):
-        records = instance.fetch_materializations(flt, limit=100).records
-        found = (r.asset_materialization for r in records)
-    else:
-        records = instance.fetch_observations(flt, limit=100).records
-        found = (r.asset_observation for r in records)
-    return any(e is not None and (e.tags or {}).get(TAG_RUN) == identity for e in found)
+def _reported_runs(instance: DagsterInstance, after: float) -> set[str]:
+    """The runs whose marker event (a materialization or observation tagged with
+    :data:`TAG_RUN`) the event log holds. A marker is stored after its run ended, so one
+    scan of the events since the oldest candidate's end (`after`, less the clock-skew
+    allowance) answers for every candidate at once."""
+    found: set[str] = set()
+    for kind in (DagsterEventType.ASSET_MATERIALIZATION, DagsterEventType.ASSET_OBSERVATION):
+        cursor = None
+        while True:
+            flt = EventRecordsFilter(event_type=kind, after_timestamp=after, after_cursor=cursor)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # get_event_records is the one cross-key query
+                records = instance.get_event_records(flt, limit=1000, ascending=True)
+            for r in records:
+                e = r.asset_materialization or r.asset_observation
+                tag = (e.tags or {}).get(TAG_RUN) if e is not None else None
+                if tag:
+                    found.add(tag)
+            if len(records) < 1000:
+                break
+            cursor = records[-1].storage_id
+    return found
 
 
 def _ended_at(status: Mapping[str, Any]) -> float:

@@ -76,6 +76,12 @@ class SlurmAssetStore(ABC):
         """Every object matching the label selector, with metadata and status; ``spec`` may be
         absent (use :meth:`get` for it)."""
 
+    def with_spec(self, obj: SlurmAssetObject) -> SlurmAssetObject:
+        """`obj` with its spec, when a listing left it out."""
+        if "spec" in obj:
+            return obj
+        return self.get(obj["metadata"]["name"]) or obj
+
     def describe(self) -> str:
         return f"{type(self).__name__}(namespace={self.namespace!r})"
 
@@ -137,6 +143,9 @@ class DirectoryStore(SlurmAssetStore):
     ) -> None:
         self.root = Path(path).resolve()
         self.namespace = namespace
+        # Parsed status files by path, kept while their (mtime, size) holds: a sensor lists
+        # thousands of them per tick, and those of ended runs do not change.
+        self._parsed: dict[str, tuple[tuple[int, int], dict[str, Any]]] = {}
         self.manifests_dir = self.root / manifests_subdir
         if (
             self.manifests_dir.resolve().parent != self.root
@@ -191,6 +200,21 @@ class DirectoryStore(SlurmAssetStore):
         meta.setdefault("namespace", self.namespace)
         obj["metadata"] = meta
         return obj
+
+    def with_spec(self, obj: SlurmAssetObject) -> SlurmAssetObject:
+        if "spec" in obj:
+            return obj
+        meta = obj.get("metadata") or {}
+        name = meta.get("name", "")
+        path = self._own_manifest(name)
+        if not path.exists():
+            source = (meta.get("annotations") or {}).get(ANN_SOURCE)
+            path = self._confined(source) if isinstance(source, str) else None
+        manifest = self._find_manifest(path, name) if path else None
+        if manifest is None:
+            return obj
+        merged_meta = {**(manifest.get("metadata") or {}), **meta}
+        return {**obj, "metadata": merged_meta, "spec": manifest.get("spec") or {}}
 
     def _confined(self, source: str) -> Path | None:
         p = Path(source)
@@ -254,15 +278,24 @@ class DirectoryStore(SlurmAssetStore):
             entries = list(os.scandir(self.status_dir()))
         except FileNotFoundError:
             return []
+        parsed: dict[str, tuple[tuple[int, int], dict[str, Any]]] = {}
         for e in entries:
             if not e.name.endswith(".yaml") or not e.is_file(follow_symlinks=False):
                 continue
-            stored = _read_yaml(Path(e.path), _MAX_STATUS_FILE)
-            if not stored:
-                continue
+            st = e.stat(follow_symlinks=False)
+            stamp = (st.st_mtime_ns, st.st_size)
+            cached = self._parsed.get(e.path)
+            if cached and cached[0] == stamp:
+                stored = cached[1]
+            else:
+                stored = _read_yaml(Path(e.path), _MAX_STATUS_FILE)
+                if not stored:
+                    continue
+            parsed[e.path] = (stamp, stored)
             labels = (stored.get("metadata") or {}).get("labels") or {}
             if matches_selector(labels, label_selector):
                 out.append(stored)
+        self._parsed = parsed
         return out
 
     def _write_temp(self, manifest: SlurmAssetObject) -> Path:

@@ -31,7 +31,8 @@ def main(n: int) -> None:
         "apiVersion: dagster-slurm.io/v1alpha1\nkind: SlurmCluster\nmetadata: {name: laptop}\n"
         "spec: {mode: local, pollInterval: 200ms}\n---\n"
         "apiVersion: dagster-slurm.io/v1alpha1\nkind: SlurmAsset\nmetadata: {name: seed}\n"
-        "spec:\n  assetKey: bench/seed\n  clusterRef: laptop\n  payload:\n    interpreter: [python3]\n"
+        "spec:\n  assetKey: bench/seed\n  clusterRef: laptop\n"
+        "  payload:\n    interpreter: [python3]\n"
         "    inline: |\n      from dagster_pipes import open_dagster_pipes\n"
         "      with open_dagster_pipes() as p:\n"
         "          p.report_asset_materialization(metadata={'rows': 1})\n"
@@ -63,7 +64,10 @@ def main(n: int) -> None:
         steady_cold = report_ended_runs(instance, DirectoryStore(d), first.cursor, now=later)
         steady = report_ended_runs(instance, store, lost.cursor, now=later)
         print(f"objects: {n}")
-        print(f"first tick (no cursor, all new):       {first.seconds:6.2f} s, {len(first.events)} events")
+        print(
+            f"first tick (no cursor, all new):       {first.seconds:6.2f} s, "
+            f"{len(first.events)} events"
+        )
         print(f"storing those events (daemon's share): {stored:6.2f} s")
         print(f"tick with no cursor, all reported:     {lost.seconds:6.2f} s")
         print(f"steady tick, new process (cold cache): {steady_cold.seconds:6.2f} s")

@@ -308,10 +308,6 @@ def slurm_asset_specs(
             kinds={"slurm"},
             owners=owners,
             group_name=labels.get("dagster-slurm.io/group") or group_name,
-            metadata={
-                "slurm/object": MetadataValue.text(
-                    f"{meta.get('namespace', store.namespace)}/{meta['name']}"
-                )
-            },
+            metadata={"slurm/object": MetadataValue.text(where)},
         )
     return list(specs.values())

@@ -79,6 +79,9 @@ pub struct Observation {
     pub queue_reason: Option<String>,
     /// The job ended but accounting did not answer: its metrics may come later.
     pub metrics_pending: bool,
+    /// The job has ended and its last figures (accounting, Pipes messages) are due within
+    /// seconds: observe it again soon rather than a whole poll interval later.
+    pub observe_again_soon: bool,
 }
 
 impl Observation {
@@ -95,6 +98,7 @@ impl Observation {
             pipes: None,
             queue_reason: None,
             metrics_pending: false,
+            observe_again_soon: false,
         }
     }
 }
@@ -388,7 +392,7 @@ fn await_metrics(s: &mut SlurmAssetStatus, input: &Input) {
         false,
         "Awaiting",
         &format!(
-            "accounting (sacct) did not answer when the job ended; metrics are filled in when it does, for up to {} minutes",
+            "the job ended; its metrics are filled in once accounting (sacct) has recorded it, for up to {} minutes",
             METRICS_WAIT.as_secs() / 60
         ),
         Some(input.generation),

@@ -340,6 +340,22 @@ impl Connection {
         })?
     }
 
+    /// Starts `bash -c SCRIPT` on the remote host with piped stdin and stdout, for a command
+    /// that lives as long as its caller keeps it (no timeout): the exit-file watcher.
+    /// `script` is the operator's own text, never a manifest value (those travel on stdin).
+    pub async fn spawn_long(&self, script: &str) -> Result<openssh::Child<&Session>> {
+        self.session
+            .raw_command("bash")
+            .raw_arg("-c")
+            .raw_arg(crate::shell::quote(script))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .await
+            .map_err(|e| Error::Transport(format!("remote command: {e}")))
+    }
+
     /// Stops the master.
     pub async fn close(self) {
         tracing::info!("closing the connection {}", self.ctl.display());

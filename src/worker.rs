@@ -4,9 +4,11 @@
 //! worker, never the other clusters or local assets.
 
 use crate::core::Observation;
+use crate::executor::exit_watch::ExitWatcher;
 use crate::executor::slurm::{ClusterFacts, SlurmExecutor, Watched};
 use crate::executor::{JobRef, JobTrack, Submitted};
 use crate::jobscript::RunPlan;
+use crate::slurm::is_final;
 use std::sync::Arc;
 use tokio::sync::mpsc;
 
@@ -65,6 +67,10 @@ pub enum Reply<K> {
         report: bool,
         result: Result<String, String>,
     },
+    /// The exit file of the job in this run dir appeared: observe it now.
+    ExitNoticed {
+        run_dir: String,
+    },
 }
 
 /// The handle of a running worker; dropping it ends the worker once its queue is done.
@@ -82,13 +88,41 @@ impl<K: Send + 'static> ClusterWorker<K> {
     ) -> Self {
         let (tx, mut rx) = mpsc::unbounded_channel::<Request<K>>();
         let ex = executor.clone();
+        let (ended_tx, mut ended_rx) = mpsc::unbounded_channel::<String>();
+        let watcher = ExitWatcher::spawn(executor.clone(), ended_tx);
+        let notices = replies.clone();
+        let notice_cluster = cluster.clone();
         tokio::spawn(async move {
-            while let Some(req) = rx.recv().await {
-                let reply = handle(&ex, req).await;
-                if let Some(r) = reply
-                    && replies.send((cluster.clone(), r)).is_err()
+            // Notices bypass the request queue: a slow submission must not delay them.
+            while let Some(run_dir) = ended_rx.recv().await {
+                if notices
+                    .send((notice_cluster.clone(), Reply::ExitNoticed { run_dir }))
+                    .is_err()
                 {
                     break;
+                }
+            }
+        });
+        tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                // Everything queued meanwhile is taken at once: the submissions among it go
+                // to the cluster in one round trip.
+                let mut batch = vec![first];
+                while let Ok(req) = rx.try_recv() {
+                    batch.push(req);
+                }
+                let (submits, others): (Vec<_>, Vec<_>) = batch
+                    .into_iter()
+                    .partition(|r| matches!(r, Request::Submit { .. }));
+                let mut out = submit_all(&ex, &watcher, submits).await;
+                for req in others {
+                    out.extend(handle(&ex, &watcher, req).await);
+                }
+                for reply in out {
+                    if replies.send((cluster.clone(), reply)).is_err() {
+                        ex.close().await;
+                        return;
+                    }
                 }
             }
             ex.close().await;
@@ -102,29 +136,75 @@ impl<K: Send + 'static> ClusterWorker<K> {
     }
 }
 
-async fn handle<K>(ex: &SlurmExecutor, req: Request<K>) -> Option<Reply<K>> {
-    Some(match req {
-        Request::Probe => Reply::Probed(ex.facts().await.map_err(|e| e.to_string())),
-        Request::Submit {
+/// Submits every request of a batch in one round trip (after the cluster's facts, which the
+/// plans need). A job submitted or adopted is watched for its exit file at once.
+async fn submit_all<K>(
+    ex: &SlurmExecutor,
+    watcher: &ExitWatcher,
+    requests: Vec<Request<K>>,
+) -> Vec<Reply<K>> {
+    if requests.is_empty() {
+        return vec![];
+    }
+    let facts = ex.facts().await;
+    let mut replies = Vec::with_capacity(requests.len());
+    let mut planned = vec![];
+    let mut plans = vec![];
+    for req in requests {
+        let Request::Submit {
             key,
             run,
             attempt,
             plan,
-        } => {
-            let result = match ex.facts().await {
-                Ok(facts) => match plan(&facts.home) {
-                    Ok(p) => ex.submit(&p).await,
-                    Err(message) => Ok(Err(message)),
-                },
-                Err(e) => Err(e),
-            };
-            Reply::Submitted {
-                key,
-                run,
-                attempt,
-                result,
-            }
+        } = req
+        else {
+            continue;
+        };
+        let result = match &facts {
+            Ok(f) => match plan(&f.home) {
+                Ok(p) => {
+                    plans.push(p);
+                    planned.push((key, run, attempt));
+                    continue;
+                }
+                Err(message) => Ok(Err(message)),
+            },
+            Err(e) => Err(crate::Error::Transport(e.to_string())),
+        };
+        replies.push(Reply::Submitted {
+            key,
+            run,
+            attempt,
+            result,
+        });
+    }
+    let results = ex.submit_many(&plans).await;
+    for ((key, run, attempt), result) in planned.into_iter().zip(results) {
+        if let Ok(Ok(sub)) = &result {
+            watcher.watch(&sub.run_dir);
         }
+        replies.push(Reply::Submitted {
+            key,
+            run,
+            attempt,
+            result,
+        });
+    }
+    replies
+}
+
+async fn handle<K>(ex: &SlurmExecutor, watcher: &ExitWatcher, req: Request<K>) -> Option<Reply<K>> {
+    Some(match req {
+        Request::Probe => Reply::Probed(ex.facts().await.map_err(|e| e.to_string())),
+        // Submissions are taken by `submit_all`.
+        Request::Submit {
+            key, run, attempt, ..
+        } => Reply::Submitted {
+            key,
+            run,
+            attempt,
+            result: Err(crate::Error::Transport("submission out of turn".into())),
+        },
         Request::Poll(mut items) => {
             let result = {
                 let mut watched: Vec<Watched> = items
@@ -137,6 +217,17 @@ async fn handle<K>(ex: &SlurmExecutor, req: Request<K>) -> Option<Reply<K>> {
                     .collect();
                 ex.observe(&mut watched).await.map_err(|e| e.to_string())
             };
+            // Jobs observed (adopted after a restart, say) are watched for their exit file
+            // until they have ended.
+            if let Ok(observations) = &result {
+                for (item, obs) in items.iter().zip(observations) {
+                    if is_final(&obs.state) {
+                        watcher.forget(&item.job.run_dir);
+                    } else {
+                        watcher.watch(&item.job.run_dir);
+                    }
+                }
+            }
             Reply::Polled {
                 items: items.into_iter().map(|i| (i.key, i.job, i.track)).collect(),
                 result,

@@ -1,6 +1,7 @@
 //! Executors run attempts somewhere: [`local`] on the operator's host. Slurm over SSH shares
 //! this interface. Executors never decide; they report observations back to the core.
 
+pub mod exit_watch;
 pub mod local;
 pub mod slurm;
 

@@ -28,6 +28,8 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 /// Pipes bytes read per job per poll, at most.
 const MESSAGES_CHUNK: u64 = crate::limits::PIPES_CHUNK;
 const JOBID_FILE: &str = "jobid";
+/// Written just before `sbatch`: a submission of this tag may have reached the scheduler.
+const SUBMITTING_FILE: &str = ".submitting";
 /// How long an ended job may wait for its batch step's accounting record.
 const BATCH_RECORD_WAIT: jiff::SignedDuration = jiff::SignedDuration::from_secs(30);
 /// Per-asset lock (beside the run dirs) held from the tag lookup to the `sbatch`.
@@ -189,7 +191,7 @@ impl SlurmExecutor {
     }
 
     /// The shared master connection; a dead one is replaced, retrying with exponential backoff.
-    async fn connection(&self) -> Result<Arc<Connection>> {
+    pub(crate) async fn connection(&self) -> Result<Arc<Connection>> {
         let mut guard = self.conn.lock().await;
         if let Some(c) = guard.as_ref() {
             if c.is_alive().await {
@@ -296,146 +298,61 @@ impl SlurmExecutor {
     /// Adopts the job carrying the attempt's tag if there is one, else uploads the run dir and
     /// submits — in one streamed script, one round trip.
     pub async fn submit(&self, plan: &RunPlan) -> Result<std::result::Result<Submitted, String>> {
-        let dir = &plan.run_dir;
-        let tag = plan.id.tag();
-        let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
-        let mut s = String::new();
-        let asset_dir = std::path::Path::new(dir)
-            .parent()
-            .map(|p| p.to_string_lossy().into_owned())
-            .unwrap_or_else(|| ".".into());
-        s.push_str("set -u\numask 077\n");
-        s.push_str(&format!(
-            "tag={}\ndir={}\nadir={}\nepoch={}\n",
-            quote(&tag),
-            quote(dir),
-            quote(&asset_dir),
-            plan.id.epoch
-        ));
-        // Lookup and sbatch run under one lock per asset, so two operators (say, an old and a
-        // new leader) can never both miss each other's job. The highest leadership epoch that
-        // submitted for this asset is kept beside it: a lower epoch is a deposed leader and
-        // is refused (a fencing token; epoch 0 means no leader election and is not fenced).
-        s.push_str(&format!(
-            "mkdir -p \"$adir\" || {{ echo \"ERROR cannot create $adir\"; exit 0; }}\n\
-             exec 9>>\"$adir/{SUBMIT_LOCK}\"\n\
-             if command -v flock >/dev/null 2>&1; then flock -w 30 9 || {{ echo BUSY; exit 0; }}; fi\n\
-             if [ \"$epoch\" -gt 0 ]; then\n\
-             fence=$(cat \"$adir/{FENCE_FILE}\" 2>/dev/null)\n\
-             case $fence in ''|*[!0-9]*) fence=0 ;; esac\n\
-             if [ \"$fence\" -gt \"$epoch\" ]; then echo \"FENCED $fence\"; exit 0; fi\n\
-             if [ \"$fence\" -lt \"$epoch\" ]; then printf '%s\\n' \"$epoch\" > \"$adir/{FENCE_FILE}\"; fi\n\
-             fi\n"
-        ));
-        s.push_str(
-            "existing=$(squeue -h -o %i --name=\"$tag\" 2>/dev/null | head -n1)\n\
-             [ -z \"$existing\" ] && existing=$(sacct -n -X -P -o JobID --name=\"$tag\" -S now-60days 2>/dev/null | head -n1)\n",
-        );
-        // The run dir remembers "<tag> <job id>": the last resort when the scheduler has
-        // forgotten the job. A dir holding another tag belongs to an earlier object of the same
-        // name and is cleared.
-        s.push_str(&format!(
-            "if [ -z \"$existing\" ] && [ -f \"$dir/{JOBID_FILE}\" ]; then\n\
-             read -r t i < \"$dir/{JOBID_FILE}\"\n\
-             if [ \"$t\" = \"$tag\" ]; then existing=$i; else rm -rf -- \"$dir\"; fi\n\
-             fi\n"
-        ));
-        s.push_str("if [ -n \"$existing\" ]; then echo \"ADOPT $existing\"; exit 0; fi\n");
-        s.push_str("mkdir -p \"$dir\" && chmod 700 \"$dir\" && cd \"$dir\" || { echo \"ERROR cannot create $dir\"; exit 0; }\n");
-        let mut files: Vec<(&str, Vec<u8>, &str)> =
-            vec![(JOB_SCRIPT, render_script(plan).into_bytes(), "700")];
-        if let Some((name, content)) = &plan.payload_file {
-            files.push((name.as_str(), content.clone(), "600"));
+        self.submit_many(std::slice::from_ref(plan))
+            .await
+            .pop()
+            .unwrap_or_else(|| Err(Error::Transport("no answer to the submission".into())))
+    }
+
+    /// Submits (or adopts) every plan in one remote script: one round trip for a whole tick's
+    /// submissions. Each plan keeps its own lock, fence and duplicate check, and its own answer.
+    pub async fn submit_many(
+        &self,
+        plans: &[RunPlan],
+    ) -> Vec<Result<std::result::Result<Submitted, String>>> {
+        if plans.is_empty() {
+            return vec![];
         }
-        let ctx = context_data(
-            &plan.asset_key,
-            &plan.dagster_run_id,
-            plan.id.attempt.saturating_sub(1),
-            plan.extras.as_ref(),
-            plan.pipes_context.as_ref(),
-        );
-        files.push((CONTEXT_FILE, ctx.to_string().into_bytes(), "600"));
-        for (name, content, mode) in &files {
-            s.push_str(&format!(
-                "base64 -d > {q} <<'SAO_EOF'\n{}\nSAO_EOF\nchmod {mode} {q}\n",
-                b64(content),
-                q = quote(name)
-            ));
+        let mut script = String::from("set -u\numask 077\n");
+        for (i, plan) in plans.iter().enumerate() {
+            script.push_str(&format!("echo '@@SAO SUB {i}'\n(\n"));
+            script.push_str(&submission_block(plan));
+            script.push_str(")\n");
         }
-        // sbatch's warnings go to stderr and are not its answer; the job ID is the last line
-        // of stdout (`--parsable`: "ID" or "ID;cluster") and must be a number.
-        s.push_str(&format!(
-            "out=$({} 2>.sbatch.err)\nrc=$?\nerr=$(head -c 2000 .sbatch.err)\nrm -f .sbatch.err\n",
-            join(&sbatch_argv(plan))
-        ));
-        s.push_str(&format!(
-            "if [ $rc -ne 0 ]; then printf 'SBATCH_FAILED %s %s\\n' \"$err\" \"$out\" | tr '\\n' ' '; echo; exit 0; fi\n\
-             id=$(printf '%s\\n' \"$out\" | tail -n1)\nid=${{id%%;*}}\n\
-             case $id in ''|*[!0-9]*) printf 'SBATCH_FAILED no job ID in the answer: %s\\n' \"$out\" | head -c 1000 | tr '\\n' ' '; echo; exit 0 ;; esac\n\
-             printf '%s %s\\n' \"$tag\" \"$id\" > {JOBID_FILE}\necho \"SUBMITTED $id\"\n"
-        ));
         let started = std::time::Instant::now();
-        let out = self.run(&s).await?;
-        self.counters
-            .submit_latency
-            .observe(started.elapsed().as_secs_f64());
-        let text = String::from_utf8_lossy(&out.stdout);
-        // The answer is the last line carrying one of the script's markers (a login shell's
-        // rc files may print other lines).
-        const MARKERS: [&str; 6] = [
-            "ADOPT ",
-            "SUBMITTED ",
-            "FENCED ",
-            "BUSY",
-            "SBATCH_FAILED ",
-            "ERROR ",
-        ];
-        let line = text
-            .lines()
-            .rev()
-            .map(str::trim)
-            .find(|l| MARKERS.iter().any(|m| l.starts_with(m)))
-            .unwrap_or("");
-        let result = if let Some(id) = line
-            .strip_prefix("ADOPT ")
-            .or_else(|| line.strip_prefix("SUBMITTED "))
-        {
-            // Adoption reads the ID back from squeue, sacct or the run dir: validate it too.
-            let id = id.trim();
-            if !is_job_id(id) {
-                return Err(Error::Transport(format!(
-                    "the cluster answered the submission with {:?}, which is not a job ID",
-                    crate::limits::truncate(id, 64)
-                )));
+        let out = match self.run(&script).await {
+            Ok(out) => out,
+            Err(e) => {
+                let message = e.to_string();
+                return plans
+                    .iter()
+                    .map(|_| Err(Error::Transport(message.clone())))
+                    .collect();
             }
-            Ok(Submitted {
-                job_id: id.to_string(),
-                run_dir: dir.clone(),
-                adopted: line.starts_with("ADOPT "),
-            })
-        } else if let Some(fence) = line.strip_prefix("FENCED ") {
-            return Err(Error::Fenced {
-                epoch: plan.id.epoch,
-                fence: fence.trim().parse().unwrap_or(0),
-            });
-        } else if line == "BUSY" {
-            return Err(Error::Transport(
-                "another submission for this asset holds its lock".into(),
-            ));
-        } else if let Some(msg) = line.strip_prefix("SBATCH_FAILED ") {
-            Err(crate::limits::truncate(
-                &format!("sbatch: {}", msg.trim()),
-                crate::limits::MAX_MESSAGE,
-            ))
-        } else if let Some(msg) = line.strip_prefix("ERROR ") {
-            Err(crate::limits::truncate(msg, crate::limits::MAX_MESSAGE))
-        } else {
-            return Err(Error::Transport(format!(
-                "unexpected answer to the submission: {}",
-                crate::limits::truncate(out.stderr.trim(), 500)
-            )));
         };
-        Ok(result)
+        let per_job = started.elapsed().as_secs_f64() / plans.len() as f64;
+        for _ in plans {
+            self.counters.submit_latency.observe(per_job);
+        }
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut answers: Vec<Option<&str>> = vec![None; plans.len()];
+        let mut current = None;
+        for line in text.lines().map(str::trim) {
+            if let Some(i) = line.strip_prefix("@@SAO SUB ") {
+                current = i.parse::<usize>().ok().filter(|i| *i < plans.len());
+            } else if let Some(i) = current
+                && SUBMIT_MARKERS.iter().any(|m| line.starts_with(m))
+            {
+                // The last marker line of the block is its answer (a login shell's rc files
+                // may print other lines).
+                answers[i] = Some(line);
+            }
+        }
+        plans
+            .iter()
+            .zip(answers)
+            .map(|(plan, line)| submission_answer(plan, line.unwrap_or(""), &out.stderr))
+            .collect()
     }
 
     /// Observes every given job of this cluster in one round trip.
@@ -444,49 +361,7 @@ impl SlurmExecutor {
             return Ok(vec![]);
         }
         let accounting = self.facts().await.map(|f| f.accounting).unwrap_or(false);
-        // Only valid IDs reach the scheduler: one bad value must not fail the whole query.
-        let ids: Vec<&str> = jobs
-            .iter()
-            .filter_map(|w| w.job.job_id.as_deref())
-            .filter(|id| is_job_id(id))
-            .collect();
-        let id_list = ids.join(",");
-        let mut s = String::new();
-        // `sao_tail KEY FILE` prints the file's size and its last bytes up to that size, so
-        // that a reader of both can tell which lines it has not seen (the file may grow).
-        s.push_str(&format!(
-            "sao_tail() {{ n=$(stat -c %s \"$2\" 2>/dev/null || echo 0); \
-             k=$(( n < {LOG_TAIL_BYTES} ? n : {LOG_TAIL_BYTES} )); \
-             printf '%s %s %s\\n' \"$1\" \"$n\" \"$(tail -c +$(( n - k + 1 )) \"$2\" 2>/dev/null | head -c \"$k\" | base64 -w0)\"; }}\n"
-        ));
-        // squeue for the user's jobs, in every state: `squeue -j ID` fails as a whole when one
-        // ID was purged, which would make a healthy batch look unknown. Each query's exit
-        // status travels with its output: a failed query is "unknown", never "absent".
-        s.push_str(&format!(
-            "squeue -h -t all -u \"$(id -un)\" -o {} 2>/dev/null\necho \"@@SAO RC squeue $?\"\necho '@@SAO SACCT'\n",
-            quote(SQUEUE_FORMAT),
-        ));
-        if accounting && !ids.is_empty() {
-            s.push_str(&format!(
-                "sacct -P -n -j {} --format={} 2>/dev/null\necho \"@@SAO RC sacct $?\"\n",
-                quote(&id_list),
-                SACCT_FORMAT
-            ));
-        }
-        for (i, w) in jobs.iter().enumerate() {
-            let d = quote(&w.job.run_dir);
-            s.push_str(&format!(
-                "echo '@@SAO JOB {i}'\n\
-                 if cd {d} 2>/dev/null; then\n\
-                 printf 'EXIT %s\\n' \"$(base64 -w0 {EXIT_FILE} 2>/dev/null)\"\n\
-                 sao_tail OUT {STDOUT_FILE}\n\
-                 sao_tail ERR {STDERR_FILE}\n\
-                 printf 'MSG %s\\n' \"$(tail -c +{} {MESSAGES_FILE} 2>/dev/null | head -c {MESSAGES_CHUNK} | base64 -w0)\"\n\
-                 printf 'SIZE %s\\n' \"$(stat -c %s {MESSAGES_FILE} 2>/dev/null)\"\n\
-                 cd - >/dev/null\nfi\n",
-                w.track.reader.offset + 1
-            ));
-        }
+        let s = poll_script(jobs, accounting);
         let out = self.run(&s).await?;
         self.counters
             .scheduler_polls
@@ -530,6 +405,232 @@ impl SlurmExecutor {
     }
 }
 
+/// One plan's submission, as a block of the submission script (run in a subshell, so that
+/// its `exit` ends only this plan's block).
+fn submission_block(plan: &RunPlan) -> String {
+    let dir = &plan.run_dir;
+    let tag = plan.id.tag();
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    let mut s = String::new();
+    let asset_dir = std::path::Path::new(dir)
+        .parent()
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_else(|| ".".into());
+    s.push_str(&format!(
+        "tag={}\ndir={}\nadir={}\nepoch={}\n",
+        quote(&tag),
+        quote(dir),
+        quote(&asset_dir),
+        plan.id.epoch
+    ));
+    // Lookup and sbatch run under one lock per asset, so two operators (say, an old and a
+    // new leader) can never both miss each other's job. The highest leadership epoch that
+    // submitted for this asset is kept beside it: a lower epoch is a deposed leader and
+    // is refused (a fencing token; epoch 0 means no leader election and is not fenced).
+    s.push_str(&format!(
+            "mkdir -p \"$adir\" || {{ echo \"ERROR cannot create $adir\"; exit 0; }}\n\
+             exec 9>>\"$adir/{SUBMIT_LOCK}\"\n\
+             if command -v flock >/dev/null 2>&1; then flock -w 30 9 || {{ echo BUSY; exit 0; }}; fi\n\
+             if [ \"$epoch\" -gt 0 ]; then\n\
+             fence=$(cat \"$adir/{FENCE_FILE}\" 2>/dev/null)\n\
+             case $fence in ''|*[!0-9]*) fence=0 ;; esac\n\
+             if [ \"$fence\" -gt \"$epoch\" ]; then echo \"FENCED $fence\"; exit 0; fi\n\
+             if [ \"$fence\" -lt \"$epoch\" ]; then printf '%s\\n' \"$epoch\" > \"$adir/{FENCE_FILE}\"; fi\n\
+             fi\n"
+        ));
+    // The run dir remembers "<tag> <job id>" once sbatch answered, and "<tag>" in
+    // `.submitting` just before it asks: the scheduler is asked for the tag (squeue, then
+    // sacct) only when a submission started and its answer was not recorded (the operator or
+    // the connection died in between), so a fresh submission costs the scheduler one RPC.
+    // A dir holding another tag belongs to an earlier object of the same name and is cleared.
+    s.push_str(&format!(
+        "existing=''\n\
+         if [ -f \"$dir/{JOBID_FILE}\" ]; then\n\
+         read -r t i < \"$dir/{JOBID_FILE}\"\n\
+         if [ \"$t\" = \"$tag\" ]; then existing=$i; else rm -rf -- \"$dir\"; fi\n\
+         elif [ -f \"$dir/{SUBMITTING_FILE}\" ]; then\n\
+         read -r t < \"$dir/{SUBMITTING_FILE}\"\n\
+         if [ \"$t\" = \"$tag\" ]; then\n\
+         existing=$(squeue -h -o %i --name=\"$tag\" 2>/dev/null | head -n1)\n\
+         [ -z \"$existing\" ] && existing=$(sacct -n -X -P -o JobID --name=\"$tag\" -S now-60days 2>/dev/null | head -n1)\n\
+         else rm -rf -- \"$dir\"; fi\n\
+         fi\n"
+    ));
+    s.push_str("if [ -n \"$existing\" ]; then echo \"ADOPT $existing\"; exit 0; fi\n");
+    s.push_str("mkdir -p \"$dir\" && chmod 700 \"$dir\" && cd \"$dir\" || { echo \"ERROR cannot create $dir\"; exit 0; }\n");
+    let mut files: Vec<(&str, Vec<u8>, &str)> =
+        vec![(JOB_SCRIPT, render_script(plan).into_bytes(), "700")];
+    if let Some((name, content)) = &plan.payload_file {
+        files.push((name.as_str(), content.clone(), "600"));
+    }
+    let ctx = context_data(
+        &plan.asset_key,
+        &plan.dagster_run_id,
+        plan.id.attempt.saturating_sub(1),
+        plan.extras.as_ref(),
+        plan.pipes_context.as_ref(),
+    );
+    files.push((CONTEXT_FILE, ctx.to_string().into_bytes(), "600"));
+    for (name, content, mode) in &files {
+        s.push_str(&format!(
+            "base64 -d > {q} <<'SAO_EOF'\n{}\nSAO_EOF\nchmod {mode} {q}\n",
+            b64(content),
+            q = quote(name)
+        ));
+    }
+    // sbatch's warnings go to stderr and are not its answer; the job ID is the last line
+    // of stdout (`--parsable`: "ID" or "ID;cluster") and must be a number.
+    s.push_str(&format!(
+        "printf '%s\\n' \"$tag\" > {SUBMITTING_FILE}\nout=$({} 2>.sbatch.err)\nrc=$?\nerr=$(head -c 2000 .sbatch.err)\nrm -f .sbatch.err\n",
+        join(&sbatch_argv(plan))
+    ));
+    s.push_str(&format!(
+            "if [ $rc -ne 0 ]; then printf 'SBATCH_FAILED %s %s\\n' \"$err\" \"$out\" | tr '\\n' ' '; echo; exit 0; fi\n\
+             id=$(printf '%s\\n' \"$out\" | tail -n1)\nid=${{id%%;*}}\n\
+             case $id in ''|*[!0-9]*) printf 'SBATCH_FAILED no job ID in the answer: %s\\n' \"$out\" | head -c 1000 | tr '\\n' ' '; echo; exit 0 ;; esac\n\
+             printf '%s %s\\n' \"$tag\" \"$id\" > {JOBID_FILE}\necho \"SUBMITTED $id\"\n"
+        ));
+    s
+}
+
+/// The lines that answer a submission block.
+const SUBMIT_MARKERS: [&str; 6] = [
+    "ADOPT ",
+    "SUBMITTED ",
+    "FENCED ",
+    "BUSY",
+    "SBATCH_FAILED ",
+    "ERROR ",
+];
+
+/// One plan's answer, from its block's last marker line.
+fn submission_answer(
+    plan: &RunPlan,
+    line: &str,
+    stderr: &str,
+) -> Result<std::result::Result<Submitted, String>> {
+    let dir = &plan.run_dir;
+    let result = if let Some(id) = line
+        .strip_prefix("ADOPT ")
+        .or_else(|| line.strip_prefix("SUBMITTED "))
+    {
+        // Adoption reads the ID back from squeue, sacct or the run dir: validate it too.
+        let id = id.trim();
+        if !is_job_id(id) {
+            return Err(Error::Transport(format!(
+                "the cluster answered the submission with {:?}, which is not a job ID",
+                crate::limits::truncate(id, 64)
+            )));
+        }
+        Ok(Submitted {
+            job_id: id.to_string(),
+            run_dir: dir.clone(),
+            adopted: line.starts_with("ADOPT "),
+        })
+    } else if let Some(fence) = line.strip_prefix("FENCED ") {
+        return Err(Error::Fenced {
+            epoch: plan.id.epoch,
+            fence: fence.trim().parse().unwrap_or(0),
+        });
+    } else if line == "BUSY" {
+        return Err(Error::Transport(
+            "another submission for this asset holds its lock".into(),
+        ));
+    } else if let Some(msg) = line.strip_prefix("SBATCH_FAILED ") {
+        Err(crate::limits::truncate(
+            &format!("sbatch: {}", msg.trim()),
+            crate::limits::MAX_MESSAGE,
+        ))
+    } else if let Some(msg) = line.strip_prefix("ERROR ") {
+        Err(crate::limits::truncate(msg, crate::limits::MAX_MESSAGE))
+    } else {
+        return Err(Error::Transport(format!(
+            "unexpected answer to the submission: {}",
+            crate::limits::truncate(stderr.trim(), 500)
+        )));
+    };
+    Ok(result)
+}
+
+/// Seconds after its exit file appeared that a job is asked of accounting: by then Slurm has
+/// usually recorded its end, so one `sacct` brings the final state and metrics.
+const ACCOUNTING_SETTLE_SECS: u64 = 2;
+/// For how long after a job's end its missing metrics are asked for again soon.
+const SETTLE_WINDOW: jiff::SignedDuration = jiff::SignedDuration::from_secs(30);
+
+/// The script of one batched poll. The job's own files come first: a job whose exit file
+/// exists has ended, and needs no `squeue`. `squeue` runs only when some job has not written
+/// its exit file (the safety net: node failure, timeout, OOM kill, `scancel`), and `sacct`
+/// only for the jobs it can tell something new: ended at least [`ACCOUNTING_SETTLE_SECS`]
+/// ago (their metrics), or gone from `squeue` without an exit file, or ended by the scheduler.
+fn poll_script(jobs: &[Watched<'_>], accounting: bool) -> String {
+    let mut s = String::new();
+    // `sao_tail KEY FILE` prints the file's size and its last bytes up to that size, so
+    // that a reader of both can tell which lines it has not seen (the file may grow).
+    s.push_str(&format!(
+        "sao_tail() {{ n=$(stat -c %s \"$2\" 2>/dev/null || echo 0); \
+         k=$(( n < {LOG_TAIL_BYTES} ? n : {LOG_TAIL_BYTES} )); \
+         printf '%s %s %s\\n' \"$1\" \"$n\" \"$(tail -c +$(( n - k + 1 )) \"$2\" 2>/dev/null | head -c \"$k\" | base64 -w0)\"; }}\n\
+         printf -v sao_now '%(%s)T' -1\nacct=''\nlive=''\n"
+    ));
+    for (i, w) in jobs.iter().enumerate() {
+        let d = quote(&w.job.run_dir);
+        // Only valid IDs reach the scheduler: one bad value must not fail the whole query.
+        let id = w
+            .job
+            .job_id
+            .as_deref()
+            .filter(|id| is_job_id(id))
+            .unwrap_or("");
+        s.push_str(&format!(
+            "echo '@@SAO JOB {i}'\nid={id}\n\
+             if cd {d} 2>/dev/null; then\n\
+             if [ -f {EXIT_FILE} ]; then\n\
+             printf 'EXIT %s\\n' \"$(base64 -w0 {EXIT_FILE} 2>/dev/null)\"\n\
+             m=$(stat -c %Y {EXIT_FILE} 2>/dev/null || echo 0)\n\
+             if [ $(( sao_now - m )) -ge {ACCOUNTING_SETTLE_SECS} ]; then [ -n \"$id\" ] && acct=\"$acct,$id\"; else echo 'FRESH 1'; fi\n\
+             else live=\"$live $id\"; fi\n\
+             sao_tail OUT {STDOUT_FILE}\n\
+             sao_tail ERR {STDERR_FILE}\n\
+             printf 'MSG %s\\n' \"$(tail -c +{} {MESSAGES_FILE} 2>/dev/null | head -c {MESSAGES_CHUNK} | base64 -w0)\"\n\
+             printf 'SIZE %s\\n' \"$(stat -c %s {MESSAGES_FILE} 2>/dev/null)\"\n\
+             cd - >/dev/null\n\
+             else live=\"$live $id\"; fi\n",
+            w.track.reader.offset + 1
+        ));
+    }
+    // squeue for the user's jobs, in every state: `squeue -j ID` fails as a whole when one
+    // ID was purged, which would make a healthy batch look unknown. Each query's exit
+    // status travels with its output: a failed query is "unknown", never "absent".
+    s.push_str(&format!(
+        "echo '@@SAO SQUEUE'\n\
+         if [ -n \"${{live// /}}\" ]; then\n\
+         q=$(squeue -h -t all -u \"$(id -un)\" -o {} 2>/dev/null); rc=$?\n\
+         printf '%s\\n' \"$q\"\necho \"@@SAO RC squeue $rc\"\n\
+         listed=' '\n\
+         while IFS='|' read -r qid qst _; do\n\
+         [ -n \"$qid\" ] || continue\n\
+         case \"$live \" in *\" $qid \"*) ;; *) continue ;; esac\n\
+         listed=\"$listed$qid \"\n\
+         case $qst in PENDING|RUNNING|CONFIGURING|COMPLETING|SUSPENDED|REQUEUE*|RESIZING|SIGNALING|STAGE_OUT|STOPPED|SPECIAL_EXIT|RESV_DEL_HOLD) ;; *) acct=\"$acct,$qid\" ;; esac\n\
+         done <<< \"$q\"\n\
+         for id in $live; do\n\
+         if [ $rc -ne 0 ]; then acct=\"$acct,$id\"; continue; fi\n\
+         case \"$listed\" in *\" $id \"*) ;; *) acct=\"$acct,$id\" ;; esac\n\
+         done\n\
+         fi\n\
+         echo '@@SAO SACCT'\n",
+        quote(SQUEUE_FORMAT),
+    ));
+    if accounting {
+        s.push_str(&format!(
+            "acct=${{acct#,}}\n\
+             if [ -n \"$acct\" ]; then sacct -P -n -j \"$acct\" --format={SACCT_FORMAT} 2>/dev/null; echo \"@@SAO RC sacct $?\"; fi\n"
+        ));
+    }
+    s
+}
+
 fn decode(b64: &str) -> Vec<u8> {
     base64::engine::general_purpose::STANDARD
         .decode(b64.trim())
@@ -566,6 +667,8 @@ fn parse_poll(
         if let Some(rest) = line.strip_prefix("@@SAO ") {
             if rest == "SACCT" {
                 section = "SACCT";
+            } else if rest == "SQUEUE" {
+                section = "SQUEUE";
             } else if let Some(i) = rest.strip_prefix("JOB ") {
                 section = "JOB";
                 current = i.parse().ok();
@@ -599,6 +702,7 @@ fn parse_poll(
                             "ERR" => "ERR",
                             "MSG" => "MSG",
                             "SIZE" => "SIZE",
+                            "FRESH" => "FRESH",
                             _ => continue,
                         },
                         v.to_string(),
@@ -625,14 +729,21 @@ fn parse_poll(
                 vec![]
             };
             let alloc = job_rows.iter().find(|r| !r.is_step());
-            let exit = files
+            let exit_file = files
                 .get("EXIT")
                 .map(|e| String::from_utf8_lossy(&decode(e)).into_owned())
-                .and_then(|t| {
-                    t.lines()
-                        .find_map(|l| l.strip_prefix("exit_code="))
-                        .and_then(|c| c.trim().parse::<i32>().ok())
-                });
+                .unwrap_or_default();
+            let exit_field = |key: &str| {
+                exit_file
+                    .lines()
+                    .find_map(|l| l.strip_prefix(key))
+                    .and_then(|c| c.trim().parse::<i64>().ok())
+            };
+            let exit = exit_field("exit_code=").and_then(|c| i32::try_from(c).ok());
+            // Whether the payload ended within the last [`SETTLE_WINDOW`] (by its own clock).
+            let ended_recently = exit_field("end=")
+                .and_then(|e| jiff::Timestamp::from_second(e).ok())
+                .is_some_and(|end| now.duration_since(end) < SETTLE_WINDOW);
             let queued = squeue.get(&id).filter(|_| is_job_id(&id));
             let from_sacct = alloc.map(|a| map_state(&a.state, Some(&a.exit_code)));
             let from_squeue = queued.map(|(st, _, _)| map_state(st, None));
@@ -642,16 +753,17 @@ fn parse_poll(
             }
             let (mut state, mut raw) = match (&from_sacct, &from_squeue, exit) {
                 (Some(s), _, _) if is_final(s) => (s.clone(), alloc.map(|a| a.state.clone())),
-                (_, Some(q), _) => (q.clone(), queued.map(|(st, _, _)| st.clone())),
-                (Some(s), None, None) => (s.clone(), alloc.map(|a| a.state.clone())),
-                // The exit file is the job's own last word once the scheduler forgot it.
-                (_, None, Some(code)) => (
+                // The exit file is the payload's own last word: the job script only exits
+                // after writing it, so the end is known before the scheduler records it.
+                (_, _, Some(code)) => (
                     JobState::Exited { exit_code: code },
                     Some(format!(
                         "{} (from the exit file)",
                         if code == 0 { "COMPLETED" } else { "FAILED" }
                     )),
                 ),
+                (_, Some(q), None) => (q.clone(), queued.map(|(st, _, _)| st.clone())),
+                (Some(s), None, None) => (s.clone(), alloc.map(|a| a.state.clone())),
                 (None, None, None) => {
                     if !is_job_id(&id) {
                         (
@@ -678,6 +790,7 @@ fn parse_poll(
                     }
                 }
             };
+            let mut waiting_for_batch = false;
             // Accounting can mark the allocation ended a moment before the batch step's own
             // record (its CPU time and memory) arrives; ending now would freeze metrics of
             // zero. Wait for it, for a while: a step record can also be lost.
@@ -694,6 +807,7 @@ fn parse_poll(
                     "{} (waiting for the batch step's accounting)",
                     a.state
                 ));
+                waiting_for_batch = true;
             }
             // An ended job whose messages are not all read yet (one chunk per poll) ends once
             // they are: the last ones are often the materialization and `closed`.
@@ -701,9 +815,11 @@ fn parse_poll(
                 .get("SIZE")
                 .and_then(|v| v.trim().parse::<u64>().ok())
                 .is_some_and(|size| size > w.track.reader.offset);
+            let mut again_soon = waiting_for_batch;
             if unread && is_final(&state) {
                 state = JobState::Running;
                 raw = Some("ENDED (reading the remaining Pipes messages)".into());
+                again_soon = true;
             }
             let mut obs = Observation::of(state);
             obs.slurm_state = raw.or_else(|| {
@@ -749,6 +865,13 @@ fn parse_poll(
                 && (!sacct_answered
                     || !alloc.is_some_and(|a| is_final(&map_state(&a.state, None)))
                     || !batch_recorded);
+            // Just ended: accounting was not asked yet (it records the end a moment later).
+            // Bounded by the time since the end, so that lagging accounting is not asked
+            // every few seconds for ever; a scheduler that did not answer is not asked sooner.
+            obs.observe_again_soon = again_soon
+                || (is_final(&obs.state)
+                    && obs.metrics_pending
+                    && (files.contains_key("FRESH") || (sacct_answered && ended_recently)));
             // The allocation's node list, from whichever source has all of it (accounting can
             // lag behind the controller while the job starts).
             let want = alloc.and_then(|a| a.alloc_nodes).unwrap_or(0) as usize;

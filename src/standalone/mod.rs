@@ -3,7 +3,9 @@
 //! The driver feeds the pure [`crate::core`] with events from the file watcher, the clock and
 //! the executor, and carries out the actions it returns. One task owns all state, so no locks.
 
+mod changes;
 pub mod clusters;
+mod index;
 pub mod store;
 
 use crate::api::{
@@ -18,7 +20,9 @@ use crate::jobscript::{PlanContext, RunId, RunPlan, plan};
 use crate::manifest::{Kind, Loaded, ManifestError, describe};
 use crate::worker::{ClusterWorker, PollItem, Reply, Request};
 use crate::{Error, Result};
+use changes::Change;
 use clusters::{platform, ssh_target};
+use index::ManifestIndex;
 use jiff::Timestamp;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -32,10 +36,13 @@ use tracing::{error, info, warn};
 /// Poll interval of local clusters that set none.
 const LOCAL_POLL: Duration = Duration::from_millis(500);
 const SLURM_POLL: Duration = Duration::from_secs(10);
-/// Quiet time after a manifest change before the directory is rescanned.
-const DEBOUNCE: Duration = Duration::from_millis(250);
 /// Wait before retrying a submission that could not reach its cluster.
 const TRANSPORT_RETRY: Duration = Duration::from_secs(5);
+/// When a job that just ended is observed again for its last figures (accounting records the
+/// end a moment after the exit file).
+const AGAIN_SOON: Duration = Duration::from_secs(2);
+/// How soon an urgent poll is tried again while the cluster's previous poll is in flight.
+const URGENT_RETRY: Duration = Duration::from_millis(100);
 
 pub struct Options {
     pub dir: PathBuf,
@@ -72,6 +79,10 @@ struct AssetEntry {
     cancelling: bool,
     /// The job is in a batched poll that has not answered yet (its track is with it).
     polling: bool,
+    /// The next poll is due because the job ended (its exit file appeared, or its last
+    /// figures are coming), not because the interval passed: it does not wait for a poll in
+    /// flight, and the cluster's other jobs do not ride along.
+    urgent: bool,
 }
 
 impl AssetEntry {
@@ -94,6 +105,10 @@ struct Facts {
 
 pub struct Driver {
     dir: PathBuf,
+    /// Which file defines which object.
+    index: ManifestIndex,
+    /// Manifest files to read again, and when.
+    dirty: HashMap<PathBuf, Instant>,
     executor: LocalExecutor,
     assets: BTreeMap<ObjectKey, AssetEntry>,
     clusters: BTreeMap<ObjectKey, Loaded>,
@@ -215,6 +230,8 @@ pub async fn run(opts: Options) -> Result<Outcome> {
     let (replies, mut reply_rx) = tokio::sync::mpsc::unbounded_channel();
     let mut driver = Driver {
         dir: dir.clone(),
+        index: ManifestIndex::default(),
+        dirty: HashMap::new(),
         executor: LocalExecutor::new(opts.exe.clone()),
         exe: opts.exe,
         workers: HashMap::new(),
@@ -230,26 +247,12 @@ pub async fn run(opts: Options) -> Result<Outcome> {
         logged: HashSet::new(),
         cache: WriteCache::new(store::Modes::of(&dir)),
     };
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Change>();
     let watch_root = dir.clone();
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        // Only changes to manifests matter: not reads (ours included), not our own writes
-        // under hidden folders such as .status and .runs.
-        let relevant = match &res {
-            Ok(ev) => {
-                !matches!(ev.kind, notify::EventKind::Access(_))
-                    && ev.paths.iter().any(|p| {
-                        p.strip_prefix(&watch_root).is_ok_and(|rel| {
-                            !rel.components()
-                                .any(|c| c.as_os_str().to_string_lossy().starts_with('.'))
-                        })
-                    })
-            }
-            Err(_) => true,
-        };
-        if relevant {
-            tracing::debug!("manifest change: {res:?}");
-            let _ = tx.send(());
+        for change in changes::classify(&watch_root, &res, Instant::now()) {
+            tracing::debug!("manifest change: {change:?}");
+            let _ = tx.send(change);
         }
     })?;
     notify::Watcher::watch(&mut watcher, &dir, notify::RecursiveMode::Recursive)?;
@@ -257,17 +260,24 @@ pub async fn run(opts: Options) -> Result<Outcome> {
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| Error::Executor(format!("installing the SIGTERM handler: {e}")))?;
     loop {
+        driver.reread_due().await;
         driver.tick().await;
         if opts.once && driver.all_done() {
             break;
         }
         let wait = driver.next_wakeup();
         tokio::select! {
-            Some(()) = rx.recv() => {
-                // Debounce: an editor's save is several events; rescan once they settle.
-                tokio::time::sleep(DEBOUNCE).await;
-                while rx.try_recv().is_ok() {}
-                driver.rescan(false).await;
+            Some(change) = rx.recv() => {
+                // Take the whole burst; each file is read once, when its change is due.
+                let mut full = driver.note_change(change);
+                while let Ok(change) = rx.try_recv() {
+                    full |= driver.note_change(change);
+                }
+                if full {
+                    driver.dirty.clear();
+                    driver.rescan(false).await;
+                }
+                driver.reread_due().await;
             }
             Some((cluster, reply)) = reply_rx.recv() => {
                 driver.on_reply(cluster, reply).await;
@@ -319,15 +329,124 @@ impl Driver {
             .values()
             .flat_map(|a| [a.next_poll, a.submit_at])
             .flatten()
+            .chain(self.dirty.values().copied())
             .map(|t| t.saturating_duration_since(now))
             .min()
             .unwrap_or(Duration::from_secs(5))
             .min(Duration::from_secs(5))
     }
 
+    /// Records a change; `true` when the whole directory must be read again.
+    fn note_change(&mut self, change: Change) -> bool {
+        match change {
+            Change::Rescan => true,
+            Change::File(path, at) => {
+                let due = self.dirty.entry(path).or_insert(at);
+                // A later event for a file being written pushes its read back.
+                *due = (*due).max(at);
+                if at <= Instant::now() {
+                    *due = at;
+                }
+                false
+            }
+        }
+    }
+
+    /// Reads the manifest files whose changes are due, and reconciles what they changed.
+    async fn reread_due(&mut self) {
+        let now = Instant::now();
+        let due: Vec<PathBuf> = self
+            .dirty
+            .iter()
+            .filter(|(_, at)| **at <= now)
+            .map(|(p, _)| p.clone())
+            .collect();
+        if due.is_empty() {
+            return;
+        }
+        let mut affected: Vec<ObjectKey> = vec![];
+        let mut changed_clusters: Vec<ObjectKey> = vec![];
+        for path in due {
+            self.dirty.remove(&path);
+            let (objects, errors) = store::read_manifests(&self.dir, &path);
+            let change = self.index.apply_file(&path, objects, errors);
+            for key in change.removed {
+                match key.kind {
+                    Kind::SlurmCluster => {
+                        self.clusters.remove(&key);
+                        changed_clusters.push(key);
+                    }
+                    Kind::SlurmAsset => {
+                        if let Some(entry) = self.assets.get_mut(&key)
+                            && !entry.deleted
+                        {
+                            info!("{key}: manifest removed");
+                            entry.deleted = true;
+                            affected.push(key);
+                        }
+                    }
+                }
+            }
+            for obj in change.upserts {
+                let key = obj.key();
+                match key.kind {
+                    Kind::SlurmCluster => {
+                        if self.clusters.get(&key).map(|c| &c.spec_hash) != Some(&obj.spec_hash) {
+                            self.clusters.insert(key.clone(), obj);
+                            changed_clusters.push(key);
+                        }
+                    }
+                    Kind::SlurmAsset => {
+                        self.upsert_asset(key.clone(), obj);
+                        affected.push(key);
+                    }
+                }
+            }
+        }
+        self.publish_errors();
+        for ckey in &changed_clusters {
+            if self.clusters.contains_key(ckey) {
+                self.probe(ckey);
+                self.write_cluster_status(ckey);
+            }
+            // The assets on a changed cluster are reconciled against it.
+            affected.extend(
+                self.assets
+                    .iter()
+                    .filter(|(k, a)| {
+                        k.namespace == ckey.namespace
+                            && a.cluster_ref.as_deref() == Some(ckey.name.as_str())
+                    })
+                    .map(|(k, _)| k.clone()),
+            );
+        }
+        affected.sort();
+        affected.dedup();
+        for key in affected {
+            if self.assets.contains_key(&key) {
+                self.step(&key, Event::Resync).await;
+            }
+        }
+    }
+
+    /// Logs new manifest errors once and writes `errors.yaml`.
+    fn publish_errors(&mut self) {
+        self.errors = self.index.errors();
+        for e in &self.errors {
+            let msg = e.to_string();
+            if self.logged.insert(msg.clone()) {
+                error!("{msg}");
+            }
+        }
+        if let Err(e) = store::write_errors(&self.dir, &self.errors, self.cache.modes) {
+            error!("{e}");
+        }
+    }
+
     /// Re-reads the directory and reconciles every object against it.
     async fn rescan(&mut self, startup: bool) {
         let snap = store::scan(&self.dir);
+        self.index = ManifestIndex::of_scan(snap.objects.values(), &snap.errors);
         for e in &snap.errors {
             let msg = e.to_string();
             if self.logged.insert(msg.clone()) {
@@ -437,6 +556,7 @@ impl Driver {
             submitting: None,
             cancelling: false,
             polling: false,
+            urgent: false,
         }
     }
 
@@ -866,6 +986,20 @@ impl Driver {
                 attempt,
                 result,
             } => self.on_submitted(key, run, attempt, result).await,
+            Reply::ExitNoticed { run_dir } => {
+                let now = Instant::now();
+                // A job in a poll under way is polled again when that poll answers.
+                if let Some(entry) = self
+                    .assets
+                    .values_mut()
+                    .find(|a| a.status.remote_run_dir.as_deref() == Some(run_dir.as_str()))
+                {
+                    entry.urgent = true;
+                    if entry.next_poll.is_some() {
+                        entry.next_poll = Some(now);
+                    }
+                }
+            }
             Reply::Polled { items, result } => {
                 self.polling.remove(&cluster);
                 let mut fresh = vec![];
@@ -896,7 +1030,18 @@ impl Driver {
                     }
                 }
                 for (key, o) in fresh {
+                    // Noticed ending while this poll was under way: look again now.
+                    let noticed = self.assets.get(&key).is_some_and(|a| a.urgent);
+                    let soon = o.observe_again_soon;
                     self.step(&key, Event::Observed(Box::new(o))).await;
+                    if let Some(entry) = self.assets.get_mut(&key)
+                        && let Some(next) = entry.next_poll
+                        && (soon || noticed)
+                    {
+                        let wait = if noticed { Duration::ZERO } else { AGAIN_SOON };
+                        entry.next_poll = Some(next.min(Instant::now() + wait));
+                        entry.urgent = true;
+                    }
                 }
             }
             Reply::Cancelled {
@@ -1021,6 +1166,7 @@ impl Driver {
         // others ride along, so the scheduler sees one query per interval, not one per asset.
         let due_clusters: HashSet<String> = due
             .iter()
+            .filter(|k| !self.assets[*k].urgent)
             .filter_map(|k| {
                 self.assets[k]
                     .cluster_ref
@@ -1055,11 +1201,13 @@ impl Driver {
                 // That cluster's last poll has not answered yet (a slow or dead cluster):
                 // try again an interval later rather than pile up queries.
                 let poll = self.poll_interval(&key);
-                self.assets.get_mut(&key).expect("known").next_poll = Some(now + poll);
+                let entry = self.assets.get_mut(&key).expect("known");
+                entry.next_poll = Some(now + if entry.urgent { URGENT_RETRY } else { poll });
                 continue;
             }
             let entry = self.assets.get_mut(&key).expect("known");
             entry.next_poll = None;
+            entry.urgent = false;
             let Some(run_dir) = entry.status.remote_run_dir.clone() else {
                 continue;
             };

@@ -85,55 +85,83 @@ pub fn scan(dir: &Path) -> Snapshot {
     }
     files.sort();
     for file in files {
-        // Regular files inside the directory only (symlinks are followed but confined), never
-        // larger than the cap: a FIFO, /dev/zero or a 200 MB file cannot stall the operator.
-        let text = match files::read_confined(&root, &file, limits::MAX_MANIFEST_BYTES) {
-            Ok(bytes) => match String::from_utf8(bytes) {
-                Ok(t) => t,
-                Err(_) => {
-                    snap.errors.push(ManifestError {
-                        file: file.clone(),
-                        document: None,
-                        reason: "not UTF-8 text".into(),
-                    });
-                    continue;
-                }
-            },
-            Err(e) => {
-                snap.errors.push(ManifestError {
-                    file: file.clone(),
-                    document: None,
-                    reason: format!("not read: {}", reason_only(&e)),
-                });
-                continue;
-            }
-        };
-        for doc in parse_file(&file, &text, StoreKind::Standalone) {
-            match doc {
-                Err(e) => snap.errors.push(e),
-                Ok(obj) => {
-                    let key = obj.key();
-                    if let Some(first) = snap.objects.get(&key) {
-                        snap.errors.push(ManifestError {
-                            file: obj.file.clone(),
-                            document: Some(obj.document),
-                            reason: format!(
-                                "metadata.name: duplicate {} {:?} in namespace {:?}, already defined in {} (document {}); this one is ignored",
-                                key.kind.as_str(),
-                                key.name,
-                                key.namespace,
-                                first.file.display(),
-                                first.document
-                            ),
-                        });
-                    } else {
-                        snap.objects.insert(key, obj);
-                    }
-                }
+        let (objects, errors) = read_manifests(&root, &file);
+        snap.errors.extend(errors);
+        for obj in objects {
+            let key = obj.key();
+            if let Some(first) = snap.objects.get(&key) {
+                snap.errors.push(duplicate_error(&obj, first));
+            } else {
+                snap.objects.insert(key, obj);
             }
         }
     }
     snap
+}
+
+/// The objects one manifest file defines, and its errors. A file that is gone defines none.
+pub fn read_manifests(root: &Path, file: &Path) -> (Vec<Loaded>, Vec<ManifestError>) {
+    let error = |reason: String| ManifestError {
+        file: file.to_path_buf(),
+        document: None,
+        reason,
+    };
+    // Regular files inside the directory only (symlinks are followed but confined), never
+    // larger than the cap: a FIFO, /dev/zero or a 200 MB file cannot stall the operator.
+    let text = match files::read_confined(root, file, limits::MAX_MANIFEST_BYTES) {
+        Ok(bytes) => match String::from_utf8(bytes) {
+            Ok(t) => t,
+            Err(_) => return (vec![], vec![error("not UTF-8 text".into())]),
+        },
+        Err(files::ReadError::Missing(_)) if fs::symlink_metadata(file).is_err() => {
+            return (vec![], vec![]);
+        }
+        Err(e) => {
+            return (
+                vec![],
+                vec![error(format!("not read: {}", reason_only(&e)))],
+            );
+        }
+    };
+    let mut objects = vec![];
+    let mut errors = vec![];
+    for doc in parse_file(file, &text, StoreKind::Standalone) {
+        match doc {
+            Err(e) => errors.push(e),
+            Ok(obj) => objects.push(obj),
+        }
+    }
+    (objects, errors)
+}
+
+/// The error of a document that names an object another document defined first.
+pub fn duplicate_error(obj: &Loaded, first: &Loaded) -> ManifestError {
+    let key = obj.key();
+    ManifestError {
+        file: obj.file.clone(),
+        document: Some(obj.document),
+        reason: format!(
+            "metadata.name: duplicate {} {:?} in namespace {:?}, already defined in {} (document {}); this one is ignored",
+            key.kind.as_str(),
+            key.name,
+            key.namespace,
+            first.file.display(),
+            first.document
+        ),
+    }
+}
+
+/// Whether a path is one the store reads as a manifest (under `root`, no hidden component,
+/// a `.yaml`/`.yml` name).
+pub fn is_manifest_path(root: &Path, path: &Path) -> bool {
+    path.strip_prefix(root).is_ok_and(|rel| {
+        !rel.components()
+            .any(|c| c.as_os_str().to_string_lossy().starts_with('.'))
+            && rel.components().count() <= limits::MAX_DIR_DEPTH + 1
+    }) && path
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .is_some_and(|n| n.ends_with(".yaml") || n.ends_with(".yml"))
 }
 
 /// The reason of a read error without the path (the manifest error names the file already).

@@ -41,6 +41,8 @@ pub struct Driven {
     pub status: SlurmAssetStatus,
     pub watch: bool,
     pub submit_after: Option<Duration>,
+    /// The job just ended and its last figures are due within seconds: look again soon.
+    pub again_soon: bool,
 }
 
 impl Backend {
@@ -122,6 +124,7 @@ pub async fn drive(
 ) -> Driven {
     let mut observed = false;
     let mut submit_after = None;
+    let mut again_soon = false;
     let mut watch = false;
     for _ in 0..8 {
         let decision = core::reconcile(&status, input, event);
@@ -192,7 +195,10 @@ pub async fn drive(
                     .observe(&job, work.requested_mem, work.poll, reader)
                     .await
                 {
-                    Ok(Some(obs)) => next = Some(Event::Observed(Box::new(obs))),
+                    Ok(Some(obs)) => {
+                        again_soon = obs.observe_again_soon;
+                        next = Some(Event::Observed(Box::new(obs)));
+                    }
                     Ok(None) => {}
                     Err(e) => tracing::warn!("observing {}: {e}", job.run_dir),
                 }
@@ -207,5 +213,6 @@ pub async fn drive(
         status,
         watch,
         submit_after,
+        again_soon,
     }
 }

@@ -60,6 +60,10 @@ pub struct Context {
     pub client: Client,
     pub local: LocalExecutor,
     pub slurm: Mutex<HashMap<String, Arc<SlurmExecutor>>>,
+    /// Run dirs whose exit file the clusters' watchers reported: their assets are reconciled
+    /// at once, not at their next poll.
+    exits: tokio::sync::mpsc::UnboundedSender<String>,
+    exits_rx: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<String>>>,
     pub counters: Arc<Counters>,
     pub readers: Mutex<HashMap<String, MessageReader>>,
     /// Last status written per SlurmCluster ("ns/name"), so that it is written on change only.
@@ -83,6 +87,9 @@ pub struct Context {
     pub release_grace: Duration,
 }
 
+/// When a job that just ended is reconciled again for its last figures.
+const AGAIN_SOON: Duration = Duration::from_secs(2);
+
 /// How often an asset that waits for a Secret looks again when Secrets are not watched.
 const SECRET_RECHECK: Duration = Duration::from_secs(60);
 
@@ -97,11 +104,14 @@ impl Context {
             controller: FIELD_MANAGER.into(),
             instance: std::env::var("POD_NAME").ok(),
         };
+        let (exits, exits_rx) = tokio::sync::mpsc::unbounded_channel();
         Context {
             recorder: Recorder::new(client.clone(), reporter),
             client,
             local: LocalExecutor::new(exe.clone()),
             slurm: Mutex::new(HashMap::new()),
+            exits,
+            exits_rx: std::sync::Mutex::new(Some(exits_rx)),
             counters: metrics.counters.clone(),
             readers: Mutex::new(HashMap::new()),
             cluster_status: Mutex::new(HashMap::new()),
@@ -245,6 +255,12 @@ pub async fn run(
             })
         });
     }
+    // A job's end, reported by its cluster's exit-file watcher, reconciles its asset now.
+    if let Some(mut exits) = ctx.exits_rx.lock().expect("exits lock").take() {
+        let ended = futures::stream::poll_fn(move |cx| exits.poll_recv(cx))
+            .filter_map(|dir| async move { asset_of_run_dir(&dir) });
+        controller = controller.reconcile_on(ended);
+    }
     controller
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
@@ -254,6 +270,16 @@ pub async fn run(
             }
         })
         .await;
+}
+
+/// The asset a run dir belongs to: run dirs end in `runs/<namespace>/<name>/<run>-<attempt>`.
+fn asset_of_run_dir(dir: &str) -> Option<ObjectRef<DeserializeGuard<SlurmAsset>>> {
+    let mut parts = dir.rsplit('/');
+    let _attempt = parts.next()?;
+    let name = parts.next()?;
+    let namespace = parts.next()?;
+    (parts.next()? == "runs" && !name.is_empty() && !namespace.is_empty())
+        .then(|| ObjectRef::new(name).within(namespace))
 }
 
 pub fn error_policy(
@@ -617,6 +643,8 @@ async fn apply(asset: &SlurmAsset, ctx: &Context, deleted: bool) -> Result<Actio
     }
     Ok(match (driven.submit_after, driven.watch) {
         (Some(d), _) => Action::requeue(d),
+        // Just ended: its metrics are due within seconds.
+        (None, true) if driven.again_soon => Action::requeue(poll.min(AGAIN_SOON)),
         (None, true) => Action::requeue(poll),
         // Invalid for want of a Secret, perhaps, and no Secret watch to say when it comes.
         (None, false) if invalid.is_some() && !ctx.watch_secrets => Action::requeue(SECRET_RECHECK),
@@ -820,6 +848,7 @@ async fn resolve(asset: &SlurmAsset, ctx: &Context) -> Result<Resolved, String> 
                         ctx.exe.clone(),
                         ctx.counters.clone(),
                     ));
+                    ex.watch_exits(ctx.exits.clone());
                     map.insert(key, ex.clone());
                     ex
                 }
@@ -949,4 +978,20 @@ async fn ssh_target(
             .unwrap_or(Duration::from_secs(10)),
         totp_seed,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_dir_names_its_asset() {
+        let r = asset_of_run_dir("/home/u/sao/runs/team-a/train/3-1").unwrap();
+        assert_eq!(
+            (r.name.as_str(), r.namespace.as_deref()),
+            ("train", Some("team-a"))
+        );
+        assert!(asset_of_run_dir("/home/u/sao/train/3-1").is_none());
+        assert!(asset_of_run_dir("3-1").is_none());
+    }
 }

@@ -6,7 +6,7 @@ use serde_json::Value;
 /// A manifest file, in bytes.
 pub const MAX_MANIFEST_BYTES: u64 = 1 << 20;
 /// Manifest files read per scan, and folder depth below the watched directory.
-pub const MAX_MANIFEST_FILES: usize = 10_000;
+pub const MAX_MANIFEST_FILES: usize = 100_000;
 pub const MAX_DIR_DEPTH: usize = 16;
 /// A payload file (`payload.path`), in bytes.
 pub const MAX_PAYLOAD_BYTES: u64 = 8 << 20;

@@ -137,8 +137,18 @@ impl Metrics {
             ),
             (
                 "scheduler_polls",
-                "Batched squeue/sacct polls",
+                "Batched polls that queried the scheduler",
                 &c.scheduler_polls,
+            ),
+            (
+                "scheduler_queries",
+                "squeue and sacct commands run by polls",
+                &c.scheduler_queries,
+            ),
+            (
+                "exit_notices",
+                "Job ends learnt from exit files without asking the scheduler",
+                &c.exit_notices,
             ),
             (
                 "remote_commands",

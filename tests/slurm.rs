@@ -495,3 +495,44 @@ fn shell_metacharacters_stay_intact_and_inert() {
         "nothing a string contained was executed"
     );
 }
+
+/// A job killed without running its last line (`scancel --batch --signal=KILL`: no exit file)
+/// is not noticed by the exit-file watcher; the batched scheduler poll, the safety net, still
+/// brings it to its true end.
+#[test]
+fn a_job_killed_before_writing_its_exit_file_ends_through_the_safety_net() {
+    let (dir, _) = setup("killed");
+    let d = dir.path();
+    write(d, "victim.yaml", &slurm_asset("victim", "sleep 300", ""));
+    let _op = Operator::start(d);
+    let running = wait_for(d, "victim", "running", |o| phase(o) == "Running");
+    let job = running["status"]["jobId"].as_str().unwrap().to_string();
+    let run_dir = running["status"]["remoteRunDir"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let out = std::process::Command::new("scancel")
+        .args(["--batch", "--signal=KILL", &job])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let obj = wait_for(d, "victim", "failed", |o| phase(o) == "Failed");
+    let s = &obj["status"];
+    assert!(
+        !std::path::Path::new(&run_dir).join("exit").exists(),
+        "the job must have died without its exit file"
+    );
+    let slurm_state = s["slurmState"].as_str().unwrap_or_default();
+    assert!(
+        !slurm_state.contains("exit file"),
+        "the end came from the scheduler, not an exit file: {s:#}"
+    );
+    assert!(
+        s["exitCode"] == 137 || s["reason"].as_str().is_some_and(|r| !r.is_empty()),
+        "{s:#}"
+    );
+}

@@ -11,7 +11,7 @@
 use super::slurm::SlurmExecutor;
 use crate::jobscript::EXIT_FILE;
 use std::collections::HashSet;
-use std::sync::Arc;
+use std::sync::Weak;
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::mpsc;
@@ -52,8 +52,9 @@ pub struct ExitWatcher {
 }
 
 impl ExitWatcher {
-    /// Starts the watcher; every run dir whose exit file appears is sent to `ended`.
-    pub fn spawn(executor: Arc<SlurmExecutor>, ended: mpsc::UnboundedSender<String>) -> Self {
+    /// Starts the watcher; every run dir whose exit file appears is sent to `ended`. It holds
+    /// the executor weakly (the executor holds it): it ends when the executor is dropped.
+    pub fn spawn(executor: Weak<SlurmExecutor>, ended: mpsc::UnboundedSender<String>) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(run(executor, rx, ended));
         ExitWatcher { tx }
@@ -77,7 +78,7 @@ const RESTART_MIN: Duration = Duration::from_secs(1);
 const RESTART_MAX: Duration = Duration::from_secs(60);
 
 async fn run(
-    executor: Arc<SlurmExecutor>,
+    executor: Weak<SlurmExecutor>,
     mut rx: mpsc::UnboundedReceiver<Command>,
     ended: mpsc::UnboundedSender<String>,
 ) {
@@ -107,10 +108,7 @@ async fn run(
                 if started.elapsed() > RESTART_MAX {
                     backoff = RESTART_MIN;
                 }
-                tracing::debug!(
-                    "exit-file watcher on {:?}: {e}; restarting in {backoff:?}",
-                    executor.target()
-                );
+                tracing::debug!("exit-file watcher: {e}; restarting in {backoff:?}");
             }
         }
         // Commands that arrive meanwhile are kept; the poll covers the jobs in the meantime.
@@ -147,16 +145,21 @@ enum Session {
 }
 
 async fn watch_remote(
-    executor: &SlurmExecutor,
+    executor: &Weak<SlurmExecutor>,
     script: &str,
     dirs: &mut HashSet<String>,
     rx: &mut mpsc::UnboundedReceiver<Command>,
     ended: &mpsc::UnboundedSender<String>,
 ) -> Session {
-    let conn = match executor.connection().await {
+    // Only the connection is held while watching, never the executor.
+    let Some(ex) = executor.upgrade() else {
+        return Session::Closed;
+    };
+    let conn = match ex.connection().await {
         Ok(c) => c,
         Err(e) => return Session::Failed(e.to_string()),
     };
+    drop(ex);
     let mut child = match conn.spawn_long(script).await {
         Ok(c) => c,
         Err(e) => return Session::Failed(e.to_string()),

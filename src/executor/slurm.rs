@@ -2,6 +2,7 @@
 //! batched poll per cluster per interval (one `squeue` and one `sacct` for every active job,
 //! plus each job's exit file, log tails and new Pipes messages, in the same round trip).
 
+use super::exit_watch::ExitWatcher;
 use super::{JobRef, JobTrack, LOG_TAIL_BYTES, Submitted, is_job_id, tail_text};
 use crate::core::{JobState, Observation};
 use crate::jobscript::{
@@ -22,7 +23,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, mpsc};
 
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 /// Pipes bytes read per job per poll, at most.
@@ -43,7 +44,13 @@ pub struct Counters {
     pub ssh_connects: AtomicU64,
     /// Masters re-established after one died (a subset of `ssh_connects`).
     pub ssh_reconnects: AtomicU64,
+    /// Batched polls that asked the scheduler (a poll of jobs that all wrote their exit file
+    /// asks it nothing).
     pub scheduler_polls: AtomicU64,
+    /// `squeue` and `sacct` commands run by polls (each one scheduler RPC).
+    pub scheduler_queries: AtomicU64,
+    /// Job ends learnt from the exit-file watcher.
+    pub exit_notices: AtomicU64,
     pub remote_commands: AtomicU64,
     /// Seconds from the start of a submission to Slurm's job ID (one SSH round trip).
     pub submit_latency: Histogram,
@@ -55,6 +62,8 @@ impl Default for Counters {
             ssh_connects: AtomicU64::new(0),
             ssh_reconnects: AtomicU64::new(0),
             scheduler_polls: AtomicU64::new(0),
+            scheduler_queries: AtomicU64::new(0),
+            exit_notices: AtomicU64::new(0),
             remote_commands: AtomicU64::new(0),
             submit_latency: Histogram::new(exponential_buckets(0.05, 2.0, 10)),
         }
@@ -80,6 +89,10 @@ pub struct SlurmExecutor {
     shared: Mutex<SharedPoll>,
     /// How the last attempt to reach the cluster went (`None`: not tried yet).
     reachable: std::sync::Mutex<Option<std::result::Result<(), String>>>,
+    /// The exit-file watcher, once started ([`SlurmExecutor::watch_exits`]).
+    exit_watch: std::sync::OnceLock<ExitWatcher>,
+    /// Run dirs whose exit file the watcher reported and no poll has observed since.
+    noticed: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 /// Jobs observed one by one (Kubernetes mode reconciles each asset on its own) are still
@@ -132,6 +145,45 @@ impl SlurmExecutor {
             counters,
             shared: Mutex::new(SharedPoll::default()),
             reachable: std::sync::Mutex::new(None),
+            exit_watch: std::sync::OnceLock::new(),
+            noticed: std::sync::Mutex::new(Default::default()),
+        }
+    }
+
+    /// Starts the exit-file watcher (once): from now on every job this executor submits or
+    /// observes is watched until it ends, and each run dir whose exit file appears is sent
+    /// to `ended` (and observed by the next [`SlurmExecutor::observe_shared`] at once).
+    pub fn watch_exits(self: &Arc<Self>, ended: mpsc::UnboundedSender<String>) {
+        if self.exit_watch.get().is_some() {
+            return;
+        }
+        let (tx, mut rx) = mpsc::unbounded_channel::<String>();
+        let me = Arc::downgrade(self);
+        tokio::spawn(async move {
+            while let Some(dir) = rx.recv().await {
+                let Some(ex) = me.upgrade() else { break };
+                ex.counters.exit_notices.fetch_add(1, Ordering::Relaxed);
+                ex.noticed.lock().expect("noticed lock").insert(dir.clone());
+                drop(ex);
+                if ended.send(dir).is_err() {
+                    break;
+                }
+            }
+        });
+        let _ = self
+            .exit_watch
+            .set(ExitWatcher::spawn(Arc::downgrade(self), tx));
+    }
+
+    fn watch(&self, run_dir: &str) {
+        if let Some(w) = self.exit_watch.get() {
+            w.watch(run_dir);
+        }
+    }
+
+    fn forget(&self, run_dir: &str) {
+        if let Some(w) = self.exit_watch.get() {
+            w.forget(run_dir);
         }
     }
 
@@ -153,12 +205,23 @@ impl SlurmExecutor {
             .entry(key.clone())
             .and_modify(|w| w.0 = job.clone())
             .or_insert_with(|| (job.clone(), requested_mem, JobTrack::default()));
-        if shared.last.is_none_or(|t| t.elapsed() >= interval) {
+        let due = shared.last.is_none_or(|t| t.elapsed() >= interval);
+        // A job whose exit file appeared is observed at once, with the others so noticed
+        // (not the whole batch: those are due at the interval).
+        let noticed: Option<std::collections::HashSet<String>> = if due {
+            None
+        } else {
+            let n = self.noticed.lock().expect("noticed lock");
+            n.contains(&key).then(|| n.clone())
+        };
+        if due || noticed.is_some() {
             let SharedPoll { watched, .. } = &mut *shared;
-            let keys: Vec<String> = watched.keys().cloned().collect();
+            let chosen = |k: &String| noticed.as_ref().is_none_or(|n| n.contains(k));
+            let keys: Vec<String> = watched.keys().filter(|k| chosen(k)).cloned().collect();
             let mut batch: Vec<Watched> = watched
-                .values_mut()
-                .map(|(j, mem, track)| Watched {
+                .iter_mut()
+                .filter(|(k, _)| chosen(k))
+                .map(|(_, (j, mem, track))| Watched {
                     job: j.clone(),
                     requested_mem: *mem,
                     track,
@@ -178,7 +241,9 @@ impl SlurmExecutor {
             shared
                 .results
                 .retain(|_, (t, _)| now.duration_since(*t) < SHARED_RESULT_TTL);
-            shared.last = Some(now);
+            if due {
+                shared.last = Some(now);
+            }
         }
         if let Some(obs) = shared.take_final(&key) {
             return Ok(Some(obs));
@@ -351,7 +416,13 @@ impl SlurmExecutor {
         plans
             .iter()
             .zip(answers)
-            .map(|(plan, line)| submission_answer(plan, line.unwrap_or(""), &out.stderr))
+            .map(|(plan, line)| {
+                let answer = submission_answer(plan, line.unwrap_or(""), &out.stderr);
+                if let Ok(Ok(sub)) = &answer {
+                    self.watch(&sub.run_dir);
+                }
+                answer
+            })
             .collect()
     }
 
@@ -363,11 +434,31 @@ impl SlurmExecutor {
         let accounting = self.facts().await.map(|f| f.accounting).unwrap_or(false);
         let s = poll_script(jobs, accounting);
         let out = self.run(&s).await?;
-        self.counters
-            .scheduler_polls
-            .fetch_add(1, Ordering::Relaxed);
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        Ok(parse_poll(&text, jobs, accounting, jiff::Timestamp::now()))
+        let queries = text
+            .lines()
+            .filter(|l| l.starts_with("@@SAO RC squeue") || l.starts_with("@@SAO RC sacct"))
+            .count() as u64;
+        if queries > 0 {
+            self.counters
+                .scheduler_polls
+                .fetch_add(1, Ordering::Relaxed);
+            self.counters
+                .scheduler_queries
+                .fetch_add(queries, Ordering::Relaxed);
+        }
+        let observations = parse_poll(&text, jobs, accounting, jiff::Timestamp::now());
+        // Jobs observed (adopted after a restart, say) are watched until they have ended.
+        let mut noticed = self.noticed.lock().expect("noticed lock");
+        for (w, obs) in jobs.iter().zip(&observations) {
+            noticed.remove(&w.job.run_dir);
+            if is_final(&obs.state) {
+                self.forget(&w.job.run_dir);
+            } else {
+                self.watch(&w.job.run_dir);
+            }
+        }
+        Ok(observations)
     }
 
     /// Cancels a job by ID, or by tag when the ID is not known yet.

@@ -319,6 +319,9 @@ impl Driver {
             a.submit_at.is_none()
                 && a.submitting.is_none()
                 && !a.cancelling
+                && !a.polling
+                // An ended job's metrics are due within seconds: wait for them.
+                && !(a.urgent && a.next_poll.is_some())
                 && (a.status.phase.is_terminal() || a.status.reason.as_deref() == Some("Suspended"))
         })
     }
@@ -1248,6 +1251,8 @@ impl Driver {
             "sshConnects": c.ssh_connects.load(Ordering::Relaxed),
             "sshReconnects": c.ssh_reconnects.load(Ordering::Relaxed),
             "schedulerPolls": c.scheduler_polls.load(Ordering::Relaxed),
+            "schedulerQueries": c.scheduler_queries.load(Ordering::Relaxed),
+            "exitNotices": c.exit_notices.load(Ordering::Relaxed),
             "remoteCommands": c.remote_commands.load(Ordering::Relaxed),
         });
         let path = self

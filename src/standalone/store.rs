@@ -185,10 +185,6 @@ fn collect(dir: &Path, depth: usize, out: &mut Vec<PathBuf>, truncated: &mut boo
         return;
     };
     for e in entries.flatten() {
-        if out.len() >= limits::MAX_MANIFEST_FILES {
-            *truncated = true;
-            return;
-        }
         let path = e.path();
         let name = e.file_name();
         let name = name.to_string_lossy();
@@ -200,6 +196,11 @@ fn collect(dir: &Path, depth: usize, out: &mut Vec<PathBuf>, truncated: &mut boo
         if ft.is_dir() {
             collect(&path, depth + 1, out, truncated);
         } else if name.ends_with(".yaml") || name.ends_with(".yml") {
+            // Counted after hidden entries are skipped: `.status` is not a manifest.
+            if out.len() >= limits::MAX_MANIFEST_FILES {
+                *truncated = true;
+                return;
+            }
             out.push(path);
         }
     }

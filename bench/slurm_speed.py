@@ -781,9 +781,7 @@ def operator_concurrent(
 # --- scale: many completed assets on the implicit local cluster ------------------------
 
 
-SCALE_PER_FILE = (
-    1  # assets per manifest file: one file per asset, as users write them
-)
+SCALE_PER_FILE = 1  # assets per manifest file: one file per asset, as users write them
 LABEL_KEY = "sao-bench-rev"
 
 

@@ -256,7 +256,12 @@ fn decide(s: &mut SlurmAssetStatus, actions: &mut Vec<Action>, input: &Input, ev
                 });
             }
             Phase::Queued | Phase::Running => actions.push(Action::Watch),
-            Phase::Succeeded | Phase::Failed | Phase::Cancelled => {}
+            // Ended, its metrics still to come from accounting: keep observing for them.
+            Phase::Succeeded | Phase::Failed | Phase::Cancelled => {
+                if metrics_awaited(s) {
+                    actions.push(Action::Watch);
+                }
+            }
         },
         Event::Submitted {
             job_id,
@@ -713,6 +718,26 @@ mod tests {
         );
         assert!(conditions::is_true(&d.status.conditions, "Complete"));
         assert!(!conditions::is_true(&d.status.conditions, "Running"));
+    }
+
+    #[test]
+    fn an_end_before_accounting_keeps_being_watched_for_metrics_across_resyncs() {
+        let i = input(1);
+        let s = at(Phase::Running);
+        let mut obs = Observation::of(JobState::Exited { exit_code: 0 });
+        obs.metrics_pending = true;
+        let d = reconcile(&s, &i, Event::Observed(Box::new(obs)));
+        assert_eq!(d.status.phase, Phase::Succeeded);
+        assert!(d.actions.contains(&Action::Watch));
+        // A later reconcile (Kubernetes reconciles each object afresh) still watches.
+        let d = reconcile(&d.status, &i, Event::Resync);
+        assert_eq!(d.actions, vec![Action::Watch]);
+        // Once the metrics arrive, nothing is left to watch.
+        let mut obs = Observation::of(JobState::Exited { exit_code: 0 });
+        obs.metrics = Some(Default::default());
+        let d = reconcile(&d.status, &i, Event::Observed(Box::new(obs)));
+        assert!(conditions::is_true(&d.status.conditions, METRICS_CONDITION));
+        assert!(reconcile(&d.status, &i, Event::Resync).actions.is_empty());
     }
 
     #[test]

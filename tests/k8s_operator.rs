@@ -224,6 +224,11 @@ async fn every_run_has_its_own_event_and_metrics_are_rounded() {
         })
         .await;
     }
+    // The end comes from the exit file; accounting's metrics follow within seconds.
+    ns.wait("slurmasset", "again", "the last run's metrics", |o| {
+        o["status"]["metrics"]["cpuEfficiency"].is_number()
+    })
+    .await;
     let o: Value = serde_json::from_str(&kubectl_ok(
         &[
             "get",
@@ -633,8 +638,13 @@ async fn kubectl_apply_runs_on_slurm_to_succeeded_and_delete_cancels() {
             "resources": {"mem": "100M", "timeLimit": "00:05:00"},
         }),
     ));
+    ns.wait("slurmasset", "busy", "Succeeded", phase_is("Succeeded"))
+        .await;
+    // The end comes from the exit file; accounting's metrics follow within seconds.
     let done = ns
-        .wait("slurmasset", "busy", "Succeeded", phase_is("Succeeded"))
+        .wait("slurmasset", "busy", "metrics", |o| {
+            o["status"]["metrics"]["elapsedSeconds"].is_number()
+        })
         .await;
     let s = &done["status"];
     assert_eq!(

@@ -448,6 +448,15 @@ impl SlurmExecutor {
                 .fetch_add(queries, Ordering::Relaxed);
         }
         let observations = parse_poll(&text, jobs, accounting, jiff::Timestamp::now());
+        tracing::debug!(
+            "polled {} jobs on {:?} ({queries} scheduler queries): {:?}",
+            jobs.len(),
+            self.target,
+            observations
+                .iter()
+                .map(|o| (&o.state, o.metrics_pending))
+                .collect::<Vec<_>>()
+        );
         // Jobs observed (adopted after a restart, say) are watched until they have ended.
         let mut noticed = self.noticed.lock().expect("noticed lock");
         for (w, obs) in jobs.iter().zip(&observations) {

@@ -426,8 +426,17 @@ pub fn list_status_files(dir: &Path, kind: Kind) -> Vec<(PathBuf, Value)> {
 /// Remembers what was last written per path, so unchanged status is never rewritten.
 #[derive(Default, Debug)]
 pub struct WriteCache {
-    last: HashMap<PathBuf, String>,
+    /// Length and hash of the last content written per path: a fingerprint, not the
+    /// content, so that 10,000 tracked objects do not keep 10,000 status files in memory.
+    last: HashMap<PathBuf, (usize, u64)>,
     pub modes: Modes,
+}
+
+fn fingerprint(content: &str) -> (usize, u64) {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    content.hash(&mut h);
+    (content.len(), h.finish())
 }
 
 impl WriteCache {
@@ -440,14 +449,15 @@ impl WriteCache {
 
     /// Writes when the content differs from the last write (or from the file on disk).
     pub fn write(&mut self, path: &Path, content: String) -> Result<bool> {
+        let print = fingerprint(&content);
         let same = match self.last.get(path) {
-            Some(prev) => *prev == content,
+            Some(prev) => *prev == print,
             None => read_status_text(path).as_deref() == Some(content.as_str()),
         };
         if !same {
             write_atomic(path, &content, self.modes)?;
         }
-        self.last.insert(path.to_path_buf(), content);
+        self.last.insert(path.to_path_buf(), print);
         Ok(!same)
     }
 }

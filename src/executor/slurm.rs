@@ -1015,14 +1015,18 @@ fn parse_poll(
                     ));
                 }
             }
-            let (stdout_bytes, stdout) = tail_decoded(files.get("OUT"));
-            let (stderr_bytes, stderr) = tail_decoded(files.get("ERR"));
-            obs.log_tail = Some(crate::api::LogTail {
-                stdout,
-                stderr,
-                stdout_bytes,
-                stderr_bytes,
-            });
+            // A run dir that could not be read (cleaned up after the end, say) says nothing
+            // about the logs: the tails seen before stand.
+            if files.contains_key("OUT") || files.contains_key("ERR") {
+                let (stdout_bytes, stdout) = tail_decoded(files.get("OUT"));
+                let (stderr_bytes, stderr) = tail_decoded(files.get("ERR"));
+                obs.log_tail = Some(crate::api::LogTail {
+                    stdout,
+                    stderr,
+                    stdout_bytes,
+                    stderr_bytes,
+                });
+            }
             obs.pipes = Some(w.track.reader.status.clone());
             obs
         })
@@ -1064,6 +1068,20 @@ mod tests {
         // The file (11 bytes) is longer than its tail: the tail's cut first line is dropped.
         assert_eq!(tail.stdout, "hello\n");
         assert_eq!((tail.stdout_bytes, tail.stderr_bytes), (Some(11), Some(0)));
+    }
+
+    #[test]
+    fn a_run_dir_gone_leaves_the_log_tail_unsaid() {
+        let mut r = JobTrack::default();
+        let mut jobs = [watched(&mut r, "9")];
+        // No lines for the job: its run dir was not there to read.
+        let obs = parse_poll(
+            "9|COMPLETED|None|n1\n@@SAO RC squeue 0\n@@SAO SACCT\n@@SAO JOB 0\n",
+            &mut jobs,
+            false,
+            jiff::Timestamp::now(),
+        );
+        assert!(obs[0].log_tail.is_none(), "{:?}", obs[0].log_tail);
     }
 
     #[test]

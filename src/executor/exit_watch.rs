@@ -98,12 +98,12 @@ async fn run(
         }
         let started = std::time::Instant::now();
         match watch_remote(&executor, &script, &mut dirs, &mut rx, &ended).await {
-            Session::Closed => return,
-            Session::Idle => {
+            WatchEnd::Closed => return,
+            WatchEnd::Idle => {
                 backoff = RESTART_MIN;
                 continue;
             }
-            Session::Failed(e) => {
+            WatchEnd::Failed(e) => {
                 // A watcher that ran for a while was fine; start again quickly.
                 if started.elapsed() > RESTART_MAX {
                     backoff = RESTART_MIN;
@@ -136,7 +136,7 @@ fn apply(dirs: &mut HashSet<String>, cmd: Command) -> Option<String> {
     }
 }
 
-enum Session {
+enum WatchEnd {
     /// The handle was dropped: the worker is gone.
     Closed,
     /// Nothing left to watch: the remote process was ended.
@@ -150,39 +150,39 @@ async fn watch_remote(
     dirs: &mut HashSet<String>,
     rx: &mut mpsc::UnboundedReceiver<Command>,
     ended: &mpsc::UnboundedSender<String>,
-) -> Session {
+) -> WatchEnd {
     // Only the connection is held while watching, never the executor.
     let Some(ex) = executor.upgrade() else {
-        return Session::Closed;
+        return WatchEnd::Closed;
     };
     let conn = match ex.connection().await {
         Ok(c) => c,
-        Err(e) => return Session::Failed(e.to_string()),
+        Err(e) => return WatchEnd::Failed(e.to_string()),
     };
     drop(ex);
     let mut child = match conn.spawn_long(script).await {
         Ok(c) => c,
-        Err(e) => return Session::Failed(e.to_string()),
+        Err(e) => return WatchEnd::Failed(e.to_string()),
     };
     let (Some(mut stdin), Some(stdout)) = (child.stdin().take(), child.stdout().take()) else {
-        return Session::Failed("the watcher's pipes are missing".into());
+        return WatchEnd::Failed("the watcher's pipes are missing".into());
     };
     let mut lines = BufReader::new(stdout).lines();
     let initial: String = dirs.iter().map(|d| format!("+{d}\n")).collect();
     if let Err(e) = stdin.write_all(initial.as_bytes()).await {
-        return Session::Failed(e.to_string());
+        return WatchEnd::Failed(e.to_string());
     }
     let outcome = loop {
         tokio::select! {
             cmd = rx.recv() => {
-                let Some(cmd) = cmd else { break Session::Closed };
+                let Some(cmd) = cmd else { break WatchEnd::Closed };
                 if let Some(line) = apply(dirs, cmd)
                     && let Err(e) = stdin.write_all(line.as_bytes()).await
                 {
-                    break Session::Failed(e.to_string());
+                    break WatchEnd::Failed(e.to_string());
                 }
                 if dirs.is_empty() {
-                    break Session::Idle;
+                    break WatchEnd::Idle;
                 }
             }
             line = lines.next_line() => match line {
@@ -192,12 +192,12 @@ async fn watch_remote(
                     {
                         let _ = ended.send(dir.to_string());
                         if dirs.is_empty() {
-                            break Session::Idle;
+                            break WatchEnd::Idle;
                         }
                     }
                 }
-                Ok(None) => break Session::Failed("the watcher ended".into()),
-                Err(e) => break Session::Failed(e.to_string()),
+                Ok(None) => break WatchEnd::Failed("the watcher ended".into()),
+                Err(e) => break WatchEnd::Failed(e.to_string()),
             },
         }
     };

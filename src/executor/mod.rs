@@ -25,6 +25,9 @@ pub struct JobTrack {
     pub reader: crate::pipes::MessageReader,
     /// Since when every source that answered has said it does not know the job.
     pub missing_since: Option<jiff::Timestamp>,
+    /// The job's exit file was seen: it has ended, and a run dir gone since (cleaned up
+    /// after the end) is no reason to ask `squeue` about it.
+    pub exit_seen: bool,
 }
 
 /// A Slurm job ID as the operator accepts it: digits only (no arrays, no het components,

@@ -26,6 +26,12 @@ use std::time::Duration;
 use tokio::sync::{Mutex, mpsc};
 
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+/// Plans per submission round trip, at most.
+const SUBMIT_CHUNK_PLANS: usize = 100;
+/// Script bytes per submission round trip, about (one plan larger than this goes alone).
+const SUBMIT_CHUNK_BYTES: usize = 8 << 20;
+/// Time allowed per `sbatch` of a submission round trip, on top of [`COMMAND_TIMEOUT`].
+const SUBMIT_TIME_PER_PLAN: Duration = Duration::from_secs(2);
 /// Pipes bytes read per job per poll, at most.
 const MESSAGES_CHUNK: u64 = crate::limits::PIPES_CHUNK;
 const JOBID_FILE: &str = "jobid";
@@ -292,7 +298,15 @@ impl SlurmExecutor {
     }
 
     async fn run(&self, script: &str) -> Result<crate::transport::RemoteOutput> {
-        let result = self.run_once(script).await;
+        self.run_for(script, COMMAND_TIMEOUT).await
+    }
+
+    async fn run_for(
+        &self,
+        script: &str,
+        timeout: Duration,
+    ) -> Result<crate::transport::RemoteOutput> {
+        let result = self.run_once(script, timeout).await;
         *self.reachable.lock().expect("reachability lock") = Some(match &result {
             Ok(_) => Ok(()),
             Err(e) => Err(e.to_string()),
@@ -300,12 +314,16 @@ impl SlurmExecutor {
         result
     }
 
-    async fn run_once(&self, script: &str) -> Result<crate::transport::RemoteOutput> {
+    async fn run_once(
+        &self,
+        script: &str,
+        timeout: Duration,
+    ) -> Result<crate::transport::RemoteOutput> {
         let conn = self.connection().await?;
         self.counters
             .remote_commands
             .fetch_add(1, Ordering::Relaxed);
-        match conn.run(script, COMMAND_TIMEOUT).await {
+        match conn.run(script, timeout).await {
             Ok(o) => Ok(o),
             Err(e) => {
                 // Drop the connection so the next command reconnects.
@@ -375,17 +393,44 @@ impl SlurmExecutor {
         &self,
         plans: &[RunPlan],
     ) -> Vec<Result<std::result::Result<Submitted, String>>> {
-        if plans.is_empty() {
-            return vec![];
+        // Bounded round trips: a script of at most SUBMIT_CHUNK_PLANS plans and about
+        // SUBMIT_CHUNK_BYTES (payloads travel inside it), each with time for its sbatch calls.
+        let blocks: Vec<String> = plans.iter().map(submission_block).collect();
+        let mut answers = Vec::with_capacity(plans.len());
+        let mut start = 0;
+        while start < plans.len() {
+            let mut end = start + 1;
+            let mut bytes = blocks[start].len();
+            while end < plans.len()
+                && end - start < SUBMIT_CHUNK_PLANS
+                && bytes + blocks[end].len() <= SUBMIT_CHUNK_BYTES
+            {
+                bytes += blocks[end].len();
+                end += 1;
+            }
+            answers.extend(
+                self.submit_chunk(&plans[start..end], &blocks[start..end])
+                    .await,
+            );
+            start = end;
         }
+        answers
+    }
+
+    async fn submit_chunk(
+        &self,
+        plans: &[RunPlan],
+        blocks: &[String],
+    ) -> Vec<Result<std::result::Result<Submitted, String>>> {
         let mut script = String::from("set -u\numask 077\n");
-        for (i, plan) in plans.iter().enumerate() {
+        for (i, block) in blocks.iter().enumerate() {
             script.push_str(&format!("echo '@@SAO SUB {i}'\n(\n"));
-            script.push_str(&submission_block(plan));
+            script.push_str(block);
             script.push_str(")\n");
         }
         let started = std::time::Instant::now();
-        let out = match self.run(&script).await {
+        let timeout = COMMAND_TIMEOUT + SUBMIT_TIME_PER_PLAN * plans.len() as u32;
+        let out = match self.run_for(&script, timeout).await {
             Ok(out) => out,
             Err(e) => {
                 let message = e.to_string();
@@ -695,8 +740,13 @@ fn poll_script(jobs: &[Watched<'_>], accounting: bool) -> String {
              printf 'MSG %s\\n' \"$(tail -c +{} {MESSAGES_FILE} 2>/dev/null | head -c {MESSAGES_CHUNK} | base64 -w0)\"\n\
              printf 'SIZE %s\\n' \"$(stat -c %s {MESSAGES_FILE} 2>/dev/null)\"\n\
              cd - >/dev/null\n\
-             else live=\"$live $id\"; fi\n",
-            w.track.reader.offset + 1
+             else {gone}; fi\n",
+            w.track.reader.offset + 1,
+            gone = if w.track.exit_seen {
+                "[ -n \"$id\" ] && acct=\"$acct,$id\""
+            } else {
+                "live=\"$live $id\""
+            }
         ));
     }
     // squeue for the user's jobs, in every state: `squeue -j ID` fails as a whole when one
@@ -840,6 +890,9 @@ fn parse_poll(
                     .and_then(|c| c.trim().parse::<i64>().ok())
             };
             let exit = exit_field("exit_code=").and_then(|c| i32::try_from(c).ok());
+            if exit.is_some() {
+                w.track.exit_seen = true;
+            }
             // Whether the payload ended within the last [`SETTLE_WINDOW`] (by its own clock).
             let ended_recently = exit_field("end=")
                 .and_then(|e| jiff::Timestamp::from_second(e).ok())

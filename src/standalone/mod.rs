@@ -481,16 +481,8 @@ impl Driver {
         if startup {
             // Status files whose manifest vanished while the operator was down: their jobs
             // may still run, so they are treated as deletions.
-            for (_, v) in store::list_status_files(&self.dir, Kind::SlurmAsset) {
-                let key = ObjectKey {
-                    kind: Kind::SlurmAsset,
-                    namespace: v["metadata"]["namespace"]
-                        .as_str()
-                        .unwrap_or("default")
-                        .into(),
-                    name: v["metadata"]["name"].as_str().unwrap_or_default().into(),
-                };
-                if seen.contains(&key) || key.name.is_empty() {
+            for key in store::status_keys(&self.dir, Kind::SlurmAsset) {
+                if seen.contains(&key) {
                     continue;
                 }
                 if let Some(stored) = store::read_stored(&self.dir, &key)

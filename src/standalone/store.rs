@@ -400,9 +400,48 @@ pub fn write_errors(dir: &Path, errors: &[ManifestError], modes: Modes) -> Resul
 /// Reads every status file of `kind` under `dir` (for the `status` command and the sensor).
 pub fn list_status_files(dir: &Path, kind: Kind) -> Vec<(PathBuf, Value)> {
     let mut out = vec![];
+    visit_status_files(dir, kind, |p, text| {
+        if let Ok(v) = serde_saphyr::from_str::<Value>(text) {
+            out.push((p.to_path_buf(), v));
+        }
+    });
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+/// The objects that have a status file of this kind, read one file at a time (only their
+/// names are kept: at start-up over 10,000 objects, holding every parsed file would cost
+/// more memory than the operator needs afterwards).
+pub fn status_keys(dir: &Path, kind: Kind) -> Vec<ObjectKey> {
+    #[derive(serde::Deserialize)]
+    struct Meta {
+        namespace: Option<String>,
+        name: Option<String>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Head {
+        metadata: Meta,
+    }
+    let mut keys = vec![];
+    visit_status_files(dir, kind, |_, text| {
+        if let Ok(Head { metadata }) = serde_saphyr::from_str::<Head>(text)
+            && let Some(name) = metadata.name.filter(|n| !n.is_empty())
+        {
+            keys.push(ObjectKey {
+                kind,
+                namespace: metadata.namespace.unwrap_or_else(|| "default".into()),
+                name,
+            });
+        }
+    });
+    keys.sort();
+    keys
+}
+
+fn visit_status_files(dir: &Path, kind: Kind, mut visit: impl FnMut(&Path, &str)) {
     let root = dir.join(STATUS_DIR);
     let Ok(namespaces) = fs::read_dir(&root) else {
-        return out;
+        return;
     };
     for ns in namespaces.flatten() {
         let kdir = ns.path().join(kind.as_str());
@@ -413,14 +452,11 @@ pub fn list_status_files(dir: &Path, kind: Kind) -> Vec<(PathBuf, Value)> {
             let p = f.path();
             if p.extension().is_some_and(|e| e == "yaml")
                 && let Some(text) = read_status_text(&p)
-                && let Ok(v) = serde_saphyr::from_str::<Value>(&text)
             {
-                out.push((p, v));
+                visit(&p, &text);
             }
         }
     }
-    out.sort_by(|a, b| a.0.cmp(&b.0));
-    out
 }
 
 /// Remembers what was last written per path, so unchanged status is never rewritten.

@@ -421,6 +421,14 @@ fn backfill_metrics(
         if obs.slurm_state.is_some() {
             s.slurm_state = obs.slurm_state.clone();
         }
+        // An end learnt from the exit file came before accounting: what only accounting
+        // knows (the allocation's nodes, its start) arrives with the metrics.
+        if s.nodes.is_empty() && !obs.nodes.is_empty() {
+            s.nodes = obs.nodes.clone();
+        }
+        if s.start_time.is_none() {
+            s.start_time = obs.start_time;
+        }
         conditions::set(
             &mut s.conditions,
             METRICS_CONDITION,
@@ -735,8 +743,13 @@ mod tests {
         // Once the metrics arrive, nothing is left to watch.
         let mut obs = Observation::of(JobState::Exited { exit_code: 0 });
         obs.metrics = Some(Default::default());
+        obs.nodes = vec!["n2".into()];
+        obs.start_time = Some(t(1));
         let d = reconcile(&d.status, &i, Event::Observed(Box::new(obs)));
         assert!(conditions::is_true(&d.status.conditions, METRICS_CONDITION));
+        // With them, what only accounting knew: the nodes and the start.
+        assert_eq!(d.status.nodes, vec!["n2".to_string()]);
+        assert_eq!(d.status.start_time, Some(t(1)));
         assert!(reconcile(&d.status, &i, Event::Resync).actions.is_empty());
     }
 

@@ -58,6 +58,10 @@ fn node_failure_is_retried_and_counted() {
     assert_ne!(s["jobId"].as_str().unwrap(), first_job);
     assert_eq!(s["logTail"]["stdout"], "done\n");
     let uid = done["metadata"]["uid"].as_str().unwrap();
+    // The end came from the exit file; accounting records the job a moment later.
+    wait_for(d, "pinned", "metrics", |o| {
+        o["status"]["metrics"]["elapsedSeconds"].is_number()
+    });
     let jobs = sacct_jobs(&format!("sao.{uid}.1."));
     assert_eq!(jobs.len(), 2, "one job per attempt: {jobs:?}");
     assert!(jobs.iter().any(|j| j.1 == "NODE_FAIL"), "{jobs:?}");

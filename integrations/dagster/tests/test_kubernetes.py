@@ -10,6 +10,7 @@ from conftest import PAYLOADS, kubectl, sacct_jobs, wait_until
 from test_client import _check_materialization, _materialize_releasing, partitioned_asset
 
 from dagster_slurm_asset import KubernetesStore, PipesSlurmAssetClient, build_slurm_asset_sensor
+from dagster_slurm_asset.status import metrics_pending
 
 
 def test_partitioned_asset_in_kubernetes_mode(k8s_namespace, kubeconfig: str) -> None:
@@ -57,11 +58,14 @@ def test_sensor_reports_kubectl_applied_assets(k8s_namespace, kubeconfig: str) -
         },
     }
     kubectl("apply", "-f", "-", input=json.dumps(manifest))
-    wait_until(
-        "the applied asset to succeed",
-        lambda: ((store.get("gitops") or {}).get("status") or {}).get("phase") == "Succeeded",
-        timeout=180,
-    )
+
+    # The end comes from the exit file and metrics a moment later; the sensor reports a run
+    # once its metrics are settled.
+    def settled() -> bool:
+        status = (store.get("gitops") or {}).get("status") or {}
+        return status.get("phase") == "Succeeded" and not metrics_pending(status)
+
+    wait_until("the applied asset to succeed with its metrics", settled, timeout=180)
     sensor = build_slurm_asset_sensor(store)
     with dg.instance_for_test() as instance:
         result = sensor(dg.build_sensor_context(instance=instance))

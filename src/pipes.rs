@@ -27,6 +27,17 @@ pub fn encode_param(value: &Value) -> String {
     base64::engine::general_purpose::STANDARD.encode(z.finish().expect("writing to memory"))
 }
 
+/// The context data of one planned attempt (its retry number is the attempt's, from 0).
+pub fn plan_context_data(plan: &crate::jobscript::RunPlan) -> Value {
+    context_data(
+        &plan.asset_key,
+        &plan.dagster_run_id,
+        plan.id.attempt.saturating_sub(1),
+        plan.extras.as_ref(),
+        plan.pipes_context.as_ref(),
+    )
+}
+
 /// The context data (`PipesContextData`) for one run of one asset: what the spec's
 /// `pipesContext` gives (the Dagster step's own context), completed with this asset's key, run ID
 /// and attempt.

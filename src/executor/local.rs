@@ -11,7 +11,7 @@
 use super::{JobRef, Submitted, efficiency, log_tail};
 use crate::core::{JobState, Observation};
 use crate::jobscript::{EXIT_FILE, JOB_SCRIPT, RunPlan, STDERR_FILE, STDOUT_FILE, render_script};
-use crate::pipes::{CONTEXT_FILE, MESSAGES_FILE, MessageReader, context_data};
+use crate::pipes::{CONTEXT_FILE, MESSAGES_FILE, MessageReader, plan_context_data};
 use crate::{Error, Result};
 use jiff::Timestamp;
 use std::fs::{self, File, OpenOptions};
@@ -104,13 +104,7 @@ impl LocalExecutor {
         if let Some((name, content)) = &plan.payload_file {
             write_file(&dir.join(name), content, 0o600)?;
         }
-        let ctx = context_data(
-            &plan.asset_key,
-            &plan.dagster_run_id,
-            plan.id.attempt.saturating_sub(1),
-            plan.extras.as_ref(),
-            plan.pipes_context.as_ref(),
-        );
+        let ctx = plan_context_data(plan);
         write_file(&dir.join(CONTEXT_FILE), ctx.to_string().as_bytes(), 0o600)?;
         let mut command = tokio::process::Command::new(&self.exe);
         command.arg("local-supervise").arg("--run-dir").arg(&dir);

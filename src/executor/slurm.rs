@@ -8,7 +8,7 @@ use crate::core::{JobState, Observation};
 use crate::jobscript::{
     EXIT_FILE, JOB_SCRIPT, RunPlan, STDERR_FILE, STDOUT_FILE, render_script, sbatch_argv,
 };
-use crate::pipes::{CONTEXT_FILE, MESSAGES_FILE, context_data};
+use crate::pipes::{CONTEXT_FILE, MESSAGES_FILE, plan_context_data};
 use crate::shell::{join, quote};
 use crate::slurm::{
     SACCT_FORMAT, SQUEUE_FORMAT, expand_nodelist, is_final, job_metrics, map_state, parse_sacct,
@@ -608,13 +608,7 @@ fn submission_block(plan: &RunPlan) -> String {
     if let Some((name, content)) = &plan.payload_file {
         files.push((name.as_str(), content.clone(), "600"));
     }
-    let ctx = context_data(
-        &plan.asset_key,
-        &plan.dagster_run_id,
-        plan.id.attempt.saturating_sub(1),
-        plan.extras.as_ref(),
-        plan.pipes_context.as_ref(),
-    );
+    let ctx = plan_context_data(plan);
     files.push((CONTEXT_FILE, ctx.to_string().into_bytes(), "600"));
     for (name, content, mode) in &files {
         s.push_str(&format!(

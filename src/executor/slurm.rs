@@ -712,6 +712,9 @@ fn poll_script(jobs: &[Watched<'_>], accounting: bool) -> String {
          printf '%s %s %s\\n' \"$1\" \"$n\" \"$(tail -c +$(( n - k + 1 )) \"$2\" 2>/dev/null | head -c \"$k\" | base64 -w0)\"; }}\n\
          printf -v sao_now '%(%s)T' -1\nacct=''\nlive=''\n"
     ));
+    // First pass: which jobs the scheduler must be asked about. A job with an exit file has
+    // ended (accounting is asked for its metrics once it has settled); one without is live.
+    s.push_str("fresh=' '\n");
     for (i, w) in jobs.iter().enumerate() {
         let d = quote(&w.job.run_dir);
         // Only valid IDs reach the scheduler: one bad value must not fail the whole query.
@@ -722,20 +725,13 @@ fn poll_script(jobs: &[Watched<'_>], accounting: bool) -> String {
             .filter(|id| is_job_id(id))
             .unwrap_or("");
         s.push_str(&format!(
-            "echo '@@SAO JOB {i}'\nid={id}\n\
-             if cd {d} 2>/dev/null; then\n\
-             if [ -f {EXIT_FILE} ]; then\n\
-             printf 'EXIT %s\\n' \"$(base64 -w0 {EXIT_FILE} 2>/dev/null)\"\n\
-             m=$(stat -c %Y {EXIT_FILE} 2>/dev/null || echo 0)\n\
-             if [ $(( sao_now - m )) -ge {ACCOUNTING_SETTLE_SECS} ]; then [ -n \"$id\" ] && acct=\"$acct,$id\"; else echo 'FRESH 1'; fi\n\
+            "id={id}\n\
+             if [ -d {d} ]; then\n\
+             if [ -f {d}/{EXIT_FILE} ]; then\n\
+             m=$(stat -c %Y {d}/{EXIT_FILE} 2>/dev/null || echo 0)\n\
+             if [ $(( sao_now - m )) -ge {ACCOUNTING_SETTLE_SECS} ]; then [ -n \"$id\" ] && acct=\"$acct,$id\"; else fresh=\"$fresh{i} \"; fi\n\
              else live=\"$live $id\"; fi\n\
-             sao_tail OUT {STDOUT_FILE}\n\
-             sao_tail ERR {STDERR_FILE}\n\
-             printf 'MSG %s\\n' \"$(tail -c +{} {MESSAGES_FILE} 2>/dev/null | head -c {MESSAGES_CHUNK} | base64 -w0)\"\n\
-             printf 'SIZE %s\\n' \"$(stat -c %s {MESSAGES_FILE} 2>/dev/null)\"\n\
-             cd - >/dev/null\n\
              else {gone}; fi\n",
-            w.track.reader.offset + 1,
             gone = if w.track.exit_seen {
                 "[ -n \"$id\" ] && acct=\"$acct,$id\""
             } else {
@@ -770,6 +766,26 @@ fn poll_script(jobs: &[Watched<'_>], accounting: bool) -> String {
         s.push_str(&format!(
             "acct=${{acct#,}}\n\
              if [ -n \"$acct\" ]; then sacct -P -n -j \"$acct\" --format={SACCT_FORMAT} 2>/dev/null; echo \"@@SAO RC sacct $?\"; fi\n"
+        ));
+    }
+    // Second pass, after the scheduler answered: each run dir's exit file, log tails and new
+    // Pipes messages. Read after the answer, a job the scheduler calls ended has written all
+    // it will write (its script exits only after its exit file), so a job that ends while
+    // this script runs is never reported ended with the output of before its end.
+    for (i, w) in jobs.iter().enumerate() {
+        let d = quote(&w.job.run_dir);
+        s.push_str(&format!(
+            "echo '@@SAO JOB {i}'\n\
+             if cd {d} 2>/dev/null; then\n\
+             if [ -f {EXIT_FILE} ]; then printf 'EXIT %s\\n' \"$(base64 -w0 {EXIT_FILE} 2>/dev/null)\"; fi\n\
+             case $fresh in *' {i} '*) echo 'FRESH 1' ;; esac\n\
+             sao_tail OUT {STDOUT_FILE}\n\
+             sao_tail ERR {STDERR_FILE}\n\
+             printf 'MSG %s\\n' \"$(tail -c +{} {MESSAGES_FILE} 2>/dev/null | head -c {MESSAGES_CHUNK} | base64 -w0)\"\n\
+             printf 'SIZE %s\\n' \"$(stat -c %s {MESSAGES_FILE} 2>/dev/null)\"\n\
+             cd - >/dev/null\n\
+             fi\n",
+            w.track.reader.offset + 1,
         ));
     }
     s
@@ -1115,6 +1131,70 @@ mod tests {
         // The file (11 bytes) is longer than its tail: the tail's cut first line is dropped.
         assert_eq!(tail.stdout, "hello\n");
         assert_eq!((tail.stdout_bytes, tail.stderr_bytes), (Some(11), Some(0)));
+    }
+
+    /// A job that ends while the poll runs (after its run dir was read, before the scheduler
+    /// is asked) is reported with what it wrote last: its output and its exit file.
+    ///
+    /// `squeue` and `sacct` are stand-ins here, and say so: the real scheduler cannot be made
+    /// to end a job inside this window on demand. The stand-in `squeue` ends the job (writes
+    /// its output and exit file, as the job script does last) and then answers as Slurm does
+    /// for a job that has just completed; `sacct` answers the same.
+    #[test]
+    fn a_job_that_ends_during_the_poll_is_read_after_the_scheduler_answers() {
+        let tmp = tempfile::tempdir().unwrap();
+        let run_dir = tmp.path().join("run");
+        let bin = tmp.path().join("bin");
+        std::fs::create_dir_all(&run_dir).unwrap();
+        std::fs::create_dir_all(&bin).unwrap();
+        std::fs::write(run_dir.join(STDOUT_FILE), "").unwrap();
+        let shim = |name: &str, body: String| {
+            let path = bin.join(name);
+            std::fs::write(&path, format!("#!/bin/bash\n{body}")).unwrap();
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        };
+        let end = jiff::Timestamp::now().as_second() - 10;
+        shim(
+            "squeue",
+            format!(
+                "printf 'ok\\n' >> {out}\nprintf 'exit_code=0\\nstart={start}\\nend={end}\\n' > {exit}\necho '9|COMPLETED|None|n1'\n",
+                out = quote(&run_dir.join(STDOUT_FILE).display().to_string()),
+                exit = quote(&run_dir.join(EXIT_FILE).display().to_string()),
+                start = end - 3,
+            ),
+        );
+        shim(
+            "sacct",
+            "echo '9|COMPLETED|0:0|3|00:00:00|1|1|cpu=1|||2026-01-01T00:00:00|2026-01-01T00:00:03'\n\
+             echo '9.batch|COMPLETED|0:0|3|00:02.500|1|1|cpu=1|5768K||2026-01-01T00:00:00|2026-01-01T00:00:03'\n"
+                .to_string(),
+        );
+        let mut track = JobTrack::default();
+        let mut jobs = [Watched {
+            job: JobRef {
+                job_id: Some("9".into()),
+                run_dir: run_dir.display().to_string(),
+                resources: Default::default(),
+            },
+            requested_mem: None,
+            track: &mut track,
+        }];
+        let script = poll_script(&jobs, true);
+        let out = std::process::Command::new("bash")
+            .arg("-c")
+            .arg(&script)
+            .env(
+                "PATH",
+                format!("{}:{}", bin.display(), std::env::var("PATH").unwrap()),
+            )
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let obs = parse_poll(&text, &mut jobs, true, jiff::Timestamp::now()).remove(0);
+        assert_eq!(obs.state, JobState::Exited { exit_code: 0 }, "{text}");
+        assert_eq!(obs.log_tail.as_ref().unwrap().stdout, "ok\n", "{text}");
     }
 
     #[test]

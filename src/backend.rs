@@ -26,6 +26,8 @@ pub type PlanFn<'a> =
 /// What [`drive`] needs to know about the asset beyond its status.
 pub struct Work<'a> {
     pub backend: Backend,
+    /// Where and what environment the run packs, if it packs one.
+    pub env: Option<(crate::environment::EnvHost, crate::environment::EnvRequest)>,
     pub plan: &'a PlanFn<'a>,
     /// The tag of the current attempt (cancellation by name before a job ID is known).
     pub tag: String,
@@ -134,12 +136,37 @@ pub async fn drive(
         for action in decision.actions {
             match action {
                 Action::Submit { delay: Some(d), .. } => submit_after = Some(d),
+                Action::PrepareEnv { delay: Some(d), .. } => submit_after = Some(d),
+                Action::PrepareEnv { delay: None, .. } => {
+                    next = Some(match &work.env {
+                        Some((host, req)) => match crate::environment::prepare(host, req).await {
+                            Ok(env) => Event::EnvReady { env },
+                            Err(e) => {
+                                tracing::warn!("environment: {}", e.message);
+                                Event::EnvFailed {
+                                    message: e.message,
+                                    transient: e.transient,
+                                }
+                            }
+                        },
+                        None => Event::EnvFailed {
+                            message: "no environment to prepare".into(),
+                            transient: false,
+                        },
+                    });
+                }
                 Action::Submit {
                     run,
                     attempt,
                     delay: None,
                 } => {
-                    let plan = |home: Option<&str>| (work.plan)(run, attempt, home);
+                    let env = status.env.clone();
+                    let plan = |home: Option<&str>| {
+                        (work.plan)(run, attempt, home).map(|mut p| {
+                            p.use_env(env.as_ref());
+                            p
+                        })
+                    };
                     match work.backend.submit(&plan).await {
                         Ok(ev) => next = Some(ev),
                         Err(e @ Error::Fenced { .. }) => {

@@ -184,6 +184,8 @@ struct Resolved {
     cluster_ref: Option<(String, Option<i64>)>,
     backend: Backend,
     poll: Duration,
+    /// The environment the asset packs, with its sources read from its ConfigMap.
+    env: Option<crate::environment::EnvRequest>,
 }
 
 /// Runs the controller until the stream ends (or `shutdown` resolves).
@@ -236,6 +238,7 @@ pub async fn run(
                     .config_map_ref
                     .as_ref()
                     .is_some_and(|r| r.name == name)
+                    || a.spec.environment.sources_config_map.as_deref() == Some(name.as_str())
             })
         });
     // Without list/watch rights on Secrets (a namespaced RBAC), assets that wait for one look
@@ -481,6 +484,7 @@ async fn apply(asset: &SlurmAsset, ctx: &Context, deleted: bool) -> Result<Actio
         cleanup_on_failure: spec.cleanup_on_failure,
         debug: spec.debug,
         deleted,
+        needs_env: resolved.as_ref().is_ok_and(|r| r.env.is_some()),
         now: Timestamp::now(),
     };
     let (backend, poll, resources, cluster) = match &resolved {
@@ -520,8 +524,19 @@ async fn apply(asset: &SlurmAsset, ctx: &Context, deleted: bool) -> Result<Actio
         };
         plan(&r.spec, id(run, attempt), &ctx_plan)
     };
+    let env = match &resolved {
+        Ok(r) => r.env.clone().map(|req| {
+            let host = match &r.backend {
+                Backend::Slurm(ex) => crate::environment::EnvHost::Slurm(ex.clone()),
+                Backend::Local(_) => crate::environment::EnvHost::Local,
+            };
+            (host, req)
+        }),
+        Err(_) => None,
+    };
     let work = Work {
         backend,
+        env,
         plan: &plan_fn,
         tag: id(before.run, before.attempts.max(1)).tag(),
         job: JobRef {
@@ -861,13 +876,66 @@ async fn resolve(asset: &SlurmAsset, ctx: &Context) -> Result<Resolved, String> 
         .as_ref()
         .map(|i| i.duration())
         .unwrap_or(poll);
+    let env = env_request(ctx, &ns, &spec, &cluster).await?;
     Ok(Resolved {
         spec,
         cluster,
         cluster_ref,
         backend,
         poll,
+        env,
     })
+}
+
+/// The environment an asset packs, if it packs one: its sources are the keys of
+/// `spec.environment.sourcesConfigMap` (the operator's pod has no checkout).
+async fn env_request(
+    ctx: &Context,
+    ns: &str,
+    spec: &SlurmAssetSpec,
+    cluster: &SlurmClusterSpec,
+) -> Result<Option<crate::environment::EnvRequest>, String> {
+    use crate::environment::{EnvRequest, Sources};
+    let merged = spec.environment.merged_over(&cluster.environment);
+    if merged.packer().is_none() {
+        return Ok(None);
+    }
+    let mut files = std::collections::BTreeMap::new();
+    if let Some(name) = &merged.sources_config_map {
+        let field = "spec.environment.sourcesConfigMap";
+        let cms: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), ns);
+        let cm = cms
+            .get_opt(name)
+            .await
+            .map_err(|e| format!("{field}: {e}"))?
+            .ok_or_else(|| format!("{field}: ConfigMap {name:?} not found"))?;
+        for (k, v) in cm.data.unwrap_or_default() {
+            files.insert(k, v.into_bytes());
+        }
+        for (k, v) in cm.binary_data.unwrap_or_default() {
+            files.insert(k, v.0);
+        }
+    }
+    let remote_base = match cluster.mode {
+        ClusterMode::Slurm => cluster.remote_base.clone(),
+        ClusterMode::Local => {
+            let local_base = ctx.work_dir.join("runs");
+            Some(crate::jobscript::base_dir(&PlanContext {
+                asset_dir: &local_base,
+                cluster,
+                cluster_dir: &local_base,
+                default_base: local_base.clone(),
+                remote_home: None,
+            }))
+        }
+    };
+    Ok(EnvRequest::from_settings(
+        &merged,
+        Sources::Map(files),
+        remote_base,
+        cluster.env_cache.as_ref(),
+        true,
+    ))
 }
 
 async fn secret_value(

@@ -2,7 +2,7 @@
 //! event, it returns the new status and the actions to perform. No I/O happens here; the
 //! stores and executors are adapters around it, so Kubernetes and standalone mode share it.
 
-use crate::api::{LogTail, Metrics, Phase, PipesStatus, RunSummary, SlurmAssetStatus};
+use crate::api::{EnvStatus, LogTail, Metrics, Phase, PipesStatus, RunSummary, SlurmAssetStatus};
 use crate::conditions;
 use jiff::Timestamp;
 use std::time::Duration;
@@ -28,6 +28,8 @@ pub struct Input<'a> {
     pub debug: bool,
     /// The object is being deleted (manifest removed, or deletionTimestamp set).
     pub deleted: bool,
+    /// The run needs a packed environment before it can be submitted.
+    pub needs_env: bool,
     pub now: Timestamp,
 }
 
@@ -123,6 +125,15 @@ pub enum Event {
     CancelDone {
         message: String,
     },
+    /// The run's environment is on the cluster.
+    EnvReady {
+        env: EnvStatus,
+    },
+    /// The environment could not be made. `transient`: try again later.
+    EnvFailed {
+        message: String,
+        transient: bool,
+    },
 }
 
 /// An effect for an adapter to perform.
@@ -134,6 +145,9 @@ pub enum Action {
         attempt: u32,
         delay: Option<Duration>,
     },
+    /// Make the run's environment exist on the cluster (pack, upload, verify, publish),
+    /// after `delay` if one is given.
+    PrepareEnv { run: u64, delay: Option<Duration> },
     /// Keep observing the current job.
     Watch,
     /// Stop a job, or a submission in flight (found by its run dir). `report`: feed
@@ -231,14 +245,9 @@ fn decide(s: &mut SlurmAssetStatus, actions: &mut Vec<Action>, input: &Input, ev
         }
         s.run += 1;
         s.attempts = 1;
-        s.phase = Phase::Submitting;
         s.reason = None;
         s.message = None;
-        actions.push(Action::Submit {
-            run: s.run,
-            attempt: 1,
-            delay: None,
-        });
+        start_attempt(s, actions, input);
         return;
     }
     if suspended_here {
@@ -248,12 +257,7 @@ fn decide(s: &mut SlurmAssetStatus, actions: &mut Vec<Action>, input: &Input, ev
     match event {
         Event::Resync | Event::CancelDone { .. } => match s.phase {
             Phase::Pending | Phase::Packing | Phase::Uploading | Phase::Submitting => {
-                s.phase = Phase::Submitting;
-                actions.push(Action::Submit {
-                    run: s.run,
-                    attempt: s.attempts.max(1),
-                    delay: None,
-                });
+                start_attempt(s, actions, input);
             }
             Phase::Queued | Phase::Running => actions.push(Action::Watch),
             // Ended, its metrics still to come from accounting: keep observing for them.
@@ -281,6 +285,34 @@ fn decide(s: &mut SlurmAssetStatus, actions: &mut Vec<Action>, input: &Input, ev
                     s.submit_time = Some(input.now);
                 }
                 actions.push(Action::Watch);
+            }
+        }
+        Event::EnvReady { env } => {
+            if matches!(s.phase, Phase::Pending | Phase::Packing | Phase::Uploading) {
+                s.env = Some(env);
+                if s.reason.as_deref() == Some("EnvRetrying") {
+                    s.reason = None;
+                    s.message = None;
+                }
+                start_attempt(s, actions, input);
+            }
+        }
+        Event::EnvFailed { message, transient } => {
+            if !matches!(s.phase, Phase::Pending | Phase::Packing | Phase::Uploading) {
+                return;
+            }
+            if transient {
+                s.reason = Some("EnvRetrying".into());
+                s.message = Some(format!(
+                    "preparing the environment, retrying in {}s: {message}",
+                    ENV_RETRY.as_secs()
+                ));
+                actions.push(Action::PrepareEnv {
+                    run: s.run,
+                    delay: Some(ENV_RETRY),
+                });
+            } else {
+                finish(s, actions, input, Phase::Failed, "EnvFailed", Some(message));
             }
         }
         Event::SubmitFailed { message } => {
@@ -546,9 +578,35 @@ fn supersede(s: &mut SlurmAssetStatus, actions: &mut Vec<Action>) {
     s.reason = None;
     s.message = None;
     s.job_id = None;
+    s.env = None;
     clear_job_fields(s);
 }
 
+/// Starts (or resumes) the current attempt: its environment first, when it needs one that
+/// is not ready, then its submission.
+fn start_attempt(s: &mut SlurmAssetStatus, actions: &mut Vec<Action>, input: &Input) {
+    let env_ready = s.env.as_ref().is_some_and(|e| e.path.is_some());
+    if input.needs_env && !env_ready {
+        s.phase = Phase::Packing;
+        actions.push(Action::PrepareEnv {
+            run: s.run,
+            delay: None,
+        });
+    } else {
+        s.phase = Phase::Submitting;
+        actions.push(Action::Submit {
+            run: s.run,
+            attempt: s.attempts.max(1),
+            delay: None,
+        });
+    }
+}
+
+/// How long after a failed attempt to reach the cluster an environment is tried again.
+pub const ENV_RETRY: Duration = Duration::from_secs(10);
+
+/// Clears what belongs to one attempt's job. The run's environment stays: a retry of the
+/// same run uses the same environment.
 fn clear_job_fields(s: &mut SlurmAssetStatus) {
     s.conditions.retain(|c| c.type_ != METRICS_CONDITION);
     s.slurm_state = None;
@@ -557,7 +615,6 @@ fn clear_job_fields(s: &mut SlurmAssetStatus) {
     s.end_time = None;
     s.nodes.clear();
     s.metrics = None;
-    s.env = None;
     s.pipes = None;
     s.log_tail = None;
     s.remote_run_dir = None;
@@ -646,6 +703,7 @@ mod tests {
             cleanup_on_failure: false,
             debug: false,
             deleted: false,
+            needs_env: false,
             now: t(0),
         }
     }
@@ -699,6 +757,87 @@ mod tests {
                 delay: None
             }]
         );
+    }
+
+    #[test]
+    fn a_run_that_packs_prepares_its_environment_before_submitting() {
+        let i = Input {
+            needs_env: true,
+            ..input(1)
+        };
+        let d = reconcile(&SlurmAssetStatus::default(), &i, Event::Resync);
+        assert_eq!(d.status.phase, Phase::Packing);
+        assert_eq!(
+            d.actions,
+            vec![Action::PrepareEnv {
+                run: 1,
+                delay: None
+            }]
+        );
+        // A resync while packing asks again (the preparation is single-flight).
+        let again = reconcile(&d.status, &i, Event::Resync);
+        assert_eq!(again.status.phase, Phase::Packing);
+        // The cluster could not be reached: retried later, the run stays.
+        let down = reconcile(
+            &d.status,
+            &i,
+            Event::EnvFailed {
+                message: "ssh: refused".into(),
+                transient: true,
+            },
+        );
+        assert_eq!(down.status.phase, Phase::Packing);
+        assert_eq!(
+            down.actions,
+            vec![Action::PrepareEnv {
+                run: 1,
+                delay: Some(ENV_RETRY)
+            }]
+        );
+        let env = EnvStatus {
+            cache_key: Some("k".into()),
+            cache_hit: Some(false),
+            path: Some("/base/env-cache/k".into()),
+            ..Default::default()
+        };
+        let ready = reconcile(&down.status, &i, Event::EnvReady { env: env.clone() });
+        assert_eq!(ready.status.phase, Phase::Submitting);
+        assert_eq!(ready.status.env.as_ref(), Some(&env));
+        assert_eq!(ready.status.reason, None);
+        assert_eq!(
+            ready.actions,
+            vec![Action::Submit {
+                run: 1,
+                attempt: 1,
+                delay: None
+            }]
+        );
+        // A retried attempt keeps the run's environment; a new run prepares its own.
+        let queued = reconcile(&ready.status, &i, submitted("7")).status;
+        let retried = reconcile(
+            &queued,
+            &Input {
+                retry_limit: 1,
+                ..i.clone()
+            },
+            observed(JobState::Infrastructure {
+                reason: "NODE_FAIL".into(),
+            }),
+        );
+        assert_eq!(retried.status.env.as_ref(), Some(&env));
+        let next = reconcile(&retried.status, &input(2), Event::Resync);
+        assert_eq!(next.status.env, None);
+        // A spec that cannot be packed fails the run, saying why.
+        let bad = reconcile(
+            &d.status,
+            &i,
+            Event::EnvFailed {
+                message: "uv pip install failed".into(),
+                transient: false,
+            },
+        );
+        assert_eq!(bad.status.phase, Phase::Failed);
+        assert_eq!(bad.status.reason.as_deref(), Some("EnvFailed"));
     }
 
     #[test]

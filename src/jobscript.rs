@@ -48,8 +48,14 @@ pub struct RunPlan {
     /// The payload's argv, as the job script runs it.
     pub argv: Vec<String>,
     pub env: Vec<(String, String)>,
-    /// A pre-deployed environment to activate first.
+    /// An environment to activate first: pre-deployed, or packed into the cluster's cache.
     pub env_path: Option<String>,
+    /// The packed environment's cache key, recorded in the run dir (its garbage
+    /// collection keeps an environment that a queued or running job uses).
+    pub env_key: Option<String>,
+    /// Files on the cluster the payload needs that were not uploaded with it
+    /// (`skipPayloadUpload`): a missing one fails the submission, naming it.
+    pub required_files: Vec<String>,
     pub resources: Resources,
     pub extras: Option<Value>,
     pub pipes_context: Option<crate::api::PipesContext>,
@@ -67,34 +73,54 @@ pub struct PlanContext<'a> {
     pub remote_home: Option<&'a str>,
 }
 
+impl RunPlan {
+    /// Runs in the packed environment the run's status names.
+    pub fn use_env(&mut self, env: Option<&crate::api::EnvStatus>) {
+        if let Some(e) = env
+            && let Some(path) = &e.path
+        {
+            self.env_path = Some(path.clone());
+            self.env_key = e.cache_key.clone();
+        }
+    }
+}
+
+/// The root of the cluster's run dirs and environment cache, as [`plan`] resolves it.
+pub fn base_dir(ctx: &PlanContext) -> String {
+    let local = ctx.cluster.mode == ClusterMode::Local;
+    match &ctx.cluster.remote_base {
+        Some(b) => resolve_path(local, ctx.remote_home, ctx.cluster_dir, b),
+        None => absolutize(&ctx.default_base),
+    }
+}
+
+/// `~` and `~/x` are the login user's home on a cluster (no shell expands them for us);
+/// other relative paths start there too. Locally they are relative to `dir`.
+fn resolve_path(local: bool, remote_home: Option<&str>, dir: &Path, p: &str) -> String {
+    let home_rel = if p == "~" {
+        Some("")
+    } else {
+        p.strip_prefix("~/")
+    };
+    match (local, remote_home, home_rel) {
+        (true, _, Some(rest)) => absolutize(&home_dir().join(rest)),
+        (true, _, None) => absolutize(&dir.join(p)),
+        (false, Some(home), Some(rest)) => {
+            format!("{home}/{rest}").trim_end_matches('/').to_string()
+        }
+        (false, Some(home), None) if !p.starts_with('/') => format!("{home}/{p}"),
+        (false, _, _) => p.to_string(),
+    }
+}
+
 /// Resolves a spec against its cluster into a [`RunPlan`]. Errors name the field.
 pub fn plan(spec: &SlurmAssetSpec, id: RunId, ctx: &PlanContext) -> Result<RunPlan, String> {
     let cluster = ctx.cluster;
     let resources = spec.resources.merged_over(&cluster.queue);
     let environment = spec.environment.merged_over(&cluster.environment);
     let local = cluster.mode == ClusterMode::Local;
-    // `~` and `~/x` are the login user's home on a cluster (no shell expands them for us);
-    // other relative paths start there too. Locally they are relative to the manifest.
-    let resolve = |dir: &Path, p: &str| -> String {
-        let home_rel = if p == "~" {
-            Some("")
-        } else {
-            p.strip_prefix("~/")
-        };
-        match (local, ctx.remote_home, home_rel) {
-            (true, _, Some(rest)) => absolutize(&home_dir().join(rest)),
-            (true, _, None) => absolutize(&dir.join(p)),
-            (false, Some(home), Some(rest)) => {
-                format!("{home}/{rest}").trim_end_matches('/').to_string()
-            }
-            (false, Some(home), None) if !p.starts_with('/') => format!("{home}/{p}"),
-            (false, _, _) => p.to_string(),
-        }
-    };
-    let base = match &cluster.remote_base {
-        Some(b) => resolve(ctx.cluster_dir, b),
-        None => absolutize(&ctx.default_base),
-    };
+    let resolve = |dir: &Path, p: &str| resolve_path(local, ctx.remote_home, dir, p);
+    let base = base_dir(ctx);
     let run_dir = format!(
         "{base}/runs/{}/{}/{}-{}",
         id.namespace, id.name, id.run, id.attempt
@@ -126,6 +152,7 @@ pub fn plan(spec: &SlurmAssetSpec, id: RunId, ctx: &PlanContext) -> Result<RunPl
         })
     };
     let skip_upload = environment.skip_payload_upload == Some(true);
+    let mut required_files = vec![];
     let (payload_file, mut argv) = if let Some(cmd) = &p.command {
         (None, cmd.clone())
     } else if let Some(remote) = &p.remote_path {
@@ -140,6 +167,7 @@ pub fn plan(spec: &SlurmAssetSpec, id: RunId, ctx: &PlanContext) -> Result<RunPl
                 (None, Some(env)) => format!("{env}/scripts/{}", script_name(path).trim_start_matches("payload-")),
                 (None, None) => return Err("spec.environment.skipPayloadUpload: needs preDeployedEnvPath or remotePayloadPath".into()),
             };
+            required_files.push(remote.clone());
             (None, [interpreter(path), vec![remote]].concat())
         } else {
             let content = crate::files::read_confined(
@@ -187,6 +215,8 @@ pub fn plan(spec: &SlurmAssetSpec, id: RunId, ctx: &PlanContext) -> Result<RunPl
         argv,
         env,
         env_path,
+        env_key: None,
+        required_files,
         resources,
         extras: spec.extras.clone(),
         pipes_context: spec.pipes_context.clone(),

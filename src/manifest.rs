@@ -450,22 +450,74 @@ fn validate_resources(r: &Resources, at: &str, errors: &mut Vec<FieldError>) {
     }
 }
 
-fn validate_environment(e: &EnvironmentSettings, at: &str, errors: &mut Vec<FieldError>) {
-    if e.pack_command.is_some() {
-        errors.push(field_err(
+fn validate_environment(
+    e: &EnvironmentSettings,
+    at: &str,
+    store: StoreKind,
+    errors: &mut Vec<FieldError>,
+) {
+    use crate::api::{PackOn, Packer};
+    match (e.packer, &e.pack_command) {
+        (Some(Packer::Command), None) => errors.push(field_err(
             format!("{at}.packCommand"),
-            "environment packing is not available in this version; use preDeployedEnvPath",
-        ));
+            "packer: command needs packCommand",
+        )),
+        (Some(p), Some(_)) if p != Packer::Command => errors.push(field_err(
+            format!("{at}.packCommand"),
+            "is the command packer's: set packer: command, or remove packCommand",
+        )),
+        _ => {}
     }
-    if e.skip_payload_upload == Some(true)
-        && e.pre_deployed_env_path.is_none()
-        && e.remote_payload_path.is_none()
+    if e.pack_command
+        .as_ref()
+        .is_some_and(|c| c.is_empty() || c[0].is_empty())
     {
         errors.push(field_err(
-            format!("{at}.skipPayloadUpload"),
-            "needs preDeployedEnvPath or remotePayloadPath to find the payload",
+            format!("{at}.packCommand"),
+            "needs a program to run",
         ));
     }
+    if e.pack_command.is_some()
+        && e.pack_on != Some(PackOn::Remote)
+        && store == StoreKind::Kubernetes
+    {
+        errors.push(field_err(
+            format!("{at}.packCommand"),
+            "in Kubernetes mode a pack command runs only on the login node: set packOn: remote",
+        ));
+    }
+    if e.sources_config_map.is_some() && store != StoreKind::Kubernetes {
+        errors.push(field_err(
+            format!("{at}.sourcesConfigMap"),
+            "is for Kubernetes mode; in standalone mode the sources are files beside the manifest",
+        ));
+    }
+    let paths =
+        e.uv.iter()
+            .flat_map(|u| {
+                [
+                    ("uv.project", &u.project),
+                    ("uv.requirements", &u.requirements),
+                ]
+            })
+            .chain(e.pixi.iter().map(|p| ("pixi.manifest", &p.manifest)))
+            .filter_map(|(f, v)| v.as_ref().map(|v| (f, v.clone())))
+            .chain(
+                e.pixi
+                    .iter()
+                    .flat_map(|p| p.inject.iter().map(|v| ("pixi.inject", v.clone()))),
+            )
+            .chain(e.sources.iter().flatten().map(|v| ("sources", v.clone())));
+    for (field, v) in paths {
+        if crate::environment::clean_rel(&v).is_none() {
+            errors.push(field_err(
+                format!("{at}.{field}"),
+                "must be a relative path inside the project (no leading / and no ..)",
+            ));
+        }
+    }
+    // skipPayloadUpload needs preDeployedEnvPath or remotePayloadPath, from the asset or its
+    // cluster: checked once they are merged, when the run is planned.
 }
 
 /// Semantic checks of a `SlurmAsset` spec that the type system cannot express.
@@ -613,7 +665,7 @@ pub fn validate_asset(
         errors.push(field_err("spec.clusterRef", "is not a valid object name"));
     }
     validate_resources(&s.resources, "spec.resources", &mut errors);
-    validate_environment(&s.environment, "spec.environment", &mut errors);
+    validate_environment(&s.environment, "spec.environment", store, &mut errors);
     errors
 }
 
@@ -744,7 +796,7 @@ pub fn validate_cluster(s: &SlurmClusterSpec, store: StoreKind) -> Vec<FieldErro
         errors.push(field_err("spec.ssh", "is required in slurm mode"));
     }
     validate_resources(&s.queue, "spec.queue", &mut errors);
-    validate_environment(&s.environment, "spec.environment", &mut errors);
+    validate_environment(&s.environment, "spec.environment", store, &mut errors);
     errors
 }
 

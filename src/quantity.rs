@@ -158,7 +158,7 @@ impl From<TimeLimit> for String {
     }
 }
 
-/// An operator-side duration such as a poll interval: `500ms`, `10s`, `5m`, `1h`.
+/// An operator-side duration such as a poll interval: `500ms`, `10s`, `5m`, `1h`, `30d`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct Interval {
@@ -171,16 +171,17 @@ impl Interval {
         let t = s.trim();
         let split = t
             .find(|c: char| !c.is_ascii_digit())
-            .ok_or_else(|| format!("invalid duration {s:?}: missing unit (ms, s, m or h)"))?;
+            .ok_or_else(|| format!("invalid duration {s:?}: missing unit (ms, s, m, h or d)"))?;
         let (n, unit) = t.split_at(split);
-        let n: u64 = n
-            .parse()
-            .map_err(|_| format!("invalid duration {s:?}: expected a number then ms, s, m or h"))?;
+        let n: u64 = n.parse().map_err(|_| {
+            format!("invalid duration {s:?}: expected a number then ms, s, m, h or d")
+        })?;
         let mult = match unit {
             "ms" => 1,
             "s" => 1000,
             "m" => 60_000,
             "h" => 3_600_000,
+            "d" => 86_400_000,
             _ => return Err(format!("invalid duration {s:?}: unknown unit {unit:?}")),
         };
         let millis = n
@@ -246,7 +247,7 @@ string_schema!(
     Interval,
     "Interval",
     "^[0-9]+(ms|s|m|h)$",
-    "A duration: a number followed by ms, s, m or h, e.g. 10s."
+    "A duration: a number followed by ms, s, m, h or d, e.g. 10s."
 );
 
 #[cfg(test)]
@@ -297,7 +298,11 @@ mod tests {
         );
         assert_eq!(Interval::parse("10s").unwrap().duration().as_secs(), 10);
         assert_eq!(Interval::parse("2m").unwrap().duration().as_secs(), 120);
-        for bad in ["10", "s", "0s", "1d", "1.5s"] {
+        assert_eq!(
+            Interval::parse("30d").unwrap().duration().as_secs(),
+            30 * 86_400
+        );
+        for bad in ["10", "s", "0s", "1w", "1.5s"] {
             assert!(Interval::parse(bad).is_err(), "{bad:?} should be rejected");
         }
     }

@@ -65,6 +65,12 @@ pub enum Reply<K> {
         report: bool,
         result: Result<String, String>,
     },
+    /// An environment preparation (run on its own task, not by the worker) ended.
+    EnvPrepared {
+        key: K,
+        run: u64,
+        result: Result<crate::api::EnvStatus, crate::environment::EnvError>,
+    },
     /// The exit file of the job in this run dir appeared: observe it now.
     ExitNoticed {
         run_dir: String,

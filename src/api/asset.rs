@@ -400,9 +400,18 @@ pub struct EnvStatus {
     /// Whether the environment was already on the cluster.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache_hit: Option<bool>,
-    /// Bytes uploaded for this run.
+    /// Bytes uploaded for this run's environment (0 on a cache hit).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bytes_uploaded: Option<u64>,
+    /// Seconds spent packing (0 when nothing was packed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pack_seconds: Option<f64>,
+    /// Seconds spent uploading, unpacking, verifying and publishing (0 on a cache hit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upload_seconds: Option<f64>,
+    /// Where the environment lives on the cluster (`{remoteBase}/env-cache/{cacheKey}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
 }
 
 /// Dagster Pipes messages reported by the payload.

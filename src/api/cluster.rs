@@ -1,6 +1,6 @@
 //! `SlurmCluster`: how to reach one Slurm cluster, and its defaults.
 
-use super::common::{Condition, EnvironmentSettings, Resources, SecretKeyRef};
+use super::common::{Condition, EnvCacheSettings, EnvironmentSettings, Resources, SecretKeyRef};
 use crate::quantity::Interval;
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
@@ -41,6 +41,9 @@ pub struct SlurmClusterSpec {
     /// Environment defaults for every asset on this cluster.
     #[serde(default)]
     pub environment: EnvironmentSettings,
+    /// How long packed environments stay in the cluster's cache.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env_cache: Option<EnvCacheSettings>,
     /// How often active jobs are polled, e.g. `10s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub poll_interval: Option<Interval>,

@@ -107,18 +107,52 @@ impl Resources {
 }
 
 /// Where a software environment comes from and how the payload reaches the cluster.
+///
+/// Precedence: a field set on the asset wins over the cluster's, which wins over the built-in
+/// default. Where the environment comes from is decided by the most specific level that says
+/// anything about it: `preDeployedEnvPath` (skips packing) or `packer`/`packCommand`.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct EnvironmentSettings {
-    /// Command that packs the environment (argv form), e.g. `["pixi-pack", "--platform", "linux-64"]`.
+    /// Which packer builds the environment: `uv` (a relocatable environment from
+    /// `pyproject.toml` + `uv.lock`, or `requirements.txt`), `pixi` (`pixi-pack`), or
+    /// `command` (`packCommand`). Unset: no environment is packed (implied `command` when
+    /// `packCommand` is set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub packer: Option<Packer>,
+    /// Where the packer runs: `local` (the operator's host, default) or `remote` (the
+    /// cluster's login node: air-gapped sites, or a host that cannot build for the cluster).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pack_on: Option<PackOn>,
+    /// Settings of the `uv` packer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uv: Option<UvSettings>,
+    /// Settings of the `pixi` packer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pixi: Option<PixiSettings>,
+    /// Your own packer (argv form, no shell), run in the manifest's directory (standalone) or
+    /// in a directory holding the sources (Kubernetes, `packOn: remote`). It writes the
+    /// archive to `$SAO_PACK_OUTPUT`, or prints the archive's path as its last line of output.
+    /// An archive ending in `.sh` is self-extracting (run in the target directory); anything
+    /// else is a tar archive. Unpacked, it must hold `activate.sh` or `bin/activate`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pack_command: Option<Vec<String>>,
+    /// Files the packer reads, relative to the manifest (standalone). In Kubernetes mode,
+    /// the keys of `sourcesConfigMap`. The `uv` and `pixi` packers know their own files;
+    /// list here what a `packCommand` needs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sources: Option<Vec<String>>,
+    /// Kubernetes mode: a ConfigMap of the asset's namespace whose keys are the packer's
+    /// files (`pyproject.toml`, `uv.lock`, `requirements.txt`, ...): the operator's pod has
+    /// no checkout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sources_config_map: Option<String>,
     /// An environment already present on the cluster: a directory with `activate.sh` (pixi-pack)
     /// or `bin/activate` (a venv). Packing is skipped. Relative paths in standalone local mode are
     /// relative to the manifest's directory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pre_deployed_env_path: Option<String>,
-    /// Upload the packed environment even when the remote cache has it.
+    /// Pack and upload the environment again even when the remote cache has it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub force_env_push: Option<bool>,
     /// Do not upload the payload; run `{preDeployedEnvPath}/scripts/<file>` or `remotePayloadPath`.
@@ -127,9 +161,68 @@ pub struct EnvironmentSettings {
     /// Payload path on the cluster when `skipPayloadUpload` is set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub remote_payload_path: Option<String>,
-    /// Globs of files whose content enters the environment cache key.
+    /// Globs (relative to the manifest) of files whose content enters the environment cache
+    /// key, besides the lockfile and project files. Unset: every `pixi.inject` file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache_inject_globs: Option<Vec<String>>,
+}
+
+/// Which packer builds an environment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Packer {
+    /// `uv`: a relocatable environment from a uv project or a requirements file.
+    Uv,
+    /// `pixi-pack`: a conda environment from a pixi project, as a self-extracting script.
+    Pixi,
+    /// The user's own `packCommand`.
+    Command,
+}
+
+/// Where the packer runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PackOn {
+    /// On the operator's host; the archive is uploaded.
+    Local,
+    /// On the cluster's login node; only the sources are uploaded.
+    Remote,
+}
+
+/// The `uv` packer's settings.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct UvSettings {
+    /// Directory holding `pyproject.toml` and `uv.lock` (standalone: relative to the
+    /// manifest). Default: the manifest's directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub project: Option<String>,
+    /// A requirements file to install instead of a uv project (pin every version).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requirements: Option<String>,
+    /// The cluster's Python interpreter that runs the environment (its version and platform
+    /// choose the wheels). Default: `python3` on the cluster's `PATH`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub python: Option<String>,
+}
+
+/// The `pixi` packer's settings.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PixiSettings {
+    /// The pixi manifest (`pixi.toml` or `pyproject.toml`), relative to the manifest.
+    /// Default: `pixi.toml`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest: Option<String>,
+    /// The pixi environment to pack. Default: `default`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub environment: Option<String>,
+    /// The conda platform to pack for. Default: the cluster's (`linux-64`, `linux-aarch64`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform: Option<String>,
+    /// Local conda packages added to the environment (`--inject`), relative to the manifest.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inject: Vec<String>,
 }
 
 impl EnvironmentSettings {
@@ -139,15 +232,50 @@ impl EnvironmentSettings {
                 self.$f.clone().or_else(|| defaults.$f.clone())
             };
         }
+        // Where the environment comes from is taken whole from the most specific level that
+        // names a source: an asset's packer is not mixed with its cluster's pre-deployed path.
+        let names_source = |e: &EnvironmentSettings| {
+            e.packer.is_some() || e.pack_command.is_some() || e.pre_deployed_env_path.is_some()
+        };
+        let source = if names_source(self) { self } else { defaults };
         EnvironmentSettings {
-            pack_command: pick!(pack_command),
-            pre_deployed_env_path: pick!(pre_deployed_env_path),
+            packer: source.packer,
+            pack_command: source.pack_command.clone(),
+            pre_deployed_env_path: source.pre_deployed_env_path.clone(),
+            pack_on: pick!(pack_on),
+            uv: pick!(uv),
+            pixi: pick!(pixi),
+            sources: pick!(sources),
+            sources_config_map: pick!(sources_config_map),
             force_env_push: pick!(force_env_push),
             skip_payload_upload: pick!(skip_payload_upload),
             remote_payload_path: pick!(remote_payload_path),
             cache_inject_globs: pick!(cache_inject_globs),
         }
     }
+
+    /// The packer to run, if the environment is to be packed.
+    pub fn packer(&self) -> Option<Packer> {
+        if self.pre_deployed_env_path.is_some() {
+            return None;
+        }
+        self.packer
+            .or_else(|| self.pack_command.as_ref().map(|_| Packer::Command))
+    }
+}
+
+/// How long packed environments are kept in a cluster's cache (`{remoteBase}/env-cache`).
+/// An environment that a queued or running job uses is never removed.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EnvCacheSettings {
+    /// Keep at most this many environments, the most recently used ones. Default: 5.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub keep: Option<u32>,
+    /// Remove an environment unused for this long, e.g. `30d`, `12h`. Default: `30d`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_age: Option<crate::quantity::Interval>,
 }
 
 /// A reference to one key of a Secret (Kubernetes mode) in the object's namespace.

@@ -99,6 +99,21 @@ impl LocalExecutor {
                 return Ok(self.adopted(plan, read_started(&dir)));
             }
         }
+        for f in &plan.required_files {
+            if !std::path::Path::new(f).is_file() {
+                return Err(Error::Executor(format!(
+                    "the payload {} is not there (skipPayloadUpload: nothing was uploaded)",
+                    crate::limits::truncate(f, 512)
+                )));
+            }
+        }
+        if let Some(key) = &plan.env_key {
+            write_file(
+                &dir.join(crate::environment::RUN_ENV_FILE),
+                format!("{key}\n").as_bytes(),
+                0o600,
+            )?;
+        }
         write_file(&dir.join(TAG_FILE), tag.as_bytes(), 0o600)?;
         write_file(&dir.join(JOB_SCRIPT), render_script(plan).as_bytes(), 0o700)?;
         if let Some((name, content)) = &plan.payload_file {

@@ -301,6 +301,11 @@ impl SlurmExecutor {
         self.run_for(script, COMMAND_TIMEOUT).await
     }
 
+    /// Runs a short script of the operator's own on the cluster (default timeout).
+    pub async fn run_script(&self, script: &str) -> Result<crate::transport::RemoteOutput> {
+        self.run(script).await
+    }
+
     async fn run_for(
         &self,
         script: &str,
@@ -603,6 +608,23 @@ fn submission_block(plan: &RunPlan) -> String {
     ));
     s.push_str("if [ -n \"$existing\" ]; then echo \"ADOPT $existing\"; exit 0; fi\n");
     s.push_str("mkdir -p \"$dir\" && chmod 700 \"$dir\" && cd \"$dir\" || { echo \"ERROR cannot create $dir\"; exit 0; }\n");
+    for f in &plan.required_files {
+        s.push_str(&format!(
+            "[ -f {q} ] || {{ echo {msg}; exit 0; }}\n",
+            q = quote(f),
+            msg = quote(&format!(
+                "ERROR the payload {} is not on the cluster (skipPayloadUpload: nothing was uploaded)",
+                crate::limits::truncate(f, 512)
+            ))
+        ));
+    }
+    if let Some(key) = &plan.env_key {
+        s.push_str(&format!(
+            "printf '%s\\n' {} > {}\n",
+            quote(key),
+            crate::environment::RUN_ENV_FILE
+        ));
+    }
     let mut files: Vec<(&str, Vec<u8>, &str)> =
         vec![(JOB_SCRIPT, render_script(plan).into_bytes(), "700")];
     if let Some((name, content)) = &plan.payload_file {

@@ -13,6 +13,7 @@ use crate::api::{
 };
 use crate::conditions;
 use crate::core::{self, Action, Event, Input};
+use crate::environment::{EnvHost, EnvRequest, Sources};
 use crate::executor::local::LocalExecutor;
 use crate::executor::slurm::{ClusterFacts, Counters, SlurmExecutor};
 use crate::executor::{JobRef, JobTrack};
@@ -75,6 +76,10 @@ struct AssetEntry {
     track_dir: Option<String>,
     /// A submission sent to the cluster's worker and not answered yet: (run, attempt).
     submitting: Option<(u64, u32)>,
+    /// The run whose environment is being prepared.
+    preparing: Option<u64>,
+    /// When to try preparing the environment again.
+    env_at: Option<Instant>,
     /// A cancellation sent and not answered yet.
     cancelling: bool,
     /// The job is in a batched poll that has not answered yet (its track is with it).
@@ -101,6 +106,7 @@ struct Facts {
     cleanup_on_failure: bool,
     debug: bool,
     deleted: bool,
+    needs_env: bool,
 }
 
 pub struct Driver {
@@ -139,6 +145,8 @@ struct PlanInputs {
     namespace: String,
     name: String,
     uid: String,
+    /// The run's packed environment, once ready.
+    env: Option<crate::api::EnvStatus>,
 }
 
 impl PlanInputs {
@@ -156,6 +164,7 @@ impl PlanInputs {
             namespace: key.namespace.clone(),
             name: key.name.clone(),
             uid: entry.uid.clone(),
+            env: entry.status.env.clone(),
         })
     }
 
@@ -183,7 +192,9 @@ impl PlanInputs {
             attempt,
             epoch: 0,
         };
-        plan(&self.spec, id, &ctx)
+        let mut p = plan(&self.spec, id, &ctx)?;
+        p.use_env(self.env.as_ref());
+        Ok(p)
     }
 }
 
@@ -318,6 +329,8 @@ impl Driver {
         self.assets.values().all(|a| {
             a.submit_at.is_none()
                 && a.submitting.is_none()
+                && a.preparing.is_none()
+                && a.env_at.is_none()
                 && !a.cancelling
                 && !a.polling
                 // An ended job's metrics are due within seconds: wait for them.
@@ -330,7 +343,7 @@ impl Driver {
         let now = Instant::now();
         self.assets
             .values()
-            .flat_map(|a| [a.next_poll, a.submit_at])
+            .flat_map(|a| [a.next_poll, a.submit_at, a.env_at])
             .flatten()
             .chain(self.dirty.values().copied())
             .map(|t| t.saturating_duration_since(now))
@@ -549,6 +562,8 @@ impl Driver {
             track: JobTrack::default(),
             track_dir: None,
             submitting: None,
+            preparing: None,
+            env_at: None,
             cancelling: false,
             polling: false,
             urgent: false,
@@ -698,7 +713,95 @@ impl Driver {
             cleanup_on_failure: spec.is_some_and(|s| s.cleanup_on_failure),
             debug: spec.is_some_and(|s| s.debug),
             deleted: entry.deleted,
+            needs_env: spec.is_some_and(|s| {
+                self.cluster_for(key, s.cluster_ref.as_deref())
+                    .is_ok_and(|rc| {
+                        s.environment
+                            .merged_over(&rc.spec.environment)
+                            .packer()
+                            .is_some()
+                    })
+            }),
         }
+    }
+
+    /// The environment the asset's current run packs, if it packs one.
+    fn env_request(&self, key: &ObjectKey) -> std::result::Result<Option<EnvRequest>, String> {
+        let entry = &self.assets[key];
+        let loaded = entry.loaded.as_ref().ok_or("the manifest is gone")?;
+        let spec = loaded.asset().ok_or("the spec is invalid")?;
+        let rc = self.cluster_for(key, spec.cluster_ref.as_deref())?;
+        let merged = spec.environment.merged_over(&rc.spec.environment);
+        let asset_dir = loaded.file.parent().unwrap_or(&self.dir).to_path_buf();
+        // Local clusters keep their cache beside their run dirs, as the plan places them.
+        let remote_base = match rc.spec.mode {
+            ClusterMode::Slurm => rc.spec.remote_base.clone(),
+            ClusterMode::Local => Some(crate::jobscript::base_dir(&PlanContext {
+                asset_dir: &asset_dir,
+                cluster: &rc.spec,
+                cluster_dir: &rc.dir,
+                default_base: self.dir.join(".runs"),
+                remote_home: None,
+            })),
+        };
+        Ok(EnvRequest::from_settings(
+            &merged,
+            Sources::Dir(asset_dir),
+            remote_base,
+            rc.spec.env_cache.as_ref(),
+            false,
+        ))
+    }
+
+    /// Starts preparing the run's environment on its own task; the answer comes back as
+    /// [`Reply::EnvPrepared`].
+    fn prepare_env(&mut self, key: &ObjectKey, run: u64) -> Option<Event> {
+        let entry = self.assets.get_mut(key).expect("known");
+        entry.env_at = None;
+        if entry.preparing == Some(run) {
+            return None;
+        }
+        let req = match self.env_request(key) {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                return Some(Event::EnvFailed {
+                    message: "no environment to prepare".into(),
+                    transient: false,
+                });
+            }
+            Err(message) => {
+                return Some(Event::EnvFailed {
+                    message,
+                    transient: false,
+                });
+            }
+        };
+        let cluster_ref = self.assets[key].cluster_ref.clone();
+        let worker = match self
+            .cluster_for(key, cluster_ref.as_deref())
+            .and_then(|rc| self.worker_for(&rc))
+        {
+            Ok(w) => w,
+            Err(message) => {
+                return Some(Event::EnvFailed {
+                    message,
+                    transient: false,
+                });
+            }
+        };
+        let (host, reply_to) = match worker {
+            Some(ckey) => (EnvHost::Slurm(self.workers[&ckey].executor.clone()), ckey),
+            None => (EnvHost::Local, local_key()),
+        };
+        self.assets.get_mut(key).expect("known").preparing = Some(run);
+        let replies = self.replies.clone();
+        let key = key.clone();
+        // Its own task: packing and uploading take long, and must stall no one else.
+        tokio::spawn(async move {
+            let result = crate::environment::prepare(&host, &req).await;
+            let _ = replies.send((reply_to, Reply::EnvPrepared { key, run, result }));
+        });
+        None
     }
 
     fn poll_interval(&self, key: &ObjectKey) -> Duration {
@@ -744,6 +847,7 @@ impl Driver {
                 cleanup_on_failure: facts.cleanup_on_failure,
                 debug: facts.debug,
                 deleted: facts.deleted,
+                needs_env: facts.needs_env,
                 now: Timestamp::now(),
             };
             let entry = self.assets.get_mut(key).expect("known asset");
@@ -780,6 +884,12 @@ impl Driver {
                     } => {
                         next = self.submit(key, run, attempt).await;
                     }
+                    Action::PrepareEnv { delay: Some(d), .. } => {
+                        self.assets.get_mut(key).expect("known").env_at = Some(Instant::now() + d);
+                    }
+                    Action::PrepareEnv { run, delay: None } => {
+                        next = self.prepare_env(key, run);
+                    }
                     Action::Watch => watch = true,
                     Action::Cancel {
                         job_id,
@@ -808,6 +918,8 @@ impl Driver {
         let entry = &self.assets[key];
         let active = entry.next_poll.is_some()
             || entry.submit_at.is_some()
+            || entry.preparing.is_some()
+            || entry.env_at.is_some()
             || entry.submitting.is_some()
             || entry.cancelling
             || entry.polling;
@@ -981,6 +1093,28 @@ impl Driver {
                 attempt,
                 result,
             } => self.on_submitted(key, run, attempt, result).await,
+            Reply::EnvPrepared { key, run, result } => {
+                let Some(entry) = self.assets.get_mut(&key) else {
+                    return;
+                };
+                if entry.preparing == Some(run) {
+                    entry.preparing = None;
+                }
+                if entry.status.run != run {
+                    return; // superseded meanwhile
+                }
+                let event = match result {
+                    Ok(env) => Event::EnvReady { env },
+                    Err(e) => {
+                        warn!("{key}: environment: {}", e.message);
+                        Event::EnvFailed {
+                            message: e.message,
+                            transient: e.transient,
+                        }
+                    }
+                };
+                self.step(&key, event).await;
+            }
             Reply::ExitNoticed { run_dir } => {
                 let now = Instant::now();
                 // A job in a poll under way is polled again when that poll answers.
@@ -1132,6 +1266,19 @@ impl Driver {
     /// one batch per cluster, sent to the cluster's worker.
     async fn tick(&mut self) {
         let now = Instant::now();
+        let env_due: Vec<(ObjectKey, u64)> = self
+            .assets
+            .iter()
+            .filter(|(_, a)| a.env_at.is_some_and(|t| t <= now))
+            .map(|(k, a)| (k.clone(), a.status.run))
+            .collect();
+        for (key, run) in env_due {
+            if let Some(ev) = self.prepare_env(&key, run) {
+                self.step(&key, ev).await;
+            } else {
+                self.persist(&key);
+            }
+        }
         let submits: Vec<ObjectKey> = self
             .assets
             .iter()
@@ -1246,6 +1393,10 @@ impl Driver {
             "schedulerQueries": c.scheduler_queries.load(Ordering::Relaxed),
             "exitNotices": c.exit_notices.load(Ordering::Relaxed),
             "remoteCommands": c.remote_commands.load(Ordering::Relaxed),
+            "envPacks": crate::environment::COUNTERS.packs.load(Ordering::Relaxed),
+            "envUploads": crate::environment::COUNTERS.uploads.load(Ordering::Relaxed),
+            "envCacheHits": crate::environment::COUNTERS.hits.load(Ordering::Relaxed),
+            "envBytesUploaded": crate::environment::COUNTERS.bytes_uploaded.load(Ordering::Relaxed),
         });
         let path = self
             .dir

@@ -810,6 +810,46 @@ async fn password_and_one_time_code_from_secrets() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_uv_environment_from_a_configmap_is_packed_and_reused() {
+    // The operator's pod has no checkout: the project's files come from a ConfigMap.
+    let ns = Namespace::new("envcm");
+    let work = tempfile::tempdir().unwrap();
+    slurm_cluster(&ns, "k8s-envcm");
+    let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/uv-env");
+    let read = |f: &str| std::fs::read_to_string(format!("{fixture}/{f}")).unwrap();
+    ns.apply(json!({
+        "apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "project"},
+        "data": {"pyproject.toml": read("pyproject.toml"), "uv.lock": read("uv.lock")},
+    }));
+    let _op = Operator::start(&ns, work.path(), &[]);
+    let spec = |run_key: &str| {
+        json!({"assetKey": "t/env", "clusterRef": "hpc", "runKey": run_key,
+               "environment": {"packer": "uv", "sourcesConfigMap": "project",
+                               "uv": {"python": "/usr/bin/python3"}},
+               "payload": {"inline": "import yaml, dagster_pipes\nprint(yaml.__version__)\n",
+                           "interpreter": ["python3"]}})
+    };
+    ns.apply(asset("env", spec("r1")));
+    let first = ns
+        .wait("slurmasset", "env", "Succeeded", phase_is("Succeeded"))
+        .await;
+    assert_eq!(first["status"]["logTail"]["stdout"], "6.0.4\n", "{first:#}");
+    let env = &first["status"]["env"];
+    assert_eq!(env["cacheHit"], false, "{env}");
+    assert!(env["bytesUploaded"].as_u64().unwrap() > 0);
+    let key = env["cacheKey"].as_str().unwrap().to_string();
+    ns.apply(asset("env", spec("r2")));
+    let second = ns
+        .wait("slurmasset", "env", "run r2 Succeeded", |o| {
+            o["status"]["runKey"] == "r2" && o["status"]["phase"] == "Succeeded"
+        })
+        .await;
+    assert_eq!(second["status"]["env"]["cacheKey"], key.as_str());
+    assert_eq!(second["status"]["env"]["cacheHit"], true);
+    assert_eq!(second["status"]["env"]["bytesUploaded"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_asset_reconciles_share_one_scheduler_poll_per_interval() {
     let ns = Namespace::new("batch");
     let work = tempfile::tempdir().unwrap();

@@ -23,11 +23,19 @@ pub enum Backend {
 pub type PlanFn<'a> =
     dyn Fn(u64, u32, Option<&str>) -> std::result::Result<RunPlan, String> + Send + Sync + 'a;
 
+/// Prepares the run's environment (the adapter knows where its sources come from).
+pub type PrepareFn<'a> = dyn Fn() -> futures::future::BoxFuture<
+        'a,
+        Result<crate::api::EnvStatus, crate::environment::EnvError>,
+    > + Send
+    + Sync
+    + 'a;
+
 /// What [`drive`] needs to know about the asset beyond its status.
 pub struct Work<'a> {
     pub backend: Backend,
-    /// Where and what environment the run packs, if it packs one.
-    pub env: Option<(crate::environment::EnvHost, crate::environment::EnvRequest)>,
+    /// How the run's environment is prepared, if it packs one.
+    pub env: Option<&'a PrepareFn<'a>>,
     pub plan: &'a PlanFn<'a>,
     /// The tag of the current attempt (cancellation by name before a job ID is known).
     pub tag: String,
@@ -138,8 +146,8 @@ pub async fn drive(
                 Action::Submit { delay: Some(d), .. } => submit_after = Some(d),
                 Action::PrepareEnv { delay: Some(d), .. } => submit_after = Some(d),
                 Action::PrepareEnv { delay: None, .. } => {
-                    next = Some(match &work.env {
-                        Some((host, req)) => match crate::environment::prepare(host, req).await {
+                    next = Some(match work.env {
+                        Some(prepare) => match prepare().await {
                             Ok(env) => Event::EnvReady { env },
                             Err(e) => {
                                 tracing::warn!("environment: {}", e.message);

@@ -184,7 +184,7 @@ struct Resolved {
     cluster_ref: Option<(String, Option<i64>)>,
     backend: Backend,
     poll: Duration,
-    /// The environment the asset packs, with its sources read from its ConfigMap.
+    /// The environment the asset packs (its sources are read when it is prepared).
     env: Option<crate::environment::EnvRequest>,
 }
 
@@ -473,6 +473,7 @@ async fn apply(asset: &SlurmAsset, ctx: &Context, deleted: bool) -> Result<Actio
     let resolved = resolve(asset, ctx).await;
     let invalid = resolved.as_ref().err().cloned();
     let spec = &asset.spec;
+    let needs_env = resolved.as_ref().is_ok_and(|r| r.env.is_some());
     let input = Input {
         generation,
         run_key: spec.run_key.as_deref(),
@@ -484,7 +485,7 @@ async fn apply(asset: &SlurmAsset, ctx: &Context, deleted: bool) -> Result<Actio
         cleanup_on_failure: spec.cleanup_on_failure,
         debug: spec.debug,
         deleted,
-        needs_env: resolved.as_ref().is_ok_and(|r| r.env.is_some()),
+        needs_env,
         now: Timestamp::now(),
     };
     let (backend, poll, resources, cluster) = match &resolved {
@@ -517,26 +518,42 @@ async fn apply(asset: &SlurmAsset, ctx: &Context, deleted: bool) -> Result<Actio
             cluster: &r.cluster,
             cluster_dir: &local_base,
             default_base: match home {
-                Some(h) => PathBuf::from(format!("{h}/.slurm-asset-operator")),
+                Some(h) => PathBuf::from(format!("{h}/{}", crate::jobscript::DEFAULT_REMOTE_BASE)),
                 None => local_base.clone(),
             },
             remote_home: home,
         };
         plan(&r.spec, id(run, attempt), &ctx_plan)
     };
-    let env = match &resolved {
-        Ok(r) => r.env.clone().map(|req| {
+    let prepare_env = || -> futures::future::BoxFuture<'_, _> {
+        Box::pin(async {
+            let r = resolved
+                .as_ref()
+                .map_err(|e| crate::environment::EnvError::fatal(e.clone()))?;
+            let mut req = r
+                .env
+                .clone()
+                .ok_or_else(|| crate::environment::EnvError::fatal("no environment to prepare"))?;
+            req.sources = env_sources(
+                ctx,
+                &ns,
+                r.spec
+                    .environment
+                    .merged_over(&r.cluster.environment)
+                    .sources_config_map
+                    .as_deref(),
+            )
+            .await?;
             let host = match &r.backend {
                 Backend::Slurm(ex) => crate::environment::EnvHost::Slurm(ex.clone()),
                 Backend::Local(_) => crate::environment::EnvHost::Local,
             };
-            (host, req)
-        }),
-        Err(_) => None,
+            crate::environment::prepare(&host, &req).await
+        })
     };
     let work = Work {
         backend,
-        env,
+        env: needs_env.then_some(&prepare_env as &crate::backend::PrepareFn),
         plan: &plan_fn,
         tag: id(before.run, before.attempts.max(1)).tag(),
         job: JobRef {
@@ -876,7 +893,7 @@ async fn resolve(asset: &SlurmAsset, ctx: &Context) -> Result<Resolved, String> 
         .as_ref()
         .map(|i| i.duration())
         .unwrap_or(poll);
-    let env = env_request(ctx, &ns, &spec, &cluster).await?;
+    let env = env_request(ctx, &spec, &cluster);
     Ok(Resolved {
         spec,
         cluster,
@@ -887,28 +904,25 @@ async fn resolve(asset: &SlurmAsset, ctx: &Context) -> Result<Resolved, String> 
     })
 }
 
-/// The environment an asset packs, if it packs one: its sources are the keys of
-/// `spec.environment.sourcesConfigMap` (the operator's pod has no checkout).
-async fn env_request(
+/// The sources of an environment in Kubernetes mode: the keys of
+/// `spec.environment.sourcesConfigMap` (the operator's pod has no checkout). Read only when
+/// the environment is prepared; a ConfigMap not there yet is waited for (its watch wakes
+/// the asset).
+async fn env_sources(
     ctx: &Context,
     ns: &str,
-    spec: &SlurmAssetSpec,
-    cluster: &SlurmClusterSpec,
-) -> Result<Option<crate::environment::EnvRequest>, String> {
-    use crate::environment::{EnvRequest, Sources};
-    let merged = spec.environment.merged_over(&cluster.environment);
-    if merged.packer().is_none() {
-        return Ok(None);
-    }
+    name: Option<&str>,
+) -> Result<crate::environment::Sources, crate::environment::EnvError> {
+    use crate::environment::EnvError;
     let mut files = std::collections::BTreeMap::new();
-    if let Some(name) = &merged.sources_config_map {
+    if let Some(name) = name {
         let field = "spec.environment.sourcesConfigMap";
         let cms: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), ns);
         let cm = cms
             .get_opt(name)
             .await
-            .map_err(|e| format!("{field}: {e}"))?
-            .ok_or_else(|| format!("{field}: ConfigMap {name:?} not found"))?;
+            .map_err(|e| EnvError::transient(format!("{field}: {e}")))?
+            .ok_or_else(|| EnvError::transient(format!("{field}: ConfigMap {name:?} not found")))?;
         for (k, v) in cm.data.unwrap_or_default() {
             files.insert(k, v.into_bytes());
         }
@@ -916,6 +930,18 @@ async fn env_request(
             files.insert(k, v.0);
         }
     }
+    Ok(crate::environment::Sources::Map(files))
+}
+
+/// The environment an asset packs, if it packs one (its sources still to be read).
+fn env_request(
+    ctx: &Context,
+    spec: &SlurmAssetSpec,
+    cluster: &SlurmClusterSpec,
+) -> Option<crate::environment::EnvRequest> {
+    use crate::environment::{EnvRequest, Sources};
+    let merged = spec.environment.merged_over(&cluster.environment);
+    merged.packer()?;
     let remote_base = match cluster.mode {
         ClusterMode::Slurm => cluster.remote_base.clone(),
         ClusterMode::Local => {
@@ -929,13 +955,13 @@ async fn env_request(
             }))
         }
     };
-    Ok(EnvRequest::from_settings(
+    EnvRequest::from_settings(
         &merged,
-        Sources::Map(files),
+        Sources::Map(Default::default()),
         remote_base,
         cluster.env_cache.as_ref(),
         true,
-    ))
+    )
 }
 
 async fn secret_value(

@@ -85,6 +85,19 @@ impl RunPlan {
     }
 }
 
+/// Where run dirs and the environment cache live on a cluster without `remoteBase`, under the
+/// login user's home.
+pub const DEFAULT_REMOTE_BASE: &str = ".slurm-asset-operator";
+
+/// A Slurm cluster's root of run dirs and environment cache: `remoteBase` resolved against the
+/// login user's home as [`plan`] resolves it, or the default.
+pub fn remote_base_dir(remote_base: Option<&str>, home: &str) -> String {
+    match remote_base {
+        Some(b) => resolve_path(false, Some(home), Path::new("/"), b),
+        None => format!("{home}/{DEFAULT_REMOTE_BASE}"),
+    }
+}
+
 /// The root of the cluster's run dirs and environment cache, as [`plan`] resolves it.
 pub fn base_dir(ctx: &PlanContext) -> String {
     let local = ctx.cluster.mode == ClusterMode::Local;

@@ -827,6 +827,44 @@ mod tests {
     }
 
     #[test]
+    fn environment_settings_are_checked_field_by_field() {
+        let env = |e: &str| {
+            spec_errors(&format!(
+                "{HEAD}spec:\n  assetKey: x\n  payload: {{inline: x}}\n  environment: {e}\n"
+            ))
+        };
+        let e = env("{packer: command}");
+        assert!(
+            e.contains("spec.environment.packCommand") && e.contains("needs packCommand"),
+            "{e}"
+        );
+        let e = env("{packer: uv, packCommand: [make]}");
+        assert!(e.contains("is the command packer's"), "{e}");
+        let e = env("{uv: {project: ../elsewhere}, packer: uv}");
+        assert!(e.contains("spec.environment.uv.project"), "{e}");
+        let e = env("{packer: pixi, pixi: {inject: [/etc/passwd]}}");
+        assert!(e.contains("spec.environment.pixi.inject"), "{e}");
+        let e = env("{packer: uv, sourcesConfigMap: proj}");
+        assert!(e.contains("is for Kubernetes mode"), "{e}");
+        // In Kubernetes mode a pack command must run on the login node.
+        let spec: SlurmAssetSpec = serde_saphyr::from_str(
+            "assetKey: x\npayload: {inline: x}\nenvironment: {packCommand: [make]}\n",
+        )
+        .unwrap();
+        let k = describe(&validate_asset(
+            &spec,
+            StoreKind::Kubernetes,
+            Path::new("/"),
+        ));
+        assert!(k.contains("set packOn: remote"), "{k}");
+        let ok: SlurmAssetSpec = serde_saphyr::from_str(
+            "assetKey: x\npayload: {inline: x}\nenvironment: {packCommand: [make], packOn: remote}\n",
+        )
+        .unwrap();
+        assert!(validate_asset(&ok, StoreKind::Kubernetes, Path::new("/")).is_empty());
+    }
+
+    #[test]
     fn bad_memory_names_field() {
         let e = spec_errors(&format!(
             "{HEAD}spec:\n  assetKey: x\n  payload: {{inline: x}}\n  resources: {{mem: lots}}\n"

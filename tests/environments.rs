@@ -23,6 +23,9 @@ fn project(dir: &Path) {
 
 const PAYLOAD: &str = "import yaml\nfrom dagster_pipes import open_dagster_pipes\nwith open_dagster_pipes() as p:\n    p.report_asset_materialization(metadata={\"yaml\": yaml.__version__, \"libyaml\": bool(yaml.__with_libyaml__)})\n";
 
+/// A payload for environments without PyYAML: dagster-pipes only.
+const PIPES_PAYLOAD: &str = "from dagster_pipes import open_dagster_pipes\nwith open_dagster_pipes() as p:\n    p.report_asset_materialization(metadata={\"yaml\": \"-\"})\n";
+
 /// A SlurmAsset running `payload.py` in an environment (`env`: the lines under
 /// `environment:`, indented by four spaces).
 fn env_asset(name: &str, run_key: &str, env: &str) -> String {
@@ -292,15 +295,7 @@ fn an_upload_cut_mid_transfer_leaves_nothing_used_and_the_next_try_succeeds() {
     );
     write(d, "cluster.yaml", &cluster);
     write(d, "pack.sh", &pack_script(&c, 400, "cut"));
-    write(
-        d,
-        "payload.py",
-        PAYLOAD
-            .replace("import yaml\n", "")
-            .replace("yaml.__version__", "'-'")
-            .replace("bool(yaml.__with_libyaml__)", "True")
-            .as_str(),
-    );
+    write(d, "payload.py", PIPES_PAYLOAD);
     write(d, "big.yaml", &env_asset("big", "r1", COMMAND_ENV));
     let _op = operator(d, None);
     // Wait for the archive to be arriving, then kill the connection under it.
@@ -510,15 +505,7 @@ fn pixi_pack_is_called_as_the_seed_does_and_its_self_extracting_archive_runs() {
     write(&d, "pixi.lock", "version: 6\n");
     std::fs::create_dir_all(d.join("dist")).unwrap();
     write(&d, "dist/mine-0.1-0.conda", "a conda package");
-    write(
-        &d,
-        "payload.py",
-        PAYLOAD
-            .replace("import yaml\n", "")
-            .replace("yaml.__version__", "'-'")
-            .replace("bool(yaml.__with_libyaml__)", "True")
-            .as_str(),
-    );
+    write(&d, "payload.py", PIPES_PAYLOAD);
     write(
         &d,
         "px.yaml",
@@ -555,4 +542,69 @@ fn pixi_pack_is_called_as_the_seed_does_and_its_self_extracting_archive_runs() {
     );
     assert!(argv[8].ends_with("/environment.sh"));
     assert_eq!(argv[9], "pixi.toml");
+}
+
+#[test]
+fn a_local_cluster_packs_into_its_run_base_and_reuses_it() {
+    // Local mode: the same manifest without clusterRef; the payload runs on this host in the
+    // environment packed for this host's python3.
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    project(d);
+    write(d, "payload.py", PAYLOAD);
+    let local = |run_key: &str| {
+        env_asset("loc", run_key, "    packer: uv\n    uv: {project: proj}\n")
+            .replace("  clusterRef: hpc\n", "")
+    };
+    write(d, "loc.yaml", &local("r1"));
+    let _op = operator(d, None);
+    let first = wait_long(d, "loc", "run r1", Duration::from_secs(180), done("r1"));
+    succeeded(&first);
+    assert_eq!(
+        first["pipes"]["materializations"][0]["metadata"]["yaml"]["raw_value"],
+        "6.0.4"
+    );
+    assert_eq!(first["env"]["cacheHit"], false);
+    let path = first["env"]["path"].as_str().unwrap();
+    let runs = std::fs::canonicalize(d.join(".runs")).unwrap();
+    assert!(
+        Path::new(path).starts_with(&runs) || Path::new(path).starts_with(d.join(".runs")),
+        "{path}"
+    );
+    assert!(Path::new(path).join(".sao-ready").is_file());
+    write(d, "loc.yaml", &local("r2"));
+    let second = wait_long(d, "loc", "run r2", Duration::from_secs(120), done("r2"));
+    succeeded(&second);
+    assert_eq!(second["env"]["cacheHit"], true);
+    assert_eq!(metric(d, "envPacks"), 1);
+}
+
+#[test]
+fn a_pack_command_runs_on_the_login_node() {
+    let (tmp, c) = slurm_dir("env-remote-command");
+    let d = tmp.path();
+    write(d, "pack.sh", &pack_script(&c, 1, "remote command"));
+    write(d, "payload.py", PIPES_PAYLOAD);
+    write(
+        d,
+        "rc.yaml",
+        &env_asset("rc", "r1", &format!("{COMMAND_ENV}    packOn: remote\n")),
+    );
+    let _op = operator(d, None);
+    let s = wait_long(d, "rc", "its end", Duration::from_secs(120), done("r1"));
+    succeeded(&s);
+    assert_eq!(
+        s["pipes"]["materializations"].as_array().map(Vec::len),
+        Some(1)
+    );
+    assert_eq!(
+        metric(d, "envPacks"),
+        0,
+        "nothing packed on the operator's host"
+    );
+    // Only the sources travelled, not the 1 MiB archive the command made there.
+    assert!(
+        s["env"]["bytesUploaded"].as_u64().unwrap() < 100_000,
+        "{s:#}"
+    );
 }

@@ -817,10 +817,6 @@ async fn a_uv_environment_from_a_configmap_is_packed_and_reused() {
     slurm_cluster(&ns, "k8s-envcm");
     let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/uv-env");
     let read = |f: &str| std::fs::read_to_string(format!("{fixture}/{f}")).unwrap();
-    ns.apply(json!({
-        "apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "project"},
-        "data": {"pyproject.toml": read("pyproject.toml"), "uv.lock": read("uv.lock")},
-    }));
     let _op = Operator::start(&ns, work.path(), &[]);
     let spec = |run_key: &str| {
         json!({"assetKey": "t/env", "clusterRef": "hpc", "runKey": run_key,
@@ -829,7 +825,23 @@ async fn a_uv_environment_from_a_configmap_is_packed_and_reused() {
                "payload": {"inline": "import yaml, dagster_pipes\nprint(yaml.__version__)\n",
                            "interpreter": ["python3"]}})
     };
+    // The asset comes first: it waits for its ConfigMap, which wakes it once created.
     ns.apply(asset("env", spec("r1")));
+    let waiting = ns
+        .wait("slurmasset", "env", "waiting for the ConfigMap", |o| {
+            o["status"]["reason"] == "EnvRetrying"
+        })
+        .await;
+    let message = waiting["status"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("sourcesConfigMap") && message.contains("not found"),
+        "{message}"
+    );
+    assert_eq!(waiting["status"]["phase"], "Packing");
+    ns.apply(json!({
+        "apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "project"},
+        "data": {"pyproject.toml": read("pyproject.toml"), "uv.lock": read("uv.lock")},
+    }));
     let first = ns
         .wait("slurmasset", "env", "Succeeded", phase_is("Succeeded"))
         .await;

@@ -58,7 +58,8 @@ pub struct EnvRequest {
     pub cache_inject_globs: Option<Vec<String>>,
     pub sources: Sources,
     pub force: bool,
-    /// `remoteBase` as written (resolved against the login user's home), or `None`.
+    /// `remoteBase` as written, resolved against the login user's home
+    /// ([`crate::jobscript::remote_base_dir`]); a local cluster's is given absolute.
     pub remote_base: Option<String>,
     pub keep: u32,
     pub max_age: Duration,
@@ -117,7 +118,6 @@ pub struct PythonInfo {
 
 impl EnvRequest {
     /// Builds the request of an asset's merged environment settings, if it packs one.
-    #[allow(clippy::too_many_arguments)]
     pub fn from_settings(
         e: &EnvironmentSettings,
         sources: Sources,
@@ -458,7 +458,7 @@ pub async fn prepare(host: &EnvHost, req: &EnvRequest) -> Result<EnvStatus, EnvE
     };
     let platform = req.platform(&cluster_platform, py.as_ref());
     let key = req.cache_key(&files, &platform)?;
-    let base = resolve_base(req.remote_base.as_deref(), &home, host);
+    let base = crate::jobscript::remote_base_dir(req.remote_base.as_deref(), &home);
     let cache_dir = format!("{base}/env-cache");
     let flight_id = format!("{}|{cache_dir}|{key}", host.id());
     let flight = FLIGHTS
@@ -490,9 +490,10 @@ pub async fn prepare(host: &EnvHost, req: &EnvRequest) -> Result<EnvStatus, EnvE
         force: req.force,
         keep: req.keep,
         max_age: req.max_age,
-        remote_pack: (req.pack_on == PackOn::Remote).then(|| pack::remote_pack_commands(req)),
+        remote_pack: (req.pack_on == PackOn::Remote)
+            .then(|| pack::remote_pack_commands(req, &platform)),
     };
-    let outcome = session::run(host, &plan, req, &files, py.as_ref()).await?;
+    let outcome = session::run(host, &plan, req, &files, &platform, py.as_ref()).await?;
     let status = EnvStatus {
         cache_key: Some(key.clone()),
         cache_hit: Some(outcome.hit),
@@ -526,21 +527,6 @@ pub async fn prepare(host: &EnvHost, req: &EnvRequest) -> Result<EnvStatus, EnvE
 
 fn round(s: f64) -> f64 {
     (s * 1000.0).round() / 1000.0
-}
-
-/// The run-dir root's parent on the host: `remoteBase` (relative paths and `~` start at the
-/// login user's home), or the default beside the run dirs.
-fn resolve_base(remote_base: Option<&str>, home: &str, host: &EnvHost) -> String {
-    match remote_base {
-        Some("~") => home.to_string(),
-        Some(b) if b.starts_with("~/") => format!("{home}/{}", &b[2..]),
-        Some(b) if b.starts_with('/') => b.trim_end_matches('/').to_string(),
-        Some(b) => format!("{home}/{}", b.trim_end_matches('/')),
-        None => match host {
-            EnvHost::Slurm(_) => format!("{home}/.slurm-asset-operator"),
-            EnvHost::Local => format!("{home}/.cache/slurm-asset-operator"),
-        },
-    }
 }
 
 fn local_platform() -> String {

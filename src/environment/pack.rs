@@ -280,18 +280,7 @@ pub async fn pack_local(
             run_step("uv pip install", &argv, dir.path(), &[]).await?;
             write_layout(&env, &uv_layout(req.python()))?;
             let tar = dir.path().join("env.tar.gz");
-            let argv: Vec<String> = [
-                "tar",
-                "-czf",
-                &tar.display().to_string(),
-                "-C",
-                &env.display().to_string(),
-                ".",
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-            run_step("tar", &argv, dir.path(), &[]).await?;
+            run_step("tar", &tar_argv("-czf", &tar, &env), dir.path(), &[]).await?;
             tar
         }
         Packer::Pixi => {
@@ -366,6 +355,18 @@ fn command_archive(out_dir: &Path, stdout: &str, cwd: &Path) -> Result<PathBuf, 
     })
 }
 
+/// `tar FLAGS ARCHIVE -C DIR .`: the whole of `dir`, paths relative to it.
+fn tar_argv(flags: &str, archive: &Path, dir: &Path) -> Vec<String> {
+    vec![
+        "tar".into(),
+        flags.into(),
+        archive.display().to_string(),
+        "-C".into(),
+        dir.display().to_string(),
+        ".".into(),
+    ]
+}
+
 fn write_layout(env: &Path, layout: &[(String, String, u32)]) -> Result<(), EnvError> {
     use std::os::unix::fs::PermissionsExt;
     for (name, content, mode) in layout {
@@ -393,18 +394,7 @@ pub async fn source_bundle(req: &EnvRequest, files: &[SourceFile]) -> Result<Arc
         write_layout(&src.join(LAYOUT_DIR), &uv_layout(req.python()))?;
     }
     let tar = dir.path().join("sources.tar");
-    let argv: Vec<String> = [
-        "tar",
-        "-cf",
-        &tar.display().to_string(),
-        "-C",
-        &src.display().to_string(),
-        ".",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    run_step("tar", &argv, dir.path(), &[]).await?;
+    run_step("tar", &tar_argv("-cf", &tar, &src), dir.path(), &[]).await?;
     let size = std::fs::metadata(&tar).map(|m| m.len()).unwrap_or(0);
     if size > super::MAX_REMOTE_SOURCES_BYTES {
         return Err(EnvError::fatal(format!(
@@ -422,7 +412,7 @@ pub async fn source_bundle(req: &EnvRequest, files: &[SourceFile]) -> Result<Arc
 /// Shell text that packs on the login node. It runs in the unpacked sources with `$store`
 /// the environment's directory, and leaves the environment in `$store/env` (`fmt=dir`) or an
 /// archive in `$archive` with its format in `$fmt`.
-pub fn remote_pack_commands(req: &EnvRequest) -> String {
+pub fn remote_pack_commands(req: &EnvRequest, platform: &str) -> String {
     match req.packer {
         Packer::Uv => {
             let mut s = format!("py={}\n", quote(req.python()));
@@ -446,11 +436,12 @@ pub fn remote_pack_commands(req: &EnvRequest) -> String {
             s
         }
         Packer::Pixi => {
-            let argv = pixi_pack_argv(req, "@@PLATFORM@@", "@@OUT@@");
-            let line = join(&argv)
-                .replace("@@OUT@@", "\"$store/environment.sh\"")
-                .replace("@@PLATFORM@@", "\"$platform\"");
-            format!("{line} || exit 10\narchive=\"$store/environment.sh\"; fmt=sh\n")
+            // It runs in `$store/src`: the archive lands in `$store`.
+            let argv = pixi_pack_argv(req, platform, "../environment.sh");
+            format!(
+                "{} || exit 10\narchive=\"$store/environment.sh\"; fmt=sh\n",
+                join(&argv)
+            )
         }
         Packer::Command => format!(
             "export {PACK_OUTPUT_ENV}=\"$store/out\"; mkdir -p \"${PACK_OUTPUT_ENV}\"\n\
@@ -504,10 +495,10 @@ mod tests {
                 "envs/pixi.toml"
             ]
         );
-        // On the login node: the same line, the platform and output filled in there.
-        let remote = remote_pack_commands(&req);
+        // On the login node: the same line, run in `$store/src` (the archive lands in `$store`).
+        let remote = remote_pack_commands(&req, "linux-64");
         assert!(
-            remote.starts_with("pixi-pack --environment prod --platform \"$platform\" --inject dist/my_pkg-0.1-py_0.conda --inject dist/other.conda --create-executable --output-file \"$store/environment.sh\" envs/pixi.toml || exit 10\n"),
+            remote.starts_with("pixi-pack --environment prod --platform linux-64 --inject dist/my_pkg-0.1-py_0.conda --inject dist/other.conda --create-executable --output-file ../environment.sh envs/pixi.toml || exit 10\n"),
             "{remote}"
         );
     }
@@ -520,7 +511,7 @@ mod tests {
         };
         let req =
             EnvRequest::from_settings(&e, Sources::Dir("/p".into()), None, None, false).unwrap();
-        let s = remote_pack_commands(&req);
+        let s = remote_pack_commands(&req, "linux-64");
         assert!(
             s.contains("printed=$(make-env '$(touch /tmp/pwned); `id`' < /dev/null)"),
             "{s}"

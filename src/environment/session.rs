@@ -50,16 +50,15 @@ pub struct Outcome {
 }
 
 /// The session's script. Every value is quoted; the sources and archive travel on stdin.
-pub fn script(plan: &SessionPlan, platform: &str) -> String {
+pub fn script(plan: &SessionPlan) -> String {
     let mut s = format!(
-        "set -u\numask 077\ncache={}\nbase={}\nkey={}\nforce={}\nkeep={}\nmaxage={}\nplatform={}\n",
+        "set -u\numask 077\ncache={}\nbase={}\nkey={}\nforce={}\nkeep={}\nmaxage={}\n",
         quote(&plan.cache_dir),
         quote(&plan.base),
         quote(&plan.key),
         u8::from(plan.force),
         plan.keep,
         plan.max_age.as_secs(),
-        quote(platform),
     );
     s.push_str(
         "say() { printf '@@SAO ENV %s\\n' \"$*\"; }\n\
@@ -110,7 +109,6 @@ pub fn script(plan: &SessionPlan, platform: &str) -> String {
          if command -v python3 >/dev/null 2>&1; then py=python3; else py=python; fi\n\
          \"$py\" -c 'import dagster_pipes' ) > \"$store/verify.log\" 2>&1 || { say INVALID \"$(grep -v '^[[:space:]]*$' \"$store/verify.log\" | tail -n1 | head -c 400)\"; exit 0; }\n\
          touch \"$store/env/.sao-ready\" \"$store/env/.sao-used\"\n\
-         old=$(readlink \"$cache/$key\" 2>/dev/null || true)\n\
          ln -sfn \".store/$key-$$/env\" \"$cache/.link-$key-$$\" && mv -Tf \"$cache/.link-$key-$$\" \"$cache/$key\" || { say ERROR cannot publish the environment; exit 0; }\n\
          published=1\n\
          say PUBLISHED\n",
@@ -190,16 +188,10 @@ pub async fn run(
     plan: &SessionPlan,
     req: &EnvRequest,
     files: &[SourceFile],
+    platform: &str,
     py: Option<&PythonInfo>,
 ) -> Result<Outcome, EnvError> {
-    let platform = req.platform(
-        &match host {
-            EnvHost::Slurm(ex) => ex.known_facts().map(|f| f.platform).unwrap_or_default(),
-            EnvHost::Local => super::local_platform(),
-        },
-        py,
-    );
-    let text = script(plan, req.pixi.platform.as_deref().unwrap_or(&platform));
+    let text = script(plan);
     let packer = || async {
         if plan.remote_pack.is_some() {
             let started = Instant::now();
@@ -207,7 +199,7 @@ pub async fn run(
                 .await
                 .map(|a| (a, started.elapsed().as_secs_f64()))
         } else {
-            pack::pack_local(req, files, &platform, py).await
+            pack::pack_local(req, files, platform, py).await
         }
     };
     let fut = async {
@@ -324,7 +316,6 @@ where
                     "another operator holds this environment's lock; trying again",
                 ));
             }
-            "ERROR" if reason.contains("cut short") => return Err(EnvError::transient(reason)),
             "ERROR" => {
                 return Err(EnvError::transient(format!(
                     "the environment cache: {reason}"

@@ -20,6 +20,9 @@ pub enum Change {
     File(PathBuf, Instant),
     /// The watcher lost events or a folder changed: read the whole directory.
     Rescan,
+    /// Read the whole directory again at this time: files written into a new folder before
+    /// the watcher watched it raise no event of their own.
+    RescanAt(Instant),
 }
 
 /// The changes one watcher event means (none for reads, our own writes under hidden folders,
@@ -51,6 +54,9 @@ pub fn classify(root: &Path, event: &notify::Result<notify::Event>, now: Instant
             ) && !path.is_file()
             {
                 out.push(Change::Rescan);
+                if !matches!(ev.kind, EventKind::Remove(_)) {
+                    out.push(Change::RescanAt(now + SETTLE));
+                }
             }
             continue;
         }
@@ -119,6 +125,13 @@ mod tests {
         assert_eq!(
             at(EventKind::Remove(RemoveKind::Folder), &root.join("sub")),
             [Change::Rescan]
+        );
+        // A folder created: rescan now, and once more when files written into it before it
+        // was watched have landed.
+        std::fs::create_dir(root.join("new")).unwrap();
+        assert_eq!(
+            at(EventKind::Create(CreateKind::Folder), &root.join("new")),
+            [Change::Rescan, Change::RescanAt(now + SETTLE)]
         );
         assert_eq!(
             classify(root, &Err(notify::Error::generic("overflow")), now),

@@ -115,6 +115,8 @@ pub struct Driver {
     index: ManifestIndex,
     /// Manifest files to read again, and when.
     dirty: HashMap<PathBuf, Instant>,
+    /// When to read the whole directory again (after a folder appeared).
+    rescan_at: Option<Instant>,
     executor: LocalExecutor,
     assets: BTreeMap<ObjectKey, AssetEntry>,
     clusters: BTreeMap<ObjectKey, Loaded>,
@@ -179,7 +181,9 @@ impl PlanInputs {
             cluster: &self.cluster,
             cluster_dir: &self.cluster_dir,
             default_base: match remote_home {
-                Some(home) => PathBuf::from(format!("{home}/.slurm-asset-operator")),
+                Some(home) => {
+                    PathBuf::from(format!("{home}/{}", crate::jobscript::DEFAULT_REMOTE_BASE))
+                }
                 None => self.local_base.clone(),
             },
             remote_home,
@@ -251,6 +255,7 @@ pub async fn run(opts: Options) -> Result<Outcome> {
         polling: HashSet::new(),
         probing: HashSet::new(),
         probes: HashMap::new(),
+        rescan_at: None,
         counters: Arc::new(Counters::default()),
         assets: BTreeMap::new(),
         clusters: BTreeMap::new(),
@@ -271,6 +276,11 @@ pub async fn run(opts: Options) -> Result<Outcome> {
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| Error::Executor(format!("installing the SIGTERM handler: {e}")))?;
     loop {
+        if driver.rescan_at.is_some_and(|t| t <= Instant::now()) {
+            driver.rescan_at = None;
+            driver.dirty.clear();
+            driver.rescan(false).await;
+        }
         driver.reread_due().await;
         driver.tick().await;
         if opts.once && driver.all_done() {
@@ -346,6 +356,7 @@ impl Driver {
             .flat_map(|a| [a.next_poll, a.submit_at, a.env_at])
             .flatten()
             .chain(self.dirty.values().copied())
+            .chain(self.rescan_at)
             .map(|t| t.saturating_duration_since(now))
             .min()
             .unwrap_or(Duration::from_secs(5))
@@ -356,6 +367,10 @@ impl Driver {
     fn note_change(&mut self, change: Change) -> bool {
         match change {
             Change::Rescan => true,
+            Change::RescanAt(at) => {
+                self.rescan_at = Some(self.rescan_at.map_or(at, |t| t.max(at)));
+                false
+            }
             Change::File(path, at) => {
                 let due = self.dirty.entry(path).or_insert(at);
                 // A later event for a file being written pushes its read back.
@@ -695,12 +710,13 @@ impl Driver {
     fn facts(&self, key: &ObjectKey) -> Facts {
         let entry = &self.assets[key];
         let spec = entry.spec();
+        let cluster = spec.map(|s| self.cluster_for(key, s.cluster_ref.as_deref()));
         let invalid = match (&entry.loaded, spec) {
             (Some(l), None) => Some(match &l.spec {
                 Err(errors) => describe(errors),
                 Ok(_) => "not a SlurmAsset".into(),
             }),
-            (_, Some(s)) => self.cluster_for(key, s.cluster_ref.as_deref()).err(),
+            (_, Some(_)) => cluster.as_ref().and_then(|c| c.as_ref().err().cloned()),
             (None, None) => None,
         };
         let retry = spec.map(|s| s.retry.clone()).unwrap_or_default();
@@ -713,15 +729,14 @@ impl Driver {
             cleanup_on_failure: spec.is_some_and(|s| s.cleanup_on_failure),
             debug: spec.is_some_and(|s| s.debug),
             deleted: entry.deleted,
-            needs_env: spec.is_some_and(|s| {
-                self.cluster_for(key, s.cluster_ref.as_deref())
-                    .is_ok_and(|rc| {
-                        s.environment
-                            .merged_over(&rc.spec.environment)
-                            .packer()
-                            .is_some()
-                    })
-            }),
+            needs_env: match (spec, &cluster) {
+                (Some(s), Some(Ok(rc))) => s
+                    .environment
+                    .merged_over(&rc.spec.environment)
+                    .packer()
+                    .is_some(),
+                _ => false,
+            },
         }
     }
 

@@ -79,6 +79,8 @@ pub struct Observation {
     pub pipes: Option<PipesStatus>,
     /// Why a queued job waits (squeue's reason, e.g. `Resources`, `BeginTime`).
     pub queue_reason: Option<String>,
+    /// What the launcher started (Ray's head address), from the run dir.
+    pub launcher: Option<crate::api::LauncherStatus>,
     /// The job ended but accounting did not answer: its metrics may come later.
     pub metrics_pending: bool,
     /// The job has ended and its last figures (accounting, Pipes messages) are due within
@@ -99,6 +101,7 @@ impl Observation {
             log_tail: None,
             pipes: None,
             queue_reason: None,
+            launcher: None,
             metrics_pending: false,
             observe_again_soon: false,
         }
@@ -378,6 +381,18 @@ fn decide(s: &mut SlurmAssetStatus, actions: &mut Vec<Action>, input: &Input, ev
                     if input.retry_on_payload_failure && retry(s, actions, input, "NonZeroExit") {
                         return;
                     }
+                    // A launcher that could not start its cluster names what failed.
+                    if let Some(err) = s.launcher.as_ref().and_then(|l| l.error.clone()) {
+                        finish(
+                            s,
+                            actions,
+                            input,
+                            Phase::Failed,
+                            "LauncherFailed",
+                            Some(err),
+                        );
+                        return;
+                    }
                     let msg = obs
                         .message
                         .unwrap_or_else(|| format!("the payload exited with code {exit_code}"));
@@ -617,6 +632,7 @@ fn clear_job_fields(s: &mut SlurmAssetStatus) {
     s.metrics = None;
     s.pipes = None;
     s.log_tail = None;
+    s.launcher = None;
     s.remote_run_dir = None;
     s.exit_code = None;
 }
@@ -643,6 +659,9 @@ fn merge(s: &mut SlurmAssetStatus, o: &Observation) {
     }
     if o.pipes.is_some() {
         s.pipes = o.pipes.clone();
+    }
+    if o.launcher.is_some() {
+        s.launcher = o.launcher.clone();
     }
 }
 

@@ -31,12 +31,8 @@ const NOT_YET: &[(&str, &str)] = &[
         "Not available in this version: SlurmSession does not exist yet, and setting this field is refused.",
     ),
     (
-        ".spec.environment.packCommand",
-        "Not available in this version: environment packing is refused; use preDeployedEnvPath.",
-    ),
-    (
         ".spec.launcher.type",
-        "Only `bash` is available in this version; `ray` and `spark` are refused.",
+        "`bash` (default) runs the payload in the job script; `ray` starts a Ray cluster over the allocation first. `spark` is not available in this version and is refused.",
     ),
 ];
 

@@ -4,7 +4,9 @@
 //! (`sbatch --parsable ...` versus the local supervisor). Every manifest string reaches the
 //! script through [`shell::quote`] or as a file.
 
-use crate::api::{ClusterMode, Resources, SlurmAssetSpec, SlurmClusterSpec};
+use crate::api::{
+    ClusterMode, Launcher, LauncherType, Resources, SlurmAssetSpec, SlurmClusterSpec,
+};
 use crate::shell::{join, quote};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -57,6 +59,8 @@ pub struct RunPlan {
     /// (`skipPayloadUpload`): a missing one fails the submission, naming it.
     pub required_files: Vec<String>,
     pub resources: Resources,
+    /// How the payload is started: directly, or after a Ray cluster.
+    pub launcher: Launcher,
     pub extras: Option<Value>,
     pub pipes_context: Option<crate::api::PipesContext>,
 }
@@ -231,6 +235,7 @@ pub fn plan(spec: &SlurmAssetSpec, id: RunId, ctx: &PlanContext) -> Result<RunPl
         env_key: None,
         required_files,
         resources,
+        launcher: spec.launcher.clone(),
         extras: spec.extras.clone(),
         pipes_context: spec.pipes_context.clone(),
     })
@@ -291,7 +296,8 @@ pub fn render_script(plan: &RunPlan) -> String {
         // Names are validated as identifiers; values are quoted.
         s.push_str(&format!("export {k}={}\n", quote(v)));
     }
-    s.push_str("__sao_payload() {\n");
+    // Activation happens in the script's own shell: a launcher's processes use it too.
+    s.push_str("__sao_activate() {\n");
     if let Some(env) = &plan.env_path {
         let q = |f: &str| quote(&format!("{env}/{f}"));
         s.push_str(&format!(
@@ -303,10 +309,29 @@ pub fn render_script(plan: &RunPlan) -> String {
             )),
         ));
     }
-    s.push_str(&format!("  {} < /dev/null\n", join(&plan.argv)));
-    s.push_str("}\n");
-    s.push_str("__sao_payload\n");
-    s.push_str("__sao_rc=$?\n");
+    s.push_str("  return 0\n}\n");
+    s.push_str(&format!(
+        "__sao_payload() {{\n  {} < /dev/null\n}}\n",
+        join(&plan.argv)
+    ));
+    match plan.launcher.type_ {
+        LauncherType::Ray => {
+            let ray = plan.launcher.ray.clone().unwrap_or_default();
+            s.push_str(&crate::launcher::ray_functions(
+                &ray,
+                plan.resources.gpus_per_node,
+            ));
+            // scancel and the time limit send SIGTERM first: the cluster goes down with it.
+            s.push_str("trap '__sao_ray_down; exit 143' TERM\n");
+            s.push_str(
+                "if ! __sao_activate; then __sao_rc=127\n\
+                 elif __sao_ray_up; then __sao_payload; __sao_rc=$?\n\
+                 else __sao_rc=1; fi\n\
+                 __sao_ray_down\n",
+            );
+        }
+        _ => s.push_str("__sao_activate && __sao_payload\n__sao_rc=$?\n"),
+    }
     s.push_str(&format!(
         "printf 'exit_code=%s\\nstart=%s\\nend=%s\\n' \"$__sao_rc\" \"$__sao_start\" \"$(date +%s)\" > {EXIT_FILE}.tmp && mv -f {EXIT_FILE}.tmp {EXIT_FILE}\n"
     ));

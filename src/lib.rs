@@ -13,6 +13,7 @@ pub mod environment;
 pub mod executor;
 pub mod files;
 pub mod jobscript;
+pub mod launcher;
 pub mod limits;
 pub mod manifest;
 pub mod metrics;

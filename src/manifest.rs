@@ -5,8 +5,8 @@
 //! spec is invalid, so that the error can be written into that object's status.
 
 use crate::api::{
-    API_VERSION, ClusterMode, EnvironmentSettings, LauncherType, Resources, SlurmAssetSpec,
-    SlurmClusterSpec,
+    API_VERSION, ClusterMode, EnvironmentSettings, Launcher, LauncherType, Resources,
+    SlurmAssetSpec, SlurmClusterSpec,
 };
 use crate::shell::is_env_name;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -400,6 +400,59 @@ const MAX_TASKS: u32 = 1_000_000;
 const MAX_CPUS_PER_TASK: u32 = 4096;
 const MAX_GPUS_PER_NODE: u32 = 1024;
 
+fn validate_launcher(l: &Launcher, errors: &mut Vec<FieldError>) {
+    if l.type_ == LauncherType::Spark {
+        errors.push(field_err(
+            "spec.launcher.type",
+            "the spark launcher is not available in this version (bash and ray are)",
+        ));
+    }
+    let Some(ray) = &l.ray else {
+        return;
+    };
+    if l.type_ != LauncherType::Ray {
+        errors.push(field_err("spec.launcher.ray", "needs type: ray"));
+    }
+    if ray.extra_start_args.len() > 64 {
+        errors.push(field_err(
+            "spec.launcher.ray.extraStartArgs",
+            "at most 64 arguments",
+        ));
+    }
+    for (i, a) in ray.extra_start_args.iter().enumerate() {
+        let at = format!("spec.launcher.ray.extraStartArgs[{i}]");
+        if a.len() > 4096 || a.contains('\0') {
+            errors.push(field_err(at, "must be under 4 KiB, without NUL"));
+        } else if crate::launcher::ray_option_owned(a) {
+            errors.push(field_err(
+                at,
+                format!(
+                    "{} is set by the launcher",
+                    crate::limits::truncate(a.split('=').next().unwrap_or(a), 40)
+                ),
+            ));
+        }
+    }
+    if let Some(h) = &ray.head_address
+        && (h.is_empty()
+            || h.len() > 253
+            || !h
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-.:[]_".contains(&b)))
+    {
+        errors.push(field_err(
+            "spec.launcher.ray.headAddress",
+            "must be a host name or IP address",
+        ));
+    }
+    if ray.cpus_per_node == Some(0) {
+        errors.push(field_err(
+            "spec.launcher.ray.cpusPerNode",
+            "must be at least 1",
+        ));
+    }
+}
+
 fn validate_resources(r: &Resources, at: &str, errors: &mut Vec<FieldError>) {
     for (field, value, max) in [
         ("nodes", r.nodes, MAX_NODES),
@@ -610,12 +663,7 @@ pub fn validate_asset(
             "must be an absolute path (or ~/...)",
         ));
     }
-    if s.launcher.type_ != LauncherType::Bash {
-        errors.push(field_err(
-            "spec.launcher.type",
-            "only the bash launcher is available in this version",
-        ));
-    }
+    validate_launcher(&s.launcher, &mut errors);
     let mut seen = std::collections::BTreeSet::new();
     for (i, e) in s.env.iter().enumerate() {
         let at = format!("spec.env[{i}]");
@@ -862,6 +910,30 @@ mod tests {
         )
         .unwrap();
         assert!(validate_asset(&ok, StoreKind::Kubernetes, Path::new("/")).is_empty());
+    }
+
+    #[test]
+    fn launcher_settings_are_checked_field_by_field() {
+        let l = |x: &str| {
+            spec_errors(&format!(
+                "{HEAD}spec:\n  assetKey: x\n  payload: {{inline: x}}\n  launcher: {x}\n"
+            ))
+        };
+        let e = l("{type: ray, ray: {extraStartArgs: ['--port=1', '--resources={\"a\": 1}']}}");
+        assert!(
+            e.contains("spec.launcher.ray.extraStartArgs[0]: --port is set by the launcher")
+                && !e.contains("[1]"),
+            "{e}"
+        );
+        assert!(l("{ray: {dashboard: true}}").contains("spec.launcher.ray: needs type: ray"));
+        assert!(l("{type: spark}").contains("spec.launcher.type: the spark launcher"));
+        let e = l("{type: ray, ray: {headAddress: 'a b;c'}}");
+        assert!(e.contains("spec.launcher.ray.headAddress"), "{e}");
+        let ok = one(&format!(
+            "{HEAD}spec:\n  assetKey: x\n  payload: {{inline: x}}\n  launcher: {{type: ray, ray: {{headAddress: 10.1.2.3, startTimeout: 5m, objectStoreMemory: 2G}}}}\n"
+        ))
+        .unwrap();
+        assert!(ok.asset().is_some());
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! `SlurmAsset`: one Dagster asset's compute, and the status a Dagster sensor reads.
 
 use super::common::{Condition, ConfigMapKeyRef, EnvironmentSettings, Resources, SecretKeyRef};
-use crate::quantity::Interval;
+use crate::quantity::{Interval, Memory};
 use jiff::Timestamp;
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
@@ -170,12 +170,63 @@ pub struct Payload {
 }
 
 /// The launcher that turns the payload into a job script.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[x_kube(
+    cel,
+    validation = Rule::new("!has(self.ray) || self.type == 'ray'")
+        .message("ray settings need type: ray")
+)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Launcher {
     /// `bash` (default), `ray` or `spark`.
     #[serde(default, rename = "type")]
     pub type_: LauncherType,
+    /// Settings of the Ray launcher.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ray: Option<RaySettings>,
+}
+
+/// How the Ray launcher starts its cluster: a head on the job's first node, one worker on
+/// every other node, all torn down when the payload ends.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RaySettings {
+    /// CPUs each node offers to Ray (default: the CPUs Slurm allocated on the node).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100000))]
+    pub cpus_per_node: Option<u32>,
+    /// GPUs each node offers to Ray (default: the job's `gpusPerNode`, else Ray's detection).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 1024))]
+    pub gpus_per_node: Option<u32>,
+    /// Object store memory per node, e.g. `2G` (default: Ray's, 30% of the node's memory).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub object_store_memory: Option<Memory>,
+    /// Extra arguments for every `ray start`, e.g. `["--resources={\"ssd\": 1}"]`. The
+    /// launcher's own (addresses, ports, `--head`, `--block`, `--temp-dir`) are refused.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extra_start_args: Vec<String>,
+    /// How long the head and every worker may take to start and join (default `2m`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_timeout: Option<Interval>,
+    /// Start the Ray dashboard on the head (default false); its port goes into the status.
+    #[serde(default)]
+    pub dashboard: bool,
+    /// The address workers and the payload use to reach the head, for sites whose node
+    /// names do not resolve to a reachable interface (default: the head's own IP address).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_address: Option<String>,
+}
+
+impl RaySettings {
+    pub const DEFAULT_START_TIMEOUT_SECS: u64 = 120;
+    pub fn start_timeout_secs(&self) -> u64 {
+        self.start_timeout
+            .as_ref()
+            .map_or(Self::DEFAULT_START_TIMEOUT_SECS, |t| {
+                t.duration().as_secs().max(1)
+            })
+    }
 }
 
 /// Launcher kinds.
@@ -343,6 +394,9 @@ pub struct SlurmAssetStatus {
     /// The last lines of the job's output (bounded).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log_tail: Option<LogTail>,
+    /// What the launcher started for the current attempt (Ray's head address and ports).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub launcher: Option<LauncherStatus>,
     /// Run directory of the current attempt on the cluster (or the local host).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub remote_run_dir: Option<String>,
@@ -388,6 +442,30 @@ pub struct Metrics {
     /// Elapsed × allocated GPUs, in hours.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gpu_hours: Option<f64>,
+}
+
+/// What the launcher of the current attempt started, as the job script reported it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LauncherStatus {
+    /// `ray` (or `spark`).
+    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    pub type_: Option<String>,
+    /// The address the payload reaches the cluster at, e.g. Ray's `10.0.0.5:6379`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_address: Option<String>,
+    /// Port of the dashboard on the head, when it was started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dashboard_port: Option<u16>,
+    /// Nodes that joined the cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nodes_joined: Option<u32>,
+    /// Nodes of the allocation the cluster was to span.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nodes_expected: Option<u32>,
+    /// Why the cluster could not be started, naming the node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// Environment cache facts.

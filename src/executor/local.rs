@@ -206,6 +206,8 @@ impl LocalExecutor {
             obs.nodes = vec![hostname()];
             obs.log_tail = Some(log_tail(&dir.join(STDOUT_FILE), &dir.join(STDERR_FILE)));
             obs.pipes = Some(reader.status.clone());
+            obs.launcher = read_bounded(&dir.join(crate::launcher::LAUNCHER_FILE))
+                .and_then(|b| crate::launcher::parse_facts(&b));
         }
         obs
     }
@@ -372,6 +374,18 @@ fn started_time(dir: &Path) -> Option<Timestamp> {
         .find_map(|l| l.strip_prefix("start="))
         .and_then(|p| p.trim().parse().ok())
         .and_then(|s| Timestamp::from_second(s).ok())
+}
+
+/// The start of a small file the job writes (never the whole of it: hostile).
+fn read_bounded(path: &Path) -> Option<Vec<u8>> {
+    use std::io::Read;
+    let mut buf = vec![];
+    fs::File::open(path)
+        .ok()?
+        .take(crate::launcher::LAUNCHER_FILE_MAX as u64)
+        .read_to_end(&mut buf)
+        .ok()?;
+    Some(buf)
 }
 
 fn read_exit(dir: &Path) -> Option<ExitRecord> {

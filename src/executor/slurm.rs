@@ -8,6 +8,7 @@ use crate::core::{JobState, Observation};
 use crate::jobscript::{
     EXIT_FILE, JOB_SCRIPT, RunPlan, STDERR_FILE, STDOUT_FILE, render_script, sbatch_argv,
 };
+use crate::launcher::{LAUNCHER_FILE, LAUNCHER_FILE_MAX};
 use crate::pipes::{CONTEXT_FILE, MESSAGES_FILE, plan_context_data};
 use crate::shell::{join, quote};
 use crate::slurm::{
@@ -805,6 +806,7 @@ fn poll_script(jobs: &[Watched<'_>], accounting: bool) -> String {
              sao_tail ERR {STDERR_FILE}\n\
              printf 'MSG %s\\n' \"$(tail -c +{} {MESSAGES_FILE} 2>/dev/null | head -c {MESSAGES_CHUNK} | base64 -w0)\"\n\
              printf 'SIZE %s\\n' \"$(stat -c %s {MESSAGES_FILE} 2>/dev/null)\"\n\
+             if [ -f {LAUNCHER_FILE} ]; then printf 'LAUNCH %s\\n' \"$(head -c {LAUNCHER_FILE_MAX} {LAUNCHER_FILE} | base64 -w0)\"; fi\n\
              cd - >/dev/null\n\
              fi\n",
             w.track.reader.offset + 1,
@@ -885,6 +887,7 @@ fn parse_poll(
                             "MSG" => "MSG",
                             "SIZE" => "SIZE",
                             "FRESH" => "FRESH",
+                            "LAUNCH" => "LAUNCH",
                             _ => continue,
                         },
                         v.to_string(),
@@ -1007,6 +1010,9 @@ fn parse_poll(
                 again_soon = true;
             }
             let mut obs = Observation::of(state);
+            obs.launcher = files
+                .get("LAUNCH")
+                .and_then(|b| crate::launcher::parse_facts(&decode(b)));
             obs.slurm_state = raw.or_else(|| {
                 if !accounting {
                     Some("UNKNOWN (no accounting; outcome from the exit file)".into())

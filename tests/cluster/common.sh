@@ -6,6 +6,7 @@ TEST_USER=saotest
 TEST_PASSWORD=saotest-password
 TEST_HOME=/home/$TEST_USER
 PIPES_ENV=$TEST_HOME/envs/pipes          # pre-deployed environment with dagster-pipes
+RAY_ENV=$TEST_HOME/envs/ray              # the same with Ray
 NODES="n1 n2 n3"
 OTP_SSH_PORT=${SAO_TEST_OTP_SSH_PORT:-2223}   # a second sshd: password + TOTP code (PAM)
 KEY_OTP_SSH_PORT=${SAO_TEST_KEY_OTP_SSH_PORT:-2224}   # a third: key + TOTP code

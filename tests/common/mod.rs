@@ -135,6 +135,8 @@ pub struct TestCluster {
     pub password: String,
     pub known_hosts: String,
     pub env_path: String,
+    /// A pre-deployed environment with dagster-pipes and Ray.
+    pub ray_env: String,
     /// The second sshd: password, then a TOTP code (PAM google-authenticator).
     pub otp_port: String,
     /// The third sshd: key, then a TOTP code.
@@ -160,6 +162,7 @@ pub fn test_cluster() -> TestCluster {
         password: get("SLURM_EDGE_NODE_PASSWORD"),
         known_hosts: get("SLURM_EDGE_NODE_KNOWN_HOSTS"),
         env_path: get("CI_DEPLOYED_ENVIRONMENT_PATH"),
+        ray_env: get("SAO_TEST_RAY_ENV"),
         otp_port: get("SAO_TEST_OTP_SSH_PORT"),
         key_otp_port: get("SAO_TEST_KEY_OTP_SSH_PORT"),
         totp_seed: get("SAO_TEST_TOTP_SEED"),

@@ -96,7 +96,7 @@ impl Backend {
     ) -> Result<String> {
         match self {
             Backend::Local(l) => l.cancel(job_id, run_dir).await,
-            Backend::Slurm(s) => s.cancel(job_id, tag).await,
+            Backend::Slurm(s) => s.cancel(job_id, tag, run_dir).await,
         }
     }
 

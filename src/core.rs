@@ -79,6 +79,8 @@ pub struct Observation {
     pub pipes: Option<PipesStatus>,
     /// Why a queued job waits (squeue's reason, e.g. `Resources`, `BeginTime`).
     pub queue_reason: Option<String>,
+    /// A session step's own ID (`<job>.<step>`), once it started.
+    pub step_id: Option<String>,
     /// What the launcher started (Ray's head address), from the run dir.
     pub launcher: Option<crate::api::LauncherStatus>,
     /// The job ended but accounting did not answer: its metrics may come later.
@@ -102,6 +104,7 @@ impl Observation {
             pipes: None,
             queue_reason: None,
             launcher: None,
+            step_id: None,
             metrics_pending: false,
             observe_again_soon: false,
         }
@@ -382,15 +385,11 @@ fn decide(s: &mut SlurmAssetStatus, actions: &mut Vec<Action>, input: &Input, ev
                         return;
                     }
                     // A launcher that could not start its cluster names what failed.
-                    if let Some(err) = s.launcher.as_ref().and_then(|l| l.error.clone()) {
-                        finish(
-                            s,
-                            actions,
-                            input,
-                            Phase::Failed,
-                            "LauncherFailed",
-                            Some(err),
-                        );
+                    if let Some(l) = s.launcher.clone()
+                        && let Some(err) = l.error
+                    {
+                        let reason = l.reason.as_deref().unwrap_or("LauncherFailed");
+                        finish(s, actions, input, Phase::Failed, reason, Some(err));
                         return;
                     }
                     let msg = obs
@@ -633,6 +632,7 @@ fn clear_job_fields(s: &mut SlurmAssetStatus) {
     s.pipes = None;
     s.log_tail = None;
     s.launcher = None;
+    s.step_id = None;
     s.remote_run_dir = None;
     s.exit_code = None;
 }
@@ -662,6 +662,9 @@ fn merge(s: &mut SlurmAssetStatus, o: &Observation) {
     }
     if o.launcher.is_some() {
         s.launcher = o.launcher.clone();
+    }
+    if o.step_id.is_some() {
+        s.step_id = o.step_id.clone();
     }
 }
 

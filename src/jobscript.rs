@@ -61,6 +61,8 @@ pub struct RunPlan {
     pub resources: Resources,
     /// How the payload is started: directly, or after a Ray cluster.
     pub launcher: Launcher,
+    /// A step of a session's allocation instead of a job of its own.
+    pub session: Option<crate::session::Placement>,
     pub extras: Option<Value>,
     pub pipes_context: Option<crate::api::PipesContext>,
 }
@@ -236,6 +238,7 @@ pub fn plan(spec: &SlurmAssetSpec, id: RunId, ctx: &PlanContext) -> Result<RunPl
         required_files,
         resources,
         launcher: spec.launcher.clone(),
+        session: None,
         extras: spec.extras.clone(),
         pipes_context: spec.pipes_context.clone(),
     })
@@ -314,8 +317,22 @@ pub fn render_script(plan: &RunPlan) -> String {
         "__sao_payload() {{\n  {} < /dev/null\n}}\n",
         join(&plan.argv)
     ));
+    if plan.session.is_some() {
+        // A step cancelled before it started ends at once; one that starts records its ID
+        // (sacct's `<job>.<step>`) for its metrics.
+        s.push_str(&format!(
+            "[ -e {} ] && exit 0\n",
+            crate::session::CANCELLED_FILE
+        ));
+        s.push_str(&format!(
+            "printf '%s.%s\\n%s\\n' \"${{SLURM_JOB_ID:-}}\" \"${{SLURM_STEP_ID:-}}\" \"${{SLURM_STEP_NODELIST:-}}\" > {}\n",
+            crate::session::STEP_FILE
+        ));
+    }
     match plan.launcher.type_ {
-        LauncherType::Ray => {
+        // In a session a Ray asset uses the session's warm cluster (RAY_ADDRESS comes
+        // from the agent's environment).
+        LauncherType::Ray if plan.session.is_none() => {
             let ray = plan.launcher.ray.clone().unwrap_or_default();
             s.push_str(&crate::launcher::ray_functions(
                 &ray,

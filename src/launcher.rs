@@ -200,6 +200,9 @@ pub fn parse_facts(bytes: &[u8]) -> Option<LauncherStatus> {
             "nodes_joined" => st.nodes_joined = v.trim().parse().ok(),
             "nodes_expected" => st.nodes_expected = v.trim().parse().ok(),
             "error" => st.error = Some(clean(v)),
+            "reason" if v.bytes().all(|b| b.is_ascii_alphanumeric()) && v.len() <= 64 => {
+                st.reason = Some(v.to_string())
+            }
             _ => {}
         }
     }

@@ -22,6 +22,7 @@ pub mod quantity;
 pub mod sbatch_options;
 pub mod shell;
 pub mod slurm;
+pub mod session;
 pub mod standalone;
 pub mod status_table;
 pub mod transport;

@@ -6,7 +6,7 @@
 
 use crate::api::{
     API_VERSION, ClusterMode, EnvironmentSettings, Launcher, LauncherType, Resources,
-    SlurmAssetSpec, SlurmClusterSpec,
+    SlurmAssetSpec, SlurmClusterSpec, SlurmSessionSpec,
 };
 use crate::shell::is_env_name;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 pub enum Kind {
     SlurmAsset,
     SlurmCluster,
+    SlurmSession,
 }
 
 impl Kind {
@@ -29,6 +30,7 @@ impl Kind {
         match self {
             Kind::SlurmAsset => "SlurmAsset",
             Kind::SlurmCluster => "SlurmCluster",
+            Kind::SlurmSession => "SlurmSession",
         }
     }
 }
@@ -84,6 +86,7 @@ pub struct ManifestError {
 pub enum Spec {
     Asset(Box<SlurmAssetSpec>),
     Cluster(Box<SlurmClusterSpec>),
+    Session(Box<SlurmSessionSpec>),
 }
 
 /// One object read from a manifest.
@@ -108,6 +111,12 @@ impl Loaded {
     pub fn asset(&self) -> Option<&SlurmAssetSpec> {
         match &self.spec {
             Ok(Spec::Asset(a)) => Some(a),
+            _ => None,
+        }
+    }
+    pub fn session(&self) -> Option<&SlurmSessionSpec> {
+        match &self.spec {
+            Ok(Spec::Session(s)) => Some(s),
             _ => None,
         }
     }
@@ -169,9 +178,10 @@ fn parse_document(
     let kind = match map.get("kind").and_then(Value::as_str) {
         Some("SlurmAsset") => Kind::SlurmAsset,
         Some("SlurmCluster") => Kind::SlurmCluster,
+        Some("SlurmSession") => Kind::SlurmSession,
         Some(_) => {
             return Err(err(
-                "kind: not a kind this operator serves (expected SlurmAsset or SlurmCluster)"
+                "kind: not a kind this operator serves (expected SlurmAsset, SlurmCluster or SlurmSession)"
                     .into(),
             ));
         }
@@ -222,6 +232,14 @@ fn parse_document(
             let errors = validate_cluster(&s, store);
             if errors.is_empty() {
                 Ok(Spec::Cluster(Box::new(s)))
+            } else {
+                Err(errors)
+            }
+        }),
+        Kind::SlurmSession => typed::<SlurmSessionSpec>(spec_value).and_then(|s| {
+            let errors = validate_session(&s);
+            if errors.is_empty() {
+                Ok(Spec::Session(Box::new(s)))
             } else {
                 Err(errors)
             }
@@ -399,6 +417,43 @@ const MAX_NODES: u32 = 100_000;
 const MAX_TASKS: u32 = 1_000_000;
 const MAX_CPUS_PER_TASK: u32 = 4096;
 const MAX_GPUS_PER_NODE: u32 = 1024;
+
+/// Semantic checks of a `SlurmSession` spec.
+pub fn validate_session(s: &SlurmSessionSpec) -> Vec<FieldError> {
+    let mut errors = vec![];
+    if let Some(reason) = dns_subdomain_problem(&s.cluster_ref) {
+        errors.push(field_err("spec.clusterRef", reason));
+    }
+    if s.max_concurrent_steps == Some(0) {
+        errors.push(field_err("spec.maxConcurrentSteps", "must be at least 1"));
+    }
+    if s.max_concurrent_steps.is_some_and(|n| n > 1000) {
+        errors.push(field_err("spec.maxConcurrentSteps", "at most 1000"));
+    }
+    if s.pre_deployed_env_path
+        .as_deref()
+        .is_some_and(|p| p.is_empty() || p.len() > 4096 || p.contains(['\0', '\n']))
+    {
+        errors.push(field_err(
+            "spec.preDeployedEnvPath",
+            "must be a path under 4 KiB, without NUL or newline",
+        ));
+    }
+    validate_resources(&s.resources, "spec.resources", &mut errors);
+    if let Some(ray) = &s.ray {
+        let l = Launcher {
+            type_: LauncherType::Ray,
+            ray: Some(ray.clone()),
+        };
+        let mut ray_errors = vec![];
+        validate_launcher(&l, &mut ray_errors);
+        errors.extend(ray_errors.into_iter().map(|mut e| {
+            e.field = e.field.replace("spec.launcher.ray", "spec.ray");
+            e
+        }));
+    }
+    errors
+}
 
 fn validate_launcher(l: &Launcher, errors: &mut Vec<FieldError>) {
     if l.type_ == LauncherType::Spark {
@@ -700,10 +755,17 @@ pub fn validate_asset(
     if s.extras.as_ref().is_some_and(|x| !x.is_object()) {
         errors.push(field_err("spec.extras", "must be a mapping"));
     }
-    if s.session_ref.is_some() {
+    if s
+        .session_ref
+        .as_deref()
+        .is_some_and(|n| dns_subdomain_problem(n).is_some())
+    {
+        errors.push(field_err("spec.sessionRef", "is not a valid object name"));
+    }
+    if s.session_ref.is_some() && s.cluster_ref.is_none() {
         errors.push(field_err(
-            "spec.sessionRef",
-            "SlurmSession is not available in this version",
+            "spec.clusterRef",
+            "an asset with sessionRef names its session's cluster",
         ));
     }
     if s.cluster_ref

@@ -245,6 +245,19 @@ pub fn job_metrics(rows: &[&SacctRow], requested_mem: Option<u64>) -> Option<Met
     ))
 }
 
+/// Metrics of one step of a shared allocation (a session's): the step's own row.
+pub fn step_metrics(row: &SacctRow, requested_mem: Option<u64>) -> Metrics {
+    efficiency(
+        row.elapsed_raw.unwrap_or(0.0),
+        row.total_cpu,
+        row.max_rss,
+        row.alloc_cpus.unwrap_or(0),
+        row.alloc_nodes.unwrap_or(0),
+        gpus_in_tres(&row.alloc_tres),
+        requested_mem,
+    )
+}
+
 /// A start/end time as `sacct` prints it (local time of the cluster, no zone).
 pub fn parse_time(s: &str) -> Option<jiff::Timestamp> {
     let dt: jiff::civil::DateTime = s.trim().parse().ok()?;

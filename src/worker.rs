@@ -38,6 +38,9 @@ pub enum Request<K> {
         job_id: Option<String>,
         tag: String,
         report: bool,
+        /// The attempt's run dir: when it is a session step's, the step is cancelled, never
+        /// its session's allocation.
+        run_dir: Option<String>,
     },
     Cleanup {
         run_dir: String,
@@ -224,11 +227,12 @@ async fn handle<K>(ex: &SlurmExecutor, req: Request<K>) -> Option<Reply<K>> {
             job_id,
             tag,
             report,
+            run_dir,
         } => Reply::Cancelled {
             key,
             report,
             result: ex
-                .cancel(job_id.as_deref(), &tag)
+                .cancel(job_id.as_deref(), &tag, run_dir.as_deref())
                 .await
                 .map_err(|e| e.to_string()),
         },

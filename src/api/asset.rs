@@ -358,6 +358,9 @@ pub struct SlurmAssetStatus {
     /// Scheduler job ID of the current attempt (the process-group ID in local mode).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job_id: Option<String>,
+    /// In a session: the job step that runs the current attempt, `<jobId>.<step>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_id: Option<String>,
     /// Raw scheduler state, e.g. `RUNNING`, `TIMEOUT`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slurm_state: Option<String>,
@@ -466,6 +469,9 @@ pub struct LauncherStatus {
     /// Why the cluster could not be started, naming the node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Machine-readable reason of `error` (default `LauncherFailed`), e.g. `SessionEnding`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// Environment cache facts.

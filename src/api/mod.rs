@@ -3,10 +3,12 @@
 pub mod asset;
 pub mod cluster;
 pub mod common;
+pub mod session;
 
 pub use asset::*;
 pub use cluster::*;
 pub use common::*;
+pub use session::*;
 
 pub const GROUP: &str = "dagster-slurm.io";
 pub const VERSION: &str = "v1alpha1";

@@ -16,6 +16,9 @@ pub struct JobRef {
     pub run_dir: String,
     /// Resources requested, for efficiency figures.
     pub resources: Resources,
+    /// A step of a session's allocation: `job_id` is the allocation's, the step's own ID is
+    /// in its run dir, and the allocation's end without the step's exit file is the step's.
+    pub in_session: bool,
 }
 
 /// What is remembered about one watched job between polls.

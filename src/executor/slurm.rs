@@ -9,6 +9,7 @@ use crate::jobscript::{
     EXIT_FILE, JOB_SCRIPT, RunPlan, STDERR_FILE, STDOUT_FILE, render_script, sbatch_argv,
 };
 use crate::launcher::{LAUNCHER_FILE, LAUNCHER_FILE_MAX};
+use crate::session::STEP_FILE;
 use crate::pipes::{CONTEXT_FILE, MESSAGES_FILE, plan_context_data};
 use crate::shell::{join, quote};
 use crate::slurm::{
@@ -522,14 +523,39 @@ impl SlurmExecutor {
     }
 
     /// Cancels a job by ID, or by tag when the ID is not known yet.
-    pub async fn cancel(&self, job_id: Option<&str>, tag: &str) -> Result<String> {
+    /// Cancels the attempt's job — or, when its run dir is a session step's (it names its
+    /// session), only the step: the run dir is marked (a step that starts later exits at
+    /// once), its request leaves the session's queue, and the step is cancelled if it runs.
+    pub async fn cancel(
+        &self,
+        job_id: Option<&str>,
+        tag: &str,
+        run_dir: Option<&str>,
+    ) -> Result<String> {
         let target = match job_id.filter(|j| !j.is_empty()) {
             Some(id) => quote(id),
             None => format!("--name={}", quote(tag)),
         };
-        let out = self
-            .run(&format!("scancel {target} 2>&1; echo \"rc=$?\""))
-            .await?;
+        let script = format!(
+            r#"d={d}; tag={t}
+if [ -n "$d" ] && [ -f "$d/{SESSION_FILE}" ]; then
+touch "$d/{CANCELLED}" 2>/dev/null
+sdir=$(head -n1 "$d/{SESSION_FILE}")
+[ -n "$sdir" ] && rm -f "$sdir/{QUEUE}/$tag"
+s=$(head -n1 "$d/{STEP}" 2>/dev/null | tr -dc '0-9.')
+if [ -n "$s" ]; then scancel "$s" 2>&1; echo "session step $s: rc=$?"; else echo "session step not started: taken out of the queue"; fi
+else
+scancel {target} 2>&1; echo "rc=$?"
+fi
+"#,
+            d = quote(run_dir.unwrap_or("")),
+            t = quote(tag),
+            CANCELLED = crate::session::CANCELLED_FILE,
+            SESSION_FILE = crate::session::SESSION_FILE,
+            QUEUE = crate::session::QUEUE_DIR,
+            STEP = STEP_FILE,
+        );
+        let out = self.run(&script).await?;
         let text = String::from_utf8_lossy(&out.stdout);
         Ok(format!(
             "scancel {}: {}",
@@ -594,6 +620,13 @@ fn submission_block(plan: &RunPlan) -> String {
     // sacct) only when a submission started and its answer was not recorded (the operator or
     // the connection died in between), so a fresh submission costs the scheduler one RPC.
     // A dir holding another tag belongs to an earlier object of the same name and is cleared.
+    // A session step's request file is its own record: the enqueue below finds it.
+    let lookup = if plan.session.is_some() {
+        ":"
+    } else {
+        "existing=$(squeue -h -o %i --name=\"$tag\" 2>/dev/null | head -n1)\n\
+         [ -z \"$existing\" ] && existing=$(sacct -n -X -P -o JobID --name=\"$tag\" -S now-60days 2>/dev/null | head -n1)"
+    };
     s.push_str(&format!(
         "existing=''\n\
          if [ -f \"$dir/{JOBID_FILE}\" ]; then\n\
@@ -602,8 +635,7 @@ fn submission_block(plan: &RunPlan) -> String {
          elif [ -f \"$dir/{SUBMITTING_FILE}\" ]; then\n\
          read -r t < \"$dir/{SUBMITTING_FILE}\"\n\
          if [ \"$t\" = \"$tag\" ]; then\n\
-         existing=$(squeue -h -o %i --name=\"$tag\" 2>/dev/null | head -n1)\n\
-         [ -z \"$existing\" ] && existing=$(sacct -n -X -P -o JobID --name=\"$tag\" -S now-60days 2>/dev/null | head -n1)\n\
+         {lookup}\n\
          else rm -rf -- \"$dir\"; fi\n\
          fi\n"
     ));
@@ -640,6 +672,10 @@ fn submission_block(plan: &RunPlan) -> String {
             q = quote(name)
         ));
     }
+    if let Some(session) = &plan.session {
+        s.push_str(&enqueue_step(session));
+        return s;
+    }
     // sbatch's warnings go to stderr and are not its answer; the job ID is the last line
     // of stdout (`--parsable`: "ID" or "ID;cluster") and must be a number.
     s.push_str(&format!(
@@ -653,6 +689,33 @@ fn submission_block(plan: &RunPlan) -> String {
              printf '%s %s\\n' \"$tag\" \"$id\" > {JOBID_FILE}\necho \"SUBMITTED $id\"\n"
         ));
     s
+}
+
+/// Queues a step with its session's agent: a request file (the run dir, then one `srun`
+/// option per line) renamed into the session's queue. A request already queued or started
+/// is the step's: it is adopted, never queued twice (the agent's claim is a rename too).
+fn enqueue_step(p: &crate::session::Placement) -> String {
+    use crate::session::{QUEUE_DIR, STARTED_DIR};
+    let mut lines = String::new();
+    for a in &p.srun {
+        lines.push_str(&format!(" {}", quote(a)));
+    }
+    format!(
+        r#"sdir={sdir}
+printf '%s\n' "$sdir" > {SESSION_FILE}
+printf '%s\n' "$tag" > {SUBMITTING_FILE}
+if [ -e "$sdir/{QUEUE_DIR}/$tag" ] || [ -e "$sdir/{STARTED_DIR}/$tag" ]; then answer=ADOPT
+elif [ -d "$sdir/{QUEUE_DIR}" ]; then
+printf '%s\n' "$dir"{lines} > "$sdir/{QUEUE_DIR}/.$tag.tmp" && mv -f "$sdir/{QUEUE_DIR}/.$tag.tmp" "$sdir/{QUEUE_DIR}/$tag" || {{ echo 'ERROR cannot queue the step with its session'; exit 0; }}
+answer=SUBMITTED
+else echo 'ERROR the session has no step queue: its allocation is not running'; exit 0; fi
+printf '%s %s\n' "$tag" {job} > {JOBID_FILE}
+echo "$answer {job}"
+"#,
+        sdir = quote(&p.session_dir),
+        job = quote(&p.job_id),
+        SESSION_FILE = crate::session::SESSION_FILE,
+    )
 }
 
 /// The lines that answer a submission block.
@@ -806,6 +869,7 @@ fn poll_script(jobs: &[Watched<'_>], accounting: bool) -> String {
              sao_tail ERR {STDERR_FILE}\n\
              printf 'MSG %s\\n' \"$(tail -c +{} {MESSAGES_FILE} 2>/dev/null | head -c {MESSAGES_CHUNK} | base64 -w0)\"\n\
              printf 'SIZE %s\\n' \"$(stat -c %s {MESSAGES_FILE} 2>/dev/null)\"\n\
+             if [ -f {STEP_FILE} ]; then printf 'STEP %s\\n' \"$(head -c 512 {STEP_FILE} | base64 -w0)\"; fi\n\
              if [ -f {LAUNCHER_FILE} ]; then printf 'LAUNCH %s\\n' \"$(head -c {LAUNCHER_FILE_MAX} {LAUNCHER_FILE} | base64 -w0)\"; fi\n\
              cd - >/dev/null\n\
              fi\n",
@@ -813,6 +877,151 @@ fn poll_script(jobs: &[Watched<'_>], accounting: bool) -> String {
         ));
     }
     s
+}
+
+/// What the run dir told about the job beside its state: log tails, Pipes, launcher facts.
+fn fill_from_run_dir(obs: &mut Observation, files: &HashMap<&str, String>, w: &Watched<'_>) {
+    // A run dir that could not be read (cleaned up after the end, say) says nothing about
+    // the logs: the tails seen before stand.
+    if files.contains_key("OUT") || files.contains_key("ERR") {
+        let (stdout_bytes, stdout) = tail_decoded(files.get("OUT"));
+        let (stderr_bytes, stderr) = tail_decoded(files.get("ERR"));
+        obs.log_tail = Some(crate::api::LogTail {
+            stdout,
+            stderr,
+            stdout_bytes,
+            stderr_bytes,
+        });
+    }
+    obs.pipes = Some(w.track.reader.status.clone());
+    obs.launcher = files
+        .get("LAUNCH")
+        .and_then(|b| crate::launcher::parse_facts(&decode(b)));
+}
+
+/// A session step's state. Its exit file is its own word; before that, the allocation's
+/// state says whether it can still run: queued in the session until it has recorded its
+/// step ID, running after, and ended with the allocation if that ended first.
+#[allow(clippy::too_many_arguments)]
+fn observe_step(
+    w: &mut Watched<'_>,
+    files: &HashMap<&str, String>,
+    rows: &[crate::slurm::SacctRow],
+    alloc_in_squeue: Option<&str>,
+    exit: Option<i32>,
+    [start, end]: [Option<i64>; 2],
+    every_source_answered: bool,
+    accounting: bool,
+    now: jiff::Timestamp,
+) -> Observation {
+    let alloc_id = w.job.job_id.clone().unwrap_or_default();
+    let step_file = files
+        .get("STEP")
+        .map(|b| String::from_utf8_lossy(&decode(b)).into_owned())
+        .unwrap_or_default();
+    let mut lines = step_file.lines();
+    let step_id = lines
+        .next()
+        .map(str::trim)
+        .filter(|s| {
+            s.split_once('.').is_some_and(|(j, st)| {
+                j == alloc_id && !st.is_empty() && st.bytes().all(|b| b.is_ascii_digit())
+            })
+        })
+        .map(str::to_string);
+    let step_nodes = lines.next().map(expand_nodelist).unwrap_or_default();
+    let row = step_id
+        .as_ref()
+        .and_then(|sid| rows.iter().find(|r| &r.job_id == sid));
+    let alloc = rows.iter().find(|r| r.job_id == alloc_id);
+    let step = step_id.as_deref().unwrap_or("not started");
+    let ended_alloc = |state: &str| -> (JobState, String) {
+        if state.starts_with("CANCELLED") {
+            (
+                JobState::Cancelled {
+                    by: Some("the session (its allocation was cancelled)".into()),
+                },
+                format!("{state} (the session's allocation)"),
+            )
+        } else {
+            (
+                JobState::Killed {
+                    reason: "SessionEnded".into(),
+                    exit_code: None,
+                },
+                format!("{state} (the session's allocation)"),
+            )
+        }
+    };
+    let (state, raw) = if let Some(code) = exit {
+        w.track.exit_seen = true;
+        (
+            JobState::Exited { exit_code: code },
+            format!(
+                "{} (step {step}, from the exit file)",
+                if code == 0 { "COMPLETED" } else { "FAILED" }
+            ),
+        )
+    } else if let Some(st) = alloc_in_squeue {
+        match map_state(st, None) {
+            JobState::Running if step_id.is_some() => {
+                (JobState::Running, format!("RUNNING (step {step})"))
+            }
+            JobState::Running => (
+                JobState::Queued,
+                "PENDING (queued in the session)".to_string(),
+            ),
+            JobState::Queued => (
+                JobState::Queued,
+                format!("PENDING (the session's allocation is {st})"),
+            ),
+            s if is_final(&s) => ended_alloc(st),
+            s => (s, st.to_string()),
+        }
+    } else if let Some(a) = alloc.filter(|a| is_final(&map_state(&a.state, None))) {
+        ended_alloc(&a.state)
+    } else if every_source_answered && is_job_id(&alloc_id) {
+        let since = *w.track.missing_since.get_or_insert(now);
+        if now.duration_since(since) >= LOST_GRACE {
+            ended_alloc("GONE")
+        } else {
+            (JobState::Unknown, "UNKNOWN".to_string())
+        }
+    } else {
+        (JobState::Unknown, "UNKNOWN".to_string())
+    };
+    if !matches!(state, JobState::Unknown) {
+        w.track.missing_since = None;
+    }
+    let mut obs = Observation::of(state);
+    obs.slurm_state = Some(raw);
+    if let JobState::Killed { .. } = &obs.state {
+        obs.message = Some(format!(
+            "the session's allocation {alloc_id} ended before this step finished"
+        ));
+    }
+    let row_final = row.is_some_and(|r| is_final(&map_state(&r.state, None)));
+    obs.metrics_pending = accounting && is_final(&obs.state) && exit.is_some() && !row_final;
+    obs.observe_again_soon = obs.metrics_pending
+        && (files.contains_key("FRESH")
+            || end
+                .and_then(|e| jiff::Timestamp::from_second(e).ok())
+                .is_some_and(|e| now.duration_since(e) < SETTLE_WINDOW));
+    if let Some(r) = row.filter(|_| row_final) {
+        obs.metrics = Some(crate::slurm::step_metrics(r, w.requested_mem));
+    }
+    obs.nodes = match row {
+        Some(r) if !r.node_list.is_empty() => expand_nodelist(&r.node_list),
+        _ => step_nodes,
+    };
+    obs.start_time = row
+        .and_then(|r| parse_time(&r.start))
+        .or_else(|| start.and_then(|s| jiff::Timestamp::from_second(s).ok()));
+    obs.end_time = row
+        .and_then(|r| parse_time(&r.end))
+        .or_else(|| end.and_then(|e| jiff::Timestamp::from_second(e).ok()));
+    obs.step_id = step_id;
+    obs
 }
 
 fn decode(b64: &str) -> Vec<u8> {
@@ -888,6 +1097,7 @@ fn parse_poll(
                             "SIZE" => "SIZE",
                             "FRESH" => "FRESH",
                             "LAUNCH" => "LAUNCH",
+                            "STEP" => "STEP",
                             _ => continue,
                         },
                         v.to_string(),
@@ -933,6 +1143,22 @@ fn parse_poll(
                 .and_then(|e| jiff::Timestamp::from_second(e).ok())
                 .is_some_and(|end| now.duration_since(end) < SETTLE_WINDOW);
             let queued = squeue.get(&id).filter(|_| is_job_id(&id));
+            if w.job.in_session {
+                let ended = [exit_field("start="), exit_field("end=")];
+                let mut obs = observe_step(
+                    w,
+                    &files,
+                    &rows,
+                    queued.map(|(st, _, _)| st.as_str()),
+                    exit,
+                    ended,
+                    squeue_answered && sacct_answered,
+                    accounting,
+                    now,
+                );
+                fill_from_run_dir(&mut obs, &files, w);
+                return obs;
+            }
             let from_sacct = alloc.map(|a| map_state(&a.state, Some(&a.exit_code)));
             let from_squeue = queued.map(|(st, _, _)| map_state(st, None));
             let known = from_sacct.is_some() || from_squeue.is_some() || exit.is_some();
@@ -1010,9 +1236,6 @@ fn parse_poll(
                 again_soon = true;
             }
             let mut obs = Observation::of(state);
-            obs.launcher = files
-                .get("LAUNCH")
-                .and_then(|b| crate::launcher::parse_facts(&decode(b)));
             obs.slurm_state = raw.or_else(|| {
                 if !accounting {
                     Some("UNKNOWN (no accounting; outcome from the exit file)".into())
@@ -1106,19 +1329,7 @@ fn parse_poll(
                     ));
                 }
             }
-            // A run dir that could not be read (cleaned up after the end, say) says nothing
-            // about the logs: the tails seen before stand.
-            if files.contains_key("OUT") || files.contains_key("ERR") {
-                let (stdout_bytes, stdout) = tail_decoded(files.get("OUT"));
-                let (stderr_bytes, stderr) = tail_decoded(files.get("ERR"));
-                obs.log_tail = Some(crate::api::LogTail {
-                    stdout,
-                    stderr,
-                    stdout_bytes,
-                    stderr_bytes,
-                });
-            }
-            obs.pipes = Some(w.track.reader.status.clone());
+            fill_from_run_dir(&mut obs, &files, w);
             obs
         })
         .collect()

@@ -38,6 +38,8 @@ use tracing::{error, info, warn};
 const LOCAL_POLL: Duration = Duration::from_millis(500);
 const SLURM_POLL: Duration = Duration::from_secs(10);
 /// Wait before retrying a submission that could not reach its cluster.
+/// How often an asset waiting for its session's allocation asks again.
+const SESSION_WAIT: Duration = Duration::from_secs(1);
 const TRANSPORT_RETRY: Duration = Duration::from_secs(5);
 /// When a job that just ended is observed again for its last figures (accounting records the
 /// end a moment after the exit file).
@@ -62,7 +64,12 @@ pub struct Outcome {
 }
 
 struct AssetEntry {
+    /// For a session's allocation: the manifest as written (its spec is the session's).
     loaded: Option<Loaded>,
+    /// The session's spec, when this entry is a session's allocation.
+    session: Option<crate::api::SlurmSessionSpec>,
+    /// The session status written last (its conditions keep their transition times).
+    session_status: Option<crate::api::SlurmSessionStatus>,
     /// `spec.clusterRef` as last seen (kept when the manifest goes away).
     cluster_ref: Option<String>,
     uid: String,
@@ -149,6 +156,18 @@ struct PlanInputs {
     uid: String,
     /// The run's packed environment, once ready.
     env: Option<crate::api::EnvStatus>,
+    /// A session step: where its session's allocation runs.
+    session: Option<SessionTarget>,
+    /// This is a session's allocation (its agent keeps to the time limit).
+    is_session: bool,
+}
+
+/// The session an asset's step goes to, as it was when the step was submitted.
+#[derive(Clone)]
+struct SessionTarget {
+    dir: String,
+    job_id: String,
+    ray_driver: bool,
 }
 
 impl PlanInputs {
@@ -167,6 +186,8 @@ impl PlanInputs {
             name: key.name.clone(),
             uid: entry.uid.clone(),
             env: entry.status.env.clone(),
+            session: None,
+            is_session: key.kind == Kind::SlurmSession,
         })
     }
 
@@ -196,8 +217,36 @@ impl PlanInputs {
             attempt,
             epoch: 0,
         };
-        let mut p = plan(&self.spec, id, &ctx)?;
+        let mut spec = self.spec.clone();
+        if self.is_session {
+            // A session's agent keeps to the allocation's time limit, whatever set it.
+            if let Some(t) = spec
+                .resources
+                .merged_over(&self.cluster.queue)
+                .time_limit
+                .and_then(|t| t.seconds())
+            {
+                spec.env.push(crate::api::EnvVar {
+                    name: "SAO_SESSION_TIME_LIMIT_SECS".into(),
+                    value: Some(t.to_string()),
+                    value_from: None,
+                });
+            }
+        }
+        let mut p = plan(&spec, id, &ctx)?;
         p.use_env(self.env.as_ref());
+        if let Some(t) = &self.session {
+            p.session = Some(crate::session::Placement {
+                session_dir: t.dir.clone(),
+                job_id: t.job_id.clone(),
+                srun: crate::session::step_options(
+                    &self.spec.resources,
+                    &p.id.tag(),
+                    &p.run_dir,
+                    t.ray_driver,
+                ),
+            });
+        }
         Ok(p)
     }
 }
@@ -407,7 +456,7 @@ impl Driver {
                         self.clusters.remove(&key);
                         changed_clusters.push(key);
                     }
-                    Kind::SlurmAsset => {
+                    Kind::SlurmAsset | Kind::SlurmSession => {
                         if let Some(entry) = self.assets.get_mut(&key)
                             && !entry.deleted
                         {
@@ -427,7 +476,7 @@ impl Driver {
                             changed_clusters.push(key);
                         }
                     }
-                    Kind::SlurmAsset => {
+                    Kind::SlurmAsset | Kind::SlurmSession => {
                         self.upsert_asset(key.clone(), obj);
                         affected.push(key);
                     }
@@ -495,7 +544,7 @@ impl Driver {
                 Kind::SlurmCluster => {
                     self.clusters.insert(key, obj);
                 }
-                Kind::SlurmAsset => {
+                Kind::SlurmAsset | Kind::SlurmSession => {
                     seen.insert(key.clone());
                     self.upsert_asset(key, obj);
                 }
@@ -509,7 +558,10 @@ impl Driver {
         if startup {
             // Status files whose manifest vanished while the operator was down: their jobs
             // may still run, so they are treated as deletions.
-            for key in store::status_keys(&self.dir, Kind::SlurmAsset) {
+            let stored_keys = [Kind::SlurmAsset, Kind::SlurmSession]
+                .into_iter()
+                .flat_map(|k| store::status_keys(&self.dir, k));
+            for key in stored_keys {
                 if seen.contains(&key) {
                     continue;
                 }
@@ -545,6 +597,7 @@ impl Driver {
             (None, Some(s)) => s.cluster_ref.clone(),
             (None, None) => None,
         };
+        let mut session_status = None;
         let (uid, generation, status) = match stored {
             Some(s) if !s.deleted => {
                 let generation = if s.spec_hash == hash || hash.is_empty() {
@@ -552,7 +605,17 @@ impl Driver {
                 } else {
                     s.generation + 1
                 };
-                let status = serde_json::from_value(s.status).unwrap_or_else(|e| {
+                // A session's status file holds its allocation's record as `allocation`.
+                let status = if s.status.get("allocation").is_some() {
+                    serde_json::from_value::<crate::api::SlurmSessionStatus>(s.status.clone())
+                        .map(|st| {
+                            session_status = Some(st.clone());
+                            st.allocation
+                        })
+                } else {
+                    serde_json::from_value(s.status)
+                }
+                .unwrap_or_else(|e| {
                     warn!("unreadable status file, starting afresh: {e}");
                     SlurmAssetStatus::default()
                 });
@@ -566,6 +629,8 @@ impl Driver {
         };
         AssetEntry {
             cluster_ref,
+            session: None,
+            session_status,
             loaded,
             uid,
             generation,
@@ -586,6 +651,14 @@ impl Driver {
     }
 
     fn upsert_asset(&mut self, key: ObjectKey, obj: Loaded) {
+        // A session is driven as the internal asset that holds its allocation.
+        let session = obj.session().cloned();
+        let mut obj = obj;
+        if let Some(s) = &session {
+            obj.spec = Ok(crate::manifest::Spec::Asset(Box::new(
+                crate::session::allocation_spec(&key.name, s),
+            )));
+        }
         if let Some(entry) = self.assets.get_mut(&key)
             && !entry.deleted
         {
@@ -596,11 +669,15 @@ impl Driver {
             }
             entry.cluster_ref = obj.asset().and_then(|a| a.cluster_ref.clone());
             entry.loaded = Some(obj);
+            if session.is_some() {
+                entry.session = session;
+            }
             return;
         }
         let stored = store::read_stored(&self.dir, &key);
         let hash = obj.spec_hash.clone();
-        let entry = self.entry_from(Some(obj), stored, hash);
+        let mut entry = self.entry_from(Some(obj), stored, hash);
+        entry.session = session;
         self.assets.insert(key, entry);
     }
 
@@ -952,7 +1029,18 @@ impl Driver {
         if entry.submitting == Some((run, attempt)) {
             return None;
         }
-        let cluster_ref = entry.cluster_ref.clone();
+        let session = match self.session_target(key) {
+            Ok(t) => t,
+            Err((message, true)) => {
+                // Not up yet: asked again shortly, the reason in the status meanwhile.
+                let entry = self.assets.get_mut(key).expect("known");
+                entry.submit_at = Some(Instant::now() + SESSION_WAIT);
+                entry.status.message = Some(message);
+                return None;
+            }
+            Err((message, false)) => return Some(Event::SubmitFailed { message }),
+        };
+        let cluster_ref = self.assets[key].cluster_ref.clone();
         let rc = match self.cluster_for(key, cluster_ref.as_deref()) {
             Ok(rc) => rc,
             Err(message) => return Some(Event::SubmitFailed { message }),
@@ -962,6 +1050,12 @@ impl Driver {
             Err(message) => return Some(Event::SubmitFailed { message }),
         };
         let Some(ckey) = worker else {
+            if session.is_some() {
+                return Some(Event::SubmitFailed {
+                    message: "spec.sessionRef: sessions run on Slurm clusters, not in local mode"
+                        .into(),
+                });
+            }
             let plan = match self.plan_for(key, run, attempt, None) {
                 Ok(p) => p,
                 Err(message) => return Some(Event::SubmitFailed { message }),
@@ -982,7 +1076,10 @@ impl Driver {
         };
         // The plan is built in the worker, once the cluster's home is known; everything it
         // needs is captured now.
-        let inputs = PlanInputs::capture(self, key);
+        let inputs = PlanInputs::capture(self, key).map(|mut p| {
+            p.session = session;
+            p
+        });
         let plan =
             Box::new(move |home: &str| inputs.and_then(|p| p.plan(run, attempt, Some(home))));
         self.workers[&ckey].send(Request::Submit {
@@ -993,6 +1090,101 @@ impl Driver {
         });
         self.assets.get_mut(key).expect("known").submitting = Some((run, attempt));
         None
+    }
+
+    /// Where the asset's step goes, when it names a session (`Ok(None)` otherwise). `Err`
+    /// says why not now, and whether to wait for the session (`true`) or fail (`false`).
+    fn session_target(
+        &self,
+        key: &ObjectKey,
+    ) -> std::result::Result<Option<SessionTarget>, (String, bool)> {
+        let Some(spec) = self.assets[key].spec() else {
+            return Ok(None);
+        };
+        let Some(name) = spec.session_ref.as_deref() else {
+            return Ok(None);
+        };
+        let skey = ObjectKey {
+            kind: Kind::SlurmSession,
+            namespace: key.namespace.clone(),
+            name: name.to_string(),
+        };
+        let Some(entry) = self.assets.get(&skey).filter(|e| !e.deleted) else {
+            return Err((
+                format!(
+                    "waiting for SlurmSession {name:?} (not found in namespace {:?})",
+                    key.namespace
+                ),
+                true,
+            ));
+        };
+        let Some(session) = &entry.session else {
+            return Err((format!("SlurmSession {name:?} is invalid"), false));
+        };
+        if spec.cluster_ref.as_deref() != Some(session.cluster_ref.as_str()) {
+            return Err((
+                format!(
+                    "spec.clusterRef: must be {:?}, the cluster of SlurmSession {name:?}",
+                    session.cluster_ref
+                ),
+                false,
+            ));
+        }
+        let ray_driver = spec.launcher.type_ == crate::api::LauncherType::Ray;
+        if ray_driver && session.ray.is_none() {
+            return Err((
+                format!(
+                    "spec.launcher: a Ray asset in a session runs on the session's Ray cluster, and SlurmSession {name:?} has no ray"
+                ),
+                false,
+            ));
+        }
+        let st = self.session_status(&skey);
+        crate::session::accepts(
+            &st,
+            spec.resources.time_limit.as_ref().and_then(|t| t.seconds()),
+            session.drain_secs(),
+        )
+        .map_err(|(m, wait)| (format!("SlurmSession {name:?}: {m}"), wait))?;
+        Ok(Some(SessionTarget {
+            dir: entry.status.remote_run_dir.clone().unwrap_or_default(),
+            job_id: entry.status.job_id.clone().unwrap_or_default(),
+            ray_driver,
+        }))
+    }
+
+    /// A session's status: its allocation's, with the assets that name it.
+    fn session_status(&self, skey: &ObjectKey) -> crate::api::SlurmSessionStatus {
+        let entry = &self.assets[skey];
+        let spec = entry.session.clone().unwrap_or_default();
+        let members: Vec<(String, Phase)> = self
+            .assets
+            .iter()
+            .filter(|(k, a)| {
+                k.kind == Kind::SlurmAsset
+                    && k.namespace == skey.namespace
+                    && a.spec().and_then(|s| s.session_ref.as_deref()) == Some(skey.name.as_str())
+            })
+            .map(|(k, a)| (k.name.clone(), a.status.phase))
+            .collect();
+        let limit = self
+            .cluster_for(skey, Some(&spec.cluster_ref))
+            .ok()
+            .and_then(|rc| spec.resources.merged_over(&rc.spec.queue).time_limit)
+            .and_then(|t| t.seconds());
+        let previous = entry
+            .session_status
+            .as_ref()
+            .map(|s| s.conditions.clone())
+            .unwrap_or_default();
+        crate::session::status(
+            &spec,
+            &previous,
+            &entry.status,
+            &members,
+            limit,
+            Timestamp::now(),
+        )
     }
 
     /// The tag of the asset's current attempt.
@@ -1039,6 +1231,7 @@ impl Driver {
                 job_id,
                 tag,
                 report,
+                run_dir: run_dir.clone(),
             }),
             Ok(None) => {
                 // Local: signalling waits out a grace period, so it runs on its own task.
@@ -1248,6 +1441,7 @@ impl Driver {
                         job_id: Some(sub.job_id),
                         tag: stale_tag,
                         report: false,
+                        run_dir: Some(sub.run_dir),
                     });
                 }
             }
@@ -1346,7 +1540,12 @@ impl Driver {
         for key in due {
             let cluster_ref = self.assets[&key].cluster_ref.clone();
             let rc = self.cluster_for(&key, cluster_ref.as_deref());
+            let in_session = self.assets[&key]
+                .spec()
+                .is_some_and(|s| s.session_ref.is_some());
             let resources = match (&rc, self.assets[&key].spec()) {
+                // A step asks for its own resources; the queue defaults shaped the allocation.
+                (_, Some(s)) if in_session => s.resources.clone(),
                 (Ok(rc), Some(s)) => s.resources.merged_over(&rc.spec.queue),
                 _ => Default::default(),
             };
@@ -1376,6 +1575,7 @@ impl Driver {
                 job_id: entry.status.job_id.clone(),
                 run_dir,
                 resources,
+                in_session,
             };
             if let Some(ckey) = worker {
                 entry.polling = true;
@@ -1425,8 +1625,34 @@ impl Driver {
     }
 
     fn persist(&mut self, key: &ObjectKey) {
+        self.persist_one(key);
+        // A session lists its running and queued assets: it is written with them.
+        let session = self.assets[key]
+            .spec()
+            .and_then(|s| s.session_ref.clone())
+            .map(|name| ObjectKey {
+                kind: Kind::SlurmSession,
+                namespace: key.namespace.clone(),
+                name,
+            })
+            .filter(|k| self.assets.contains_key(k));
+        if let Some(skey) = session {
+            self.persist_one(&skey);
+        }
+    }
+
+    fn persist_one(&mut self, key: &ObjectKey) {
+        let session = (key.kind == Kind::SlurmSession).then(|| self.session_status(key));
+        let entry = self.assets.get_mut(key).expect("known");
+        let value = match &session {
+            Some(st) => {
+                entry.session_status = Some(st.clone());
+                serde_json::to_value(st)
+            }
+            None => serde_json::to_value(&entry.status),
+        };
         let entry = &self.assets[key];
-        let status = match serde_json::to_value(&entry.status) {
+        let status = match value {
             Ok(v) => v,
             Err(e) => {
                 error!("{key}: {e}");

@@ -558,6 +558,7 @@ async fn apply(asset: &SlurmAsset, ctx: &Context, deleted: bool) -> Result<Actio
         tag: id(before.run, before.attempts.max(1)).tag(),
         job: JobRef {
             in_session: false,
+            step_id: None,
             job_id: before.job_id.clone(),
             run_dir: before.remote_run_dir.clone().unwrap_or_default(),
             resources: resources.clone(),

@@ -19,6 +19,9 @@ pub struct JobRef {
     /// A step of a session's allocation: `job_id` is the allocation's, the step's own ID is
     /// in its run dir, and the allocation's end without the step's exit file is the step's.
     pub in_session: bool,
+    /// The step's ID as last observed: its run dir may be gone (cleaned up after the end)
+    /// before accounting has its figures.
+    pub step_id: Option<String>,
 }
 
 /// What is remembered about one watched job between polls.

@@ -923,6 +923,7 @@ fn observe_step(
     let step_id = lines
         .next()
         .map(str::trim)
+        .or(w.job.step_id.as_deref())
         .filter(|s| {
             s.split_once('.').is_some_and(|(j, st)| {
                 j == alloc_id && !st.is_empty() && st.bytes().all(|b| b.is_ascii_digit())
@@ -1345,6 +1346,8 @@ mod tests {
                 job_id: Some(id.into()),
                 run_dir: "/r".into(),
                 resources: Default::default(),
+                in_session: false,
+                step_id: None,
             },
             requested_mem: None,
             track,
@@ -1415,6 +1418,8 @@ mod tests {
                 job_id: Some("9".into()),
                 run_dir: run_dir.display().to_string(),
                 resources: Default::default(),
+                in_session: false,
+                step_id: None,
             },
             requested_mem: None,
             track: &mut track,

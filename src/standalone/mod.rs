@@ -1576,6 +1576,7 @@ impl Driver {
                 run_dir,
                 resources,
                 in_session,
+                step_id: entry.status.step_id.clone(),
             };
             if let Some(ckey) = worker {
                 entry.polling = true;

@@ -1,0 +1,162 @@
+//! SlurmSession (issue 13) against the real Slurm test cluster, in standalone mode: assets
+//! as steps of one allocation, the concurrency limit, per-step metrics, the idle timeout,
+//! a warm Ray cluster shared by Ray assets, deletion, and an operator SIGKILLed while steps
+//! run.
+
+mod common;
+use common::*;
+use serde_json::Value;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// A payload that sleeps `SLEEP` seconds and reports where it ran.
+const PAYLOAD: &str = r#"import os, socket, time
+from dagster_pipes import open_dagster_pipes
+with open_dagster_pipes() as p:
+    time.sleep(float(os.environ.get("SLEEP", "3")))
+    p.report_asset_materialization(metadata={"host": socket.gethostname(), "job": os.environ.get("SLURM_JOB_ID", ""), "step": os.environ.get("SLURM_STEP_ID", "")})
+"#;
+
+fn session(name: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: dagster-slurm.io/v1alpha1\nkind: SlurmSession\nmetadata: {{name: {name}}}\nspec:\n  clusterRef: hpc\n{extra}"
+    )
+}
+
+fn step_asset(name: &str, session: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: dagster-slurm.io/v1alpha1\nkind: SlurmAsset\nmetadata: {{name: {name}}}\nspec:\n  assetKey: sess/{name}\n  clusterRef: hpc\n  sessionRef: {session}\n{extra}  payload: {{path: payload.py}}\n"
+    )
+}
+
+fn session_status(dir: &Path, name: &str) -> Option<Value> {
+    let p = dir.join(".status/default/SlurmSession").join(format!("{name}.yaml"));
+    let text = std::fs::read_to_string(p).ok()?;
+    serde_saphyr::from_str(&text).ok()
+}
+
+fn wait_until<T>(what: &str, dir: &Path, limit: Duration, f: impl Fn() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}\noperator log: {}",
+            std::fs::read_to_string(dir.with_extension("log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn operator(dir: &Path) -> Operator {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.with_extension("log"))
+        .unwrap();
+    Operator(
+        Command::new(BIN)
+            .args(["standalone", "--dir"])
+            .arg(dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    )
+}
+
+fn done(dir: &Path, name: &str) -> Value {
+    wait_until(&format!("{name} to end"), dir, Duration::from_secs(180), || {
+        read_object(dir, name).filter(terminal)
+    })
+}
+
+/// sacct rows (JobID|JobName|State) of the job's steps.
+fn steps_of(job: &str) -> Vec<(String, String, String)> {
+    let out = Command::new("sacct")
+        .args(["-j", job, "-P", "-n", "--format=JobID,JobName%100,State"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split('|').collect();
+            (f.len() == 3 && f[0].contains('.') && !f[0].ends_with(".batch") && !f[0].ends_with(".extern"))
+                .then(|| (f[0].to_string(), f[1].to_string(), f[2].to_string()))
+        })
+        .collect()
+}
+
+fn epoch(v: &Value) -> i64 {
+    v.as_str()
+        .and_then(|s| s.parse::<jiff::Timestamp>().ok())
+        .map(|t| t.as_second())
+        .unwrap_or_else(|| panic!("not a timestamp: {v}"))
+}
+
+#[test]
+fn three_assets_run_as_steps_of_one_allocation_within_the_concurrency_limit() {
+    let (dir, _c) = slurm_dir("session-steps");
+    let dir = dir.path();
+    write(dir, "payload.py", PAYLOAD);
+    write(
+        dir,
+        "s1.yaml",
+        &session("s1", "  resources: {nodes: 1, ntasks: 2, mem: 1000M, timeLimit: \"00:10:00\"}\n  maxConcurrentSteps: 2\n  idleTimeout: 10s\n"),
+    );
+    for n in ["a1", "a2", "a3"] {
+        write(dir, &format!("{n}.yaml"), &step_asset(n, "s1", ""));
+    }
+    let _op = operator(dir);
+    let ends: Vec<Value> = ["a1", "a2", "a3"].iter().map(|n| done(dir, n)).collect();
+    let job = ends[0]["status"]["jobId"].as_str().unwrap().to_string();
+    for e in &ends {
+        assert_eq!(phase(e), "Succeeded", "{:#?}", e["status"]);
+        assert_eq!(e["status"]["jobId"], job.as_str(), "one allocation for all");
+        let step = e["status"]["stepId"].as_str().unwrap();
+        assert!(step.starts_with(&format!("{job}.")), "{step}");
+        let md = &e["status"]["pipes"]["materializations"][0]["metadata"];
+        assert_eq!(md["job"]["raw_value"], job.as_str());
+    }
+    // Per-step metrics, once accounting has them.
+    for n in ["a1", "a2", "a3"] {
+        let m = wait_until("step metrics", dir, Duration::from_secs(60), || {
+            read_object(dir, n).filter(|v| !v["status"]["metrics"]["elapsedSeconds"].is_null())
+        });
+        let m = &m["status"]["metrics"];
+        assert!(m["elapsedSeconds"].as_f64().unwrap() >= 3.0, "{m}");
+        assert_eq!(m["allocCpus"], 1, "{m}");
+        assert!(m["maxRssBytes"].as_u64().unwrap() > 0, "{m}");
+    }
+    let steps = steps_of(&job);
+    assert_eq!(steps.len(), 3, "three steps in sacct: {steps:?}");
+    let mut names: Vec<&str> = steps.iter().map(|s| s.1.as_str()).collect();
+    names.sort();
+    names.dedup();
+    assert_eq!(names.len(), 3, "each step ran once: {steps:?}");
+    // The limit holds: never more than two steps at once, and two did overlap.
+    let spans: Vec<(i64, i64)> = ["a1", "a2", "a3"]
+        .iter()
+        .map(|n| {
+            let v = read_object(dir, n).unwrap();
+            (epoch(&v["status"]["startTime"]), epoch(&v["status"]["endTime"]))
+        })
+        .collect();
+    let most = spans
+        .iter()
+        .map(|(t, _)| spans.iter().filter(|(s, e)| s <= t && t < e).count())
+        .max()
+        .unwrap();
+    assert_eq!(most, 2, "at most two steps at once, and two at once: {spans:?}");
+    // The session lists nothing running any more, and ends after its idle timeout.
+    let ended = wait_until("the session to end", dir, Duration::from_secs(90), || {
+        session_status(dir, "s1").filter(|s| s["status"]["phase"] == "Ended")
+    });
+    assert_eq!(ended["status"]["jobId"], job.as_str());
+    assert_eq!(ended["status"]["runningCount"], 0);
+    let log = ended["status"]["allocation"]["logTail"]["stdout"].as_str().unwrap_or("");
+    assert!(log.contains("idle for 10s"), "{log}");
+}

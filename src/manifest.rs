@@ -755,8 +755,7 @@ pub fn validate_asset(
     if s.extras.as_ref().is_some_and(|x| !x.is_object()) {
         errors.push(field_err("spec.extras", "must be a mapping"));
     }
-    if s
-        .session_ref
+    if s.session_ref
         .as_deref()
         .is_some_and(|n| dns_subdomain_problem(n).is_some())
     {

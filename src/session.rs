@@ -204,9 +204,16 @@ pub fn step_options(r: &Resources, tag: &str, run_dir: &str, ray_driver: bool) -
 
 /// The session's deadline: its allocation's start plus the time limit (or the maximum
 /// lifetime, if sooner).
-pub fn deadline(s: &SlurmSessionSpec, alloc: &SlurmAssetStatus, limit_secs: Option<u64>) -> Option<Timestamp> {
+pub fn deadline(
+    s: &SlurmSessionSpec,
+    alloc: &SlurmAssetStatus,
+    limit_secs: Option<u64>,
+) -> Option<Timestamp> {
     let start = alloc.start_time?;
-    let secs = match (limit_secs, s.max_lifetime.as_ref().map(|l| l.duration().as_secs())) {
+    let secs = match (
+        limit_secs,
+        s.max_lifetime.as_ref().map(|l| l.duration().as_secs()),
+    ) {
         (Some(a), Some(b)) => a.min(b),
         (a, b) => a.or(b)?,
     };
@@ -234,7 +241,10 @@ pub fn accepts(
             ));
         }
         SessionPhase::Draining => {
-            return Err(("the session is draining: it takes no new steps".into(), false));
+            return Err((
+                "the session is draining: it takes no new steps".into(),
+                false,
+            ));
         }
         SessionPhase::Ended | SessionPhase::Failed => {
             return Err((
@@ -256,7 +266,10 @@ pub fn accepts(
         }
     }
     if status.allocation.remote_run_dir.is_none() || status.allocation.job_id.is_none() {
-        return Err(("waiting for the session's allocation to report its run dir".into(), true));
+        return Err((
+            "waiting for the session's allocation to report its run dir".into(),
+            true,
+        ));
     }
     if let Some(left) = status.remaining_seconds {
         let need = drain_secs.max(step_limit_secs.unwrap_or(0)) as i64;
@@ -284,46 +297,60 @@ pub fn status(
     let deadline = deadline(s, alloc, limit_secs);
     let remaining = deadline.map(|d| d.duration_since(now).as_secs().max(0));
     let ray_up = s.ray.is_none()
-        || alloc
-            .launcher
-            .as_ref()
-            .is_some_and(|l| l.head_address.is_some() && l.error.is_none() && l.nodes_joined == l.nodes_expected);
+        || alloc.launcher.as_ref().is_some_and(|l| {
+            l.head_address.is_some() && l.error.is_none() && l.nodes_joined == l.nodes_expected
+        });
     let (phase, reason, message) = match alloc.phase {
-        Phase::Pending | Phase::Packing | Phase::Uploading | Phase::Submitting => {
-            (SessionPhase::Pending, alloc.reason.clone(), alloc.message.clone())
-        }
-        Phase::Queued => (SessionPhase::Queued, alloc.reason.clone(), alloc.message.clone()),
+        Phase::Pending | Phase::Packing | Phase::Uploading | Phase::Submitting => (
+            SessionPhase::Pending,
+            alloc.reason.clone(),
+            alloc.message.clone(),
+        ),
+        Phase::Queued => (
+            SessionPhase::Queued,
+            alloc.reason.clone(),
+            alloc.message.clone(),
+        ),
         Phase::Running if !ray_up => (
             SessionPhase::Queued,
             Some("StartingRay".into()),
             Some("the allocation runs; its Ray cluster is starting".into()),
         ),
-        Phase::Running
-            if remaining.is_some_and(|r| r < s.drain_secs() as i64) =>
-        {
-            (
-                SessionPhase::Draining,
-                Some("NearTimeLimit".into()),
-                Some(format!("{}s left: running steps go on, new ones are refused", remaining.unwrap_or(0))),
-            )
-        }
+        Phase::Running if remaining.is_some_and(|r| r < s.drain_secs() as i64) => (
+            SessionPhase::Draining,
+            Some("NearTimeLimit".into()),
+            Some(format!(
+                "{}s left: running steps go on, new ones are refused",
+                remaining.unwrap_or(0)
+            )),
+        ),
         Phase::Running => (SessionPhase::Running, None, None),
         Phase::Succeeded => (
             SessionPhase::Ended,
             Some("Ended".into()),
             Some("the agent ended the allocation (idle timeout or maximum lifetime)".into()),
         ),
-        Phase::Cancelled => (SessionPhase::Ended, alloc.reason.clone(), alloc.message.clone()),
-        Phase::Failed => (SessionPhase::Failed, alloc.reason.clone(), alloc.message.clone()),
+        Phase::Cancelled => (
+            SessionPhase::Ended,
+            alloc.reason.clone(),
+            alloc.message.clone(),
+        ),
+        Phase::Failed => (
+            SessionPhase::Failed,
+            alloc.reason.clone(),
+            alloc.message.clone(),
+        ),
     };
     let mut running = vec![];
     let mut queued = vec![];
     for (name, p) in members {
         match p {
             Phase::Running => running.push(name.clone()),
-            Phase::Pending | Phase::Packing | Phase::Uploading | Phase::Submitting | Phase::Queued => {
-                queued.push(name.clone())
-            }
+            Phase::Pending
+            | Phase::Packing
+            | Phase::Uploading
+            | Phase::Submitting
+            | Phase::Queued => queued.push(name.clone()),
             _ => {}
         }
     }
@@ -344,8 +371,16 @@ pub fn status(
         job_id: alloc.job_id.clone(),
         nodes: alloc.nodes.clone(),
         start_time: alloc.start_time,
-        deadline: if alloc.phase.is_terminal() { None } else { deadline },
-        remaining_seconds: if alloc.phase.is_terminal() { None } else { remaining },
+        deadline: if alloc.phase.is_terminal() {
+            None
+        } else {
+            deadline
+        },
+        remaining_seconds: if alloc.phase.is_terminal() {
+            None
+        } else {
+            remaining
+        },
         running_count: running.len() as u32,
         queued_count: queued.len() as u32,
         running_assets: running,
@@ -366,7 +401,9 @@ mod tests {
 
     #[test]
     fn the_allocation_runs_the_agent_with_the_sessions_settings() {
-        let s = spec("clusterRef: hpc\nmaxConcurrentSteps: 2\nidleTimeout: 30s\nmaxLifetime: 1h\nresources: {nodes: 2}\n");
+        let s = spec(
+            "clusterRef: hpc\nmaxConcurrentSteps: 2\nidleTimeout: 30s\nmaxLifetime: 1h\nresources: {nodes: 2}\n",
+        );
         let a = allocation_spec("s1", &s);
         assert_eq!(a.cluster_ref.as_deref(), Some("hpc"));
         assert_eq!(a.resources.nodes, Some(2));
@@ -385,9 +422,18 @@ mod tests {
 
     #[test]
     fn step_options_carry_the_assets_own_resources_and_its_tag() {
-        let r: Resources = serde_saphyr::from_str("cpusPerTask: 2\nmem: 300M\ntimeLimit: '00:05:00'\n").unwrap();
+        let r: Resources =
+            serde_saphyr::from_str("cpusPerTask: 2\nmem: 300M\ntimeLimit: '00:05:00'\n").unwrap();
         let o = step_options(&r, "sao.u.1.1", "/r/d", false);
-        for want in ["--exact", "--ntasks=1", "--cpus-per-task=2", "--mem=300M", "--time=00:05:00", "--job-name=sao.u.1.1", "--output=/r/d/stdout.log"] {
+        for want in [
+            "--exact",
+            "--ntasks=1",
+            "--cpus-per-task=2",
+            "--mem=300M",
+            "--time=00:05:00",
+            "--job-name=sao.u.1.1",
+            "--output=/r/d/stdout.log",
+        ] {
             assert!(o.contains(&want.to_string()), "{want} in {o:?}");
         }
         let o = step_options(&Resources::default(), "t", "/r", true);
@@ -410,10 +456,23 @@ mod tests {
         alloc.remote_run_dir = Some("/r".into());
         alloc.start_time = Some(Timestamp::from_second(10_000 - 500).unwrap());
         // 100 s left of 600: running, but a step of 5 minutes does not fit.
-        let st = status(&s, &[], &alloc, &[("a".into(), Phase::Running), ("b".into(), Phase::Submitting)], Some(600), now);
+        let st = status(
+            &s,
+            &[],
+            &alloc,
+            &[
+                ("a".into(), Phase::Running),
+                ("b".into(), Phase::Submitting),
+            ],
+            Some(600),
+            now,
+        );
         assert_eq!(st.phase, SessionPhase::Running);
         assert_eq!(st.remaining_seconds, Some(100));
-        assert_eq!((st.running_assets.clone(), st.queued_assets.clone()), (vec!["a".to_string()], vec!["b".to_string()]));
+        assert_eq!(
+            (st.running_assets.clone(), st.queued_assets.clone()),
+            (vec!["a".to_string()], vec!["b".to_string()])
+        );
         assert!(accepts(&st, None, 60).is_ok());
         let (why, wait) = accepts(&st, Some(300), 60).unwrap_err();
         assert!(!wait && why.contains("ends in 100s"), "{why}");
@@ -436,7 +495,10 @@ mod tests {
             ..Default::default()
         };
         let now = Timestamp::from_second(1).unwrap();
-        assert_eq!(status(&s, &[], &alloc, &[], None, now).phase, SessionPhase::Queued);
+        assert_eq!(
+            status(&s, &[], &alloc, &[], None, now).phase,
+            SessionPhase::Queued
+        );
         alloc.launcher = Some(crate::api::LauncherStatus {
             head_address: Some("10.0.0.1:1".into()),
             nodes_joined: Some(2),

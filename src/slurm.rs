@@ -8,7 +8,7 @@ use crate::executor::efficiency;
 /// Fields requested from `sacct -P`, in this order.
 pub const SACCT_FORMAT: &str = "JobID,State,ExitCode,ElapsedRaw,TotalCPU,AllocCPUS,AllocNodes,AllocTRES,MaxRSS,NodeList,Start,End";
 /// Fields requested from `squeue -h -o`, in this order.
-pub const SQUEUE_FORMAT: &str = "%i|%T|%r|%N";
+pub const SQUEUE_FORMAT: &str = "%i|%T|%r|%N|%S";
 
 /// Maps a Slurm state (as `sacct`/`squeue` print it) and an `ExitCode` (`code:signal`) to the
 /// core's job state.

@@ -31,7 +31,9 @@ fn step_asset(name: &str, session: &str, extra: &str) -> String {
 }
 
 fn session_status(dir: &Path, name: &str) -> Option<Value> {
-    let p = dir.join(".status/default/SlurmSession").join(format!("{name}.yaml"));
+    let p = dir
+        .join(".status/default/SlurmSession")
+        .join(format!("{name}.yaml"));
     let text = std::fs::read_to_string(p).ok()?;
     serde_saphyr::from_str(&text).ok()
 }
@@ -69,9 +71,12 @@ fn operator(dir: &Path) -> Operator {
 }
 
 fn done(dir: &Path, name: &str) -> Value {
-    wait_until(&format!("{name} to end"), dir, Duration::from_secs(180), || {
-        read_object(dir, name).filter(terminal)
-    })
+    wait_until(
+        &format!("{name} to end"),
+        dir,
+        Duration::from_secs(180),
+        || read_object(dir, name).filter(terminal),
+    )
 }
 
 /// sacct rows (JobID|JobName|State) of the job's steps.
@@ -84,8 +89,11 @@ fn steps_of(job: &str) -> Vec<(String, String, String)> {
         .lines()
         .filter_map(|l| {
             let f: Vec<&str> = l.split('|').collect();
-            (f.len() == 3 && f[0].contains('.') && !f[0].ends_with(".batch") && !f[0].ends_with(".extern"))
-                .then(|| (f[0].to_string(), f[1].to_string(), f[2].to_string()))
+            (f.len() == 3
+                && f[0].contains('.')
+                && !f[0].ends_with(".batch")
+                && !f[0].ends_with(".extern"))
+            .then(|| (f[0].to_string(), f[1].to_string(), f[2].to_string()))
         })
         .collect()
 }
@@ -105,7 +113,10 @@ fn three_assets_run_as_steps_of_one_allocation_within_the_concurrency_limit() {
     write(
         dir,
         "s1.yaml",
-        &session("s1", "  resources: {nodes: 1, ntasks: 2, mem: 1000M, timeLimit: \"00:10:00\"}\n  maxConcurrentSteps: 2\n  idleTimeout: 10s\n"),
+        &session(
+            "s1",
+            "  resources: {nodes: 1, ntasks: 2, mem: 1000M, timeLimit: \"00:10:00\"}\n  maxConcurrentSteps: 2\n  idleTimeout: 10s\n",
+        ),
     );
     for n in ["a1", "a2", "a3"] {
         write(dir, &format!("{n}.yaml"), &step_asset(n, "s1", ""));
@@ -142,7 +153,10 @@ fn three_assets_run_as_steps_of_one_allocation_within_the_concurrency_limit() {
         .iter()
         .map(|n| {
             let v = read_object(dir, n).unwrap();
-            (epoch(&v["status"]["startTime"]), epoch(&v["status"]["endTime"]))
+            (
+                epoch(&v["status"]["startTime"]),
+                epoch(&v["status"]["endTime"]),
+            )
         })
         .collect();
     let most = spans
@@ -150,13 +164,199 @@ fn three_assets_run_as_steps_of_one_allocation_within_the_concurrency_limit() {
         .map(|(t, _)| spans.iter().filter(|(s, e)| s <= t && t < e).count())
         .max()
         .unwrap();
-    assert_eq!(most, 2, "at most two steps at once, and two at once: {spans:?}");
+    assert_eq!(
+        most, 2,
+        "at most two steps at once, and two at once: {spans:?}"
+    );
     // The session lists nothing running any more, and ends after its idle timeout.
     let ended = wait_until("the session to end", dir, Duration::from_secs(90), || {
         session_status(dir, "s1").filter(|s| s["status"]["phase"] == "Ended")
     });
     assert_eq!(ended["status"]["jobId"], job.as_str());
     assert_eq!(ended["status"]["runningCount"], 0);
-    let log = ended["status"]["allocation"]["logTail"]["stdout"].as_str().unwrap_or("");
+    let log = ended["status"]["allocation"]["logTail"]["stdout"]
+        .as_str()
+        .unwrap_or("");
     assert!(log.contains("idle for 10s"), "{log}");
+}
+
+#[test]
+fn steps_survive_an_operator_sigkill_and_run_once() {
+    let (dir, _c) = slurm_dir("session-sigkill");
+    let dir = dir.path();
+    write(dir, "payload.py", PAYLOAD);
+    write(
+        dir,
+        "s2.yaml",
+        &session(
+            "s2",
+            "  resources: {nodes: 1, ntasks: 2, mem: 1000M, timeLimit: \"00:10:00\"}\n  maxConcurrentSteps: 2\n  idleTimeout: 5s\n",
+        ),
+    );
+    for n in ["k1", "k2", "k3"] {
+        write(
+            dir,
+            &format!("{n}.yaml"),
+            &step_asset(n, "s2", "  env: [{name: SLEEP, value: \"6\"}]\n"),
+        );
+    }
+    let mut op = operator(dir);
+    // Killed while two steps run and the third waits in the session's queue.
+    wait_until("two running steps", dir, Duration::from_secs(120), || {
+        let running = ["k1", "k2", "k3"]
+            .iter()
+            .filter(|n| read_object(dir, n).is_some_and(|v| phase(&v) == "Running"))
+            .count();
+        (running == 2).then_some(())
+    });
+    op.sigkill();
+    std::thread::sleep(Duration::from_secs(2));
+    let _op = operator(dir);
+    let ends: Vec<Value> = ["k1", "k2", "k3"].iter().map(|n| done(dir, n)).collect();
+    let job = ends[0]["status"]["jobId"].as_str().unwrap().to_string();
+    for e in &ends {
+        assert_eq!(phase(e), "Succeeded", "{:#?}", e["status"]);
+        assert_eq!(e["status"]["jobId"], job.as_str());
+    }
+    let steps = steps_of(&job);
+    let mut names: Vec<&str> = steps.iter().map(|s| s.1.as_str()).collect();
+    names.sort();
+    names.dedup();
+    assert_eq!(
+        (steps.len(), names.len()),
+        (3, 3),
+        "no step ran twice: {steps:?}"
+    );
+    assert_eq!(
+        sacct_jobs("sao.")
+            .iter()
+            .filter(|(_, _, id)| *id == job)
+            .count(),
+        1
+    );
+}
+
+#[test]
+fn deleting_a_session_cancels_its_steps_and_its_allocation() {
+    let (dir, _c) = slurm_dir("session-delete");
+    let dir = dir.path();
+    write(dir, "payload.py", PAYLOAD);
+    write(
+        dir,
+        "s3.yaml",
+        &session(
+            "s3",
+            "  resources: {nodes: 1, mem: 500M, timeLimit: \"00:10:00\"}\n",
+        ),
+    );
+    write(
+        dir,
+        "long.yaml",
+        &step_asset("long", "s3", "  env: [{name: SLEEP, value: \"300\"}]\n"),
+    );
+    let _op = operator(dir);
+    let running = wait_until("the step to run", dir, Duration::from_secs(120), || {
+        read_object(dir, "long").filter(|v| phase(v) == "Running")
+    });
+    let job = running["status"]["jobId"].as_str().unwrap().to_string();
+    let s = session_status(dir, "s3").unwrap();
+    assert_eq!(s["status"]["phase"], "Running");
+    assert_eq!(s["status"]["runningAssets"], serde_json::json!(["long"]));
+    assert!(s["status"]["remainingSeconds"].as_i64().unwrap() > 500);
+    std::fs::remove_file(dir.join("s3.yaml")).unwrap();
+    let end = done(dir, "long");
+    assert_eq!(phase(&end), "Cancelled", "{:#?}", end["status"]);
+    let state = wait_until(
+        "the allocation to end",
+        dir,
+        Duration::from_secs(60),
+        || {
+            sacct_jobs("sao.")
+                .into_iter()
+                .find(|(_, st, id)| *id == job && st != "RUNNING")
+        },
+    );
+    assert!(state.1.starts_with("CANCELLED"), "{state:?}");
+}
+
+/// A Ray payload that reports the cluster it joined.
+const RAY_PAYLOAD: &str = r#"import os
+import ray
+from dagster_pipes import open_dagster_pipes
+with open_dagster_pipes() as p:
+    ray.init(address="auto")
+    alive = [n for n in ray.nodes() if n["Alive"]]
+    @ray.remote
+    def one():
+        return 1
+    total = sum(ray.get([one.remote() for _ in range(4)]))
+    p.report_asset_materialization(metadata={"address": os.environ["RAY_ADDRESS"], "alive_nodes": len(alive), "total": total})
+"#;
+
+#[test]
+fn ray_assets_in_a_ray_session_share_one_warm_cluster() {
+    let (dir, c) = slurm_dir("session-ray");
+    let dir = dir.path();
+    write(dir, "payload.py", RAY_PAYLOAD);
+    write(
+        dir,
+        "rs.yaml",
+        &session(
+            "rs",
+            &format!(
+                "  resources: {{nodes: 2, mem: 900M, timeLimit: \"00:10:00\"}}\n  ray: {{objectStoreMemory: 100M}}\n  preDeployedEnvPath: {}\n  idleTimeout: 5s\n",
+                c.ray_env
+            ),
+        ),
+    );
+    for n in ["r1", "r2"] {
+        write(
+            dir,
+            &format!("{n}.yaml"),
+            &step_asset(
+                n,
+                "rs",
+                &format!(
+                    "  launcher: {{type: ray}}\n  environment: {{preDeployedEnvPath: {}}}\n",
+                    c.ray_env
+                ),
+            ),
+        );
+    }
+    let _op = operator(dir);
+    let ends: Vec<Value> = ["r1", "r2"].iter().map(|n| done(dir, n)).collect();
+    let s = session_status(dir, "rs").unwrap();
+    let head = s["status"]["ray"]["headAddress"]
+        .as_str()
+        .expect("the session's Ray head")
+        .to_string();
+    assert_eq!(s["status"]["ray"]["nodesJoined"], 2);
+    for e in &ends {
+        assert_eq!(phase(e), "Succeeded", "{:#?}", e["status"]);
+        let md = &e["status"]["pipes"]["materializations"][0]["metadata"];
+        assert_eq!(
+            md["address"]["raw_value"],
+            head.as_str(),
+            "the session's cluster"
+        );
+        assert_eq!(md["alive_nodes"]["raw_value"], 2);
+        assert_eq!(md["total"]["raw_value"], 4);
+        // The step started no cluster of its own.
+        assert!(
+            e["status"]["launcher"].is_null(),
+            "{:#?}",
+            e["status"]["launcher"]
+        );
+        let err = e["status"]["logTail"]["stderr"].as_str().unwrap_or("");
+        assert!(!err.contains("[ray "), "{err}");
+    }
+    let ended = wait_until("the session to end", dir, Duration::from_secs(90), || {
+        session_status(dir, "rs").filter(|s| s["status"]["phase"] == "Ended")
+    });
+    let heads = ended["status"]["allocation"]["logTail"]["stderr"]
+        .as_str()
+        .unwrap_or("")
+        .matches("head] ")
+        .count();
+    assert!(heads > 0, "the session's own Ray head logged");
 }

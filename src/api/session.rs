@@ -69,10 +69,14 @@ impl SlurmSessionSpec {
         self.max_concurrent_steps.unwrap_or(4).max(1)
     }
     pub fn idle_secs(&self) -> u64 {
-        self.idle_timeout.as_ref().map_or(300, |i| i.duration().as_secs())
+        self.idle_timeout
+            .as_ref()
+            .map_or(300, |i| i.duration().as_secs())
     }
     pub fn drain_secs(&self) -> u64 {
-        self.drain_before.as_ref().map_or(60, |i| i.duration().as_secs())
+        self.drain_before
+            .as_ref()
+            .map_or(60, |i| i.duration().as_secs())
     }
 }
 

@@ -9,8 +9,8 @@ use crate::jobscript::{
     EXIT_FILE, JOB_SCRIPT, RunPlan, STDERR_FILE, STDOUT_FILE, render_script, sbatch_argv,
 };
 use crate::launcher::{LAUNCHER_FILE, LAUNCHER_FILE_MAX};
-use crate::session::STEP_FILE;
 use crate::pipes::{CONTEXT_FILE, MESSAGES_FILE, plan_context_data};
+use crate::session::STEP_FILE;
 use crate::shell::{join, quote};
 use crate::slurm::{
     SACCT_FORMAT, SQUEUE_FORMAT, expand_nodelist, is_final, job_metrics, map_state, parse_sacct,
@@ -1052,6 +1052,8 @@ fn parse_poll(
 ) -> Vec<Observation> {
     // job ID → (state, reason, node list)
     let mut squeue: HashMap<String, (String, String, String)> = HashMap::new();
+    // A running job's start, before accounting is asked about it.
+    let mut squeue_start: HashMap<String, String> = HashMap::new();
     let mut sacct_text = String::new();
     let mut per_job: HashMap<usize, HashMap<&str, String>> = HashMap::new();
     let mut rc: HashMap<String, i32> = HashMap::new();
@@ -1076,6 +1078,9 @@ fn parse_poll(
         match section {
             "SQUEUE" => {
                 let f: Vec<&str> = line.split('|').collect();
+                if f.len() >= 5 {
+                    squeue_start.insert(f[0].to_string(), f[4].to_string());
+                }
                 if f.len() >= 4 {
                     squeue.insert(
                         f[0].to_string(),
@@ -1304,6 +1309,9 @@ fn parse_poll(
             if let Some(a) = alloc {
                 obs.start_time = parse_time(&a.start);
                 obs.end_time = parse_time(&a.end);
+            }
+            if obs.start_time.is_none() && queued.is_some() {
+                obs.start_time = squeue_start.get(&id).and_then(|s| parse_time(s));
             }
             if is_final(&obs.state) && !obs.metrics_pending {
                 obs.metrics = job_metrics(&job_rows, w.requested_mem);

@@ -607,11 +607,12 @@ impl Driver {
                 };
                 // A session's status file holds its allocation's record as `allocation`.
                 let status = if s.status.get("allocation").is_some() {
-                    serde_json::from_value::<crate::api::SlurmSessionStatus>(s.status.clone())
-                        .map(|st| {
+                    serde_json::from_value::<crate::api::SlurmSessionStatus>(s.status.clone()).map(
+                        |st| {
                             session_status = Some(st.clone());
                             st.allocation
-                        })
+                        },
+                    )
                 } else {
                     serde_json::from_value(s.status)
                 }

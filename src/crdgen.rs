@@ -1,6 +1,6 @@
 //! CustomResourceDefinitions generated from the Rust types; `crds/` holds this output.
 
-use crate::api::{SlurmAsset, SlurmCluster};
+use crate::api::{SlurmAsset, SlurmCluster, SlurmSession};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
 use serde_json::Value;
@@ -10,6 +10,7 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
     [
         (SlurmAsset::crd(), "A Dagster asset's compute on a Slurm cluster, and the status a Dagster sensor reads."),
         (SlurmCluster::crd(), "How to reach one Slurm cluster (or the operator's host, in local mode), and its defaults."),
+        (SlurmSession::crd(), "One allocation shared by many assets as job steps, with a concurrency limit, an idle timeout and an optional warm Ray cluster."),
     ]
     .into_iter()
     .map(|(crd, about)| {
@@ -25,16 +26,10 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
 }
 
 /// Fields whose kinds or features do not exist yet: their descriptions say so.
-const NOT_YET: &[(&str, &str)] = &[
-    (
-        ".spec.sessionRef",
-        "Not available in this version: SlurmSession does not exist yet, and setting this field is refused.",
-    ),
-    (
-        ".spec.launcher.type",
-        "`bash` (default) runs the payload in the job script; `ray` starts a Ray cluster over the allocation first. `spark` is not available in this version and is refused.",
-    ),
-];
+const NOT_YET: &[(&str, &str)] = &[(
+    ".spec.launcher.type",
+    "`bash` (default) runs the payload in the job script; `ray` starts a Ray cluster over the allocation first. `spark` is not available in this version and is refused.",
+)];
 
 /// Makes a generated schema what the API server expects: integer formats it knows (`int32`,
 /// `int64`; `uint32` and friends draw warnings) with their bounds spelled out, a description

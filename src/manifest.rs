@@ -761,6 +761,12 @@ pub fn validate_asset(
     {
         errors.push(field_err("spec.sessionRef", "is not a valid object name"));
     }
+    if s.session_ref.is_some() && store == StoreKind::Kubernetes {
+        errors.push(field_err(
+            "spec.sessionRef",
+            "SlurmSession is served in standalone mode only in this version",
+        ));
+    }
     if s.session_ref.is_some() && s.cluster_ref.is_none() {
         errors.push(field_err(
             "spec.clusterRef",
@@ -995,6 +1001,42 @@ mod tests {
         ))
         .unwrap();
         assert!(ok.asset().is_some());
+    }
+
+    #[test]
+    fn session_settings_are_checked_field_by_field() {
+        let s = |x: &str| {
+            let y = format!(
+                "apiVersion: dagster-slurm.io/v1alpha1\nkind: SlurmSession\nmetadata: {{name: s}}\nspec:\n{x}"
+            );
+            one(&y)
+                .unwrap()
+                .spec
+                .err()
+                .map(|e| describe(&e))
+                .unwrap_or_default()
+        };
+        assert_eq!(
+            s("  clusterRef: hpc\n  maxConcurrentSteps: 2\n  idleTimeout: 30s\n"),
+            ""
+        );
+        assert!(
+            s("  clusterRef: hpc\n  maxConcurrentSteps: 0\n")
+                .contains("spec.maxConcurrentSteps: must be at least 1")
+        );
+        assert!(s("  clusterRef: Not_A_Name\n").contains("spec.clusterRef"));
+        assert!(
+            s("  clusterRef: hpc\n  ray: {extraStartArgs: ['--head']}\n")
+                .contains("spec.ray.extraStartArgs[0]: --head is set by the launcher")
+        );
+        assert!(s("  clusterRef: hpc\n  resources: {mem: lots}\n").contains("spec.resources.mem"));
+        let a = spec_errors(&format!(
+            "{HEAD}spec:\n  assetKey: x\n  sessionRef: s\n  payload: {{inline: x}}\n"
+        ));
+        assert!(
+            a.contains("spec.clusterRef: an asset with sessionRef names its session's cluster"),
+            "{a}"
+        );
     }
 
     #[test]

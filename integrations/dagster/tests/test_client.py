@@ -13,7 +13,14 @@ import dagster as dg
 import pytest
 from conftest import PAYLOADS, sacct_jobs, wait_until
 
-from dagster_slurm_asset import DirectoryStore, PipesSlurmAssetClient, SlurmJob, object_name
+from dagster_slurm_asset import (
+    DirectoryStore,
+    PipesSlurmAssetClient,
+    SlurmJob,
+    end_finished_run_sessions,
+    object_name,
+    session_name,
+)
 
 PARTITIONS = dg.DailyPartitionsDefinition(start_date="2026-11-01", end_date="2026-11-05")
 
@@ -235,3 +242,53 @@ def test_a_terminated_run_cancels_the_job(standalone, tmp_path: Path) -> None:
         "the job to be CANCELLED in sacct",
         lambda: [j for j in sacct_jobs(uid) if j[1].startswith("CANCELLED")],
     )
+
+
+def test_two_assets_of_one_run_share_the_runs_session(standalone) -> None:
+    d, _ = standalone()
+    store = DirectoryStore(d)
+    client = PipesSlurmAssetClient(
+        store,
+        cluster="hpc",
+        poll_interval=0.2,
+        run_session={
+            "resources": {"nodes": 1, "ntasks": 2, "mem": "1000M", "timeLimit": "00:10:00"},
+            "maxConcurrentSteps": 2,
+            "idleTimeout": "30s",
+        },
+    )
+
+    def make(name: str) -> dg.AssetsDefinition:
+        @dg.asset(name=name, key_prefix=["sess"])
+        def _asset(context: dg.AssetExecutionContext):
+            yield from client.run(
+                context=context, spec=SlurmJob(script=PAYLOADS / "multi.py")
+            ).get_results()
+
+        return _asset
+
+    instance = dg.DagsterInstance.ephemeral()
+    result = dg.materialize([make("first"), make("second")], instance=instance)
+    assert result.success
+    jobs = {}
+    for node in ("sess__first", "sess__second"):
+        (m,) = result.asset_materializations_for_node(node)
+        jobs[node] = m.metadata["slurm/job_id"].value
+    session = store.get_session(session_name(result.run_id))
+    assert session is not None
+    job = session["status"]["jobId"]
+    assert set(jobs.values()) == {job}, (jobs, job)
+    steps = set()
+    for key in ("sess/first", "sess/second"):
+        obj = store.get(object_name(key, None, result.run_id))
+        assert obj["spec"]["sessionRef"] == session_name(result.run_id)
+        steps.add(obj["status"]["stepId"])
+    assert len(steps) == 2 and all(s.startswith(f"{job}.") for s in steps), steps
+    # The run is over: the cleanup ends its session (its allocation is cancelled).
+    assert end_finished_run_sessions(instance, store) == [session_name(result.run_id)]
+
+    def session_phase() -> str | None:
+        obj = store.get_session(session_name(result.run_id)) or {}
+        return (obj.get("status") or {}).get("phase")
+
+    assert wait_until("the session to end", lambda: session_phase() == "Ended")

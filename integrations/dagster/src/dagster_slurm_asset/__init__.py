@@ -4,11 +4,13 @@
 (`DirectoryStore`)."""
 
 from .client import LAUNCHED_BY, PipesSlurmAssetClient
-from .names import label_value, object_name
+from .names import label_value, object_name, session_name
 from .sensor import (
     TAG_RUN,
     TickReport,
+    build_run_session_cleanup_sensor,
     build_slurm_asset_sensor,
+    end_finished_run_sessions,
     events_for_run,
     report_ended_runs,
     slurm_asset_specs,
@@ -37,11 +39,14 @@ __all__ = [
     "StoreError",
     "TickReport",
     "asset_key_of",
+    "build_run_session_cleanup_sensor",
     "build_slurm_asset_sensor",
+    "end_finished_run_sessions",
     "events_for_run",
     "label_value",
     "object_name",
     "report_ended_runs",
+    "session_name",
     "slurm_asset_specs",
     "slurm_metadata",
 ]

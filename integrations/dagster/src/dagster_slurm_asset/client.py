@@ -33,10 +33,10 @@ from dagster._core.definitions.resource_annotation import TreatAsResourceParam
 from dagster._core.pipes.context import PipesMessageHandler
 from dagster_pipes import PipesContextData, PipesExtras, PipesParams
 
-from .names import label_value, object_name
+from .names import label_value, object_name, session_name
 from .spec import SlurmJob
 from .status import TERMINAL, metrics_pending, slurm_metadata, summary_of_failure
-from .store import API_VERSION, KIND, SlurmAssetObject, SlurmAssetStore
+from .store import API_VERSION, KIND, SESSION_KIND, SlurmAssetObject, SlurmAssetStore
 
 #: Label on every object this client creates; the sensor leaves them alone (the step that
 #: created one reports its results itself).
@@ -96,6 +96,11 @@ class PipesSlurmAssetClient(PipesClient, TreatAsResourceParam):
             run's event log, line by line), ``"stdout"`` (the step's own stdout/stderr, i.e.
             Dagster's compute logs) or ``"none"``.
         metrics_wait: Seconds to wait after the end for accounting to fill in the metrics.
+        run_session: A `SlurmSession` spec (camelCase; ``clusterRef`` defaults to ``cluster``):
+            every step of one Dagster run then runs in one allocation that the run owns (the
+            seed's per-run allocation), created by the run's first step. Delete it when the
+            run ends with :func:`build_run_session_cleanup_sensor` (its ``idleTimeout`` ends
+            it anyway).
     """
 
     def __init__(
@@ -107,8 +112,10 @@ class PipesSlurmAssetClient(PipesClient, TreatAsResourceParam):
         forward_termination: bool = True,
         forward_output: Literal["log", "stdout", "none"] = "log",
         metrics_wait: float = 60.0,
+        run_session: Mapping[str, Any] | None = None,
     ) -> None:
         self.store = store
+        self.run_session = dict(run_session) if run_session is not None else None
         self.cluster = cluster
         self.poll_interval = poll_interval
         self.forward_termination = forward_termination
@@ -146,6 +153,8 @@ class PipesSlurmAssetClient(PipesClient, TreatAsResourceParam):
             extras=extras,
         ) as session:
             manifest = self._manifest(context, base, session.context_data, env)
+            if self.run_session is not None:
+                self._join_run_session(context, manifest, session.context_data["run_id"])
             name = manifest["metadata"]["name"]
             run_key = self._adopt_or_create(context, manifest)
             try:
@@ -246,6 +255,39 @@ class PipesSlurmAssetClient(PipesClient, TreatAsResourceParam):
             "metadata": {"name": name, "labels": labels, "annotations": annotations},
             "spec": spec,
         }
+
+    def _join_run_session(
+        self,
+        context: OpExecutionContext | AssetExecutionContext,
+        manifest: SlurmAssetObject,
+        run_id: str,
+    ) -> None:
+        """Points the step at its run's session, creating the session on the run's first
+        step (create-if-absent: concurrent steps make one)."""
+        spec = dict(self.run_session or {})
+        cluster = spec.get("clusterRef") or manifest["spec"].get("clusterRef") or self.cluster
+        if not cluster:
+            raise ValueError("run_session needs a cluster: give clusterRef or the client's cluster")
+        spec["clusterRef"] = cluster
+        name = session_name(run_id)
+        created = self.store.create_session(
+            {
+                "apiVersion": API_VERSION,
+                "kind": SESSION_KIND,
+                "metadata": {
+                    "name": name,
+                    "labels": {
+                        LAUNCHED_BY: "dagster",
+                        "dagster/run-id": label_value(run_id),
+                    },
+                },
+                "spec": spec,
+            }
+        )
+        if created:
+            context.log.info(f"[slurm] created SlurmSession {name} for this run")
+        manifest["spec"]["sessionRef"] = name
+        manifest["spec"]["clusterRef"] = cluster
 
     def _adopt_or_create(
         self, context: OpExecutionContext | AssetExecutionContext, manifest: SlurmAssetObject

@@ -30,3 +30,8 @@ def label_value(value: str) -> str:
     if clean == value and len(value) <= 63:
         return value
     return f"{clean[:50].strip('._-')}.{_digest(value, length=10)}".lstrip(".")
+
+
+def session_name(run_id: str) -> str:
+    """The `SlurmSession` a Dagster run owns (``PipesSlurmAssetClient(run_session=...)``)."""
+    return f"dagster-run-{_digest(run_id)}"

@@ -27,6 +27,7 @@ from dagster import (
     SensorDefinition,
     SensorEvaluationContext,
     SensorResult,
+    SkipReason,
     sensor,
 )
 from dagster._core.definitions.metadata.external_metadata import metadata_map_from_external
@@ -311,3 +312,43 @@ def slurm_asset_specs(
             metadata={"slurm/object": MetadataValue.text(where)},
         )
     return list(specs.values())
+
+
+def end_finished_run_sessions(instance: DagsterInstance, store: SlurmAssetStore) -> list[str]:
+    """Deletes the `SlurmSession` of every Dagster run that has finished (success, failure or
+    cancellation): its allocation ends with the run, not an idle timeout later. Returns the
+    names deleted."""
+    deleted = []
+    for obj in store.list_sessions(f"{LAUNCHED_BY}=dagster"):
+        meta = obj.get("metadata") or {}
+        if meta.get("deletionTimestamp"):
+            continue
+        run_id = (meta.get("labels") or {}).get("dagster/run-id")
+        run = instance.get_run_by_id(run_id) if run_id else None
+        if run is not None and run.is_finished:
+            store.delete_session(meta.get("name", ""))
+            deleted.append(meta.get("name", ""))
+    return deleted
+
+
+def build_run_session_cleanup_sensor(
+    store: SlurmAssetStore,
+    *,
+    name: str = "slurm_run_session_cleanup",
+    minimum_interval_seconds: int = 30,
+    default_status: DefaultSensorStatus = DefaultSensorStatus.RUNNING,
+) -> SensorDefinition:
+    """A sensor that ends the per-run sessions (``PipesSlurmAssetClient(run_session=...)``)
+    of runs that have finished."""
+
+    @sensor(
+        name=name,
+        minimum_interval_seconds=minimum_interval_seconds,
+        default_status=default_status,
+        description=f"Deletes the SlurmSessions of finished Dagster runs, in {store.describe()}",
+    )
+    def _sensor(context: SensorEvaluationContext) -> SkipReason:
+        gone = end_finished_run_sessions(context.instance, store)
+        return SkipReason(f"ended sessions: {', '.join(gone)}" if gone else "no session to end")
+
+    return _sensor

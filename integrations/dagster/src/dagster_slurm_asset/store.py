@@ -24,6 +24,8 @@ VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 KIND = "SlurmAsset"
 PLURAL = "slurmassets"
+SESSION_KIND = "SlurmSession"
+SESSION_PLURAL = "slurmsessions"
 
 #: Annotation the standalone operator writes with the object's asset key.
 ANN_ASSET_KEY = "dagster-slurm.io/asset-key"
@@ -55,6 +57,22 @@ class SlurmAssetStore(ABC):
     @abstractmethod
     def get(self, name: str) -> SlurmAssetObject | None:
         """The whole object (metadata, spec, status), or None when it does not exist."""
+
+    @abstractmethod
+    def create_session(self, manifest: SlurmAssetObject) -> bool:
+        """Creates a `SlurmSession` unless one of that name exists; True when created."""
+
+    @abstractmethod
+    def get_session(self, name: str) -> SlurmAssetObject | None:
+        """A `SlurmSession` (metadata, spec, status), or None."""
+
+    @abstractmethod
+    def delete_session(self, name: str) -> None:
+        """Deletes a `SlurmSession`, which cancels its steps and its allocation."""
+
+    @abstractmethod
+    def list_sessions(self, label_selector: str | None = None) -> list[SlurmAssetObject]:
+        """The `SlurmSession` objects, optionally those matching a label selector."""
 
     @abstractmethod
     def create(self, manifest: SlurmAssetObject) -> tuple[SlurmAssetObject, bool]:
@@ -298,6 +316,58 @@ class DirectoryStore(SlurmAssetStore):
         self._parsed = parsed
         return out
 
+    # --- sessions: `<manifests>/<name>.session.yaml`, status under `SlurmSession/` ----------
+
+    def _session_manifest(self, name: str) -> Path:
+        return self.manifests_dir / f"{name}.session.yaml"
+
+    def _session_status(self, name: str) -> Path:
+        return self.root / ".status" / self.namespace / SESSION_KIND / f"{name}.yaml"
+
+    def create_session(self, manifest: SlurmAssetObject) -> bool:
+        name = manifest["metadata"]["name"]
+        manifest = {**manifest, "metadata": {**manifest["metadata"], "namespace": self.namespace}}
+        self.manifests_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self._write_temp(manifest)
+        try:
+            os.link(tmp, self._session_manifest(name))
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def get_session(self, name: str) -> SlurmAssetObject | None:
+        stored = _read_yaml(self._session_status(name), _MAX_STATUS_FILE)
+        text = _read_text(self._session_manifest(name), _MAX_MANIFEST_FILE)
+        manifest = yaml.load(text, Loader=_Loader) if text else None
+        if stored is None and not isinstance(manifest, dict):
+            return None
+        obj: SlurmAssetObject = {"apiVersion": API_VERSION, "kind": SESSION_KIND}
+        obj["metadata"] = {
+            **((manifest or {}).get("metadata") or {}),
+            **((stored or {}).get("metadata") or {}),
+        }
+        if isinstance(manifest, dict):
+            obj["spec"] = manifest.get("spec") or {}
+        else:
+            obj["metadata"].setdefault("deletionTimestamp", "unknown")
+        obj["status"] = (stored or {}).get("status") or {}
+        return obj
+
+    def delete_session(self, name: str) -> None:
+        self._session_manifest(name).unlink(missing_ok=True)
+
+    def list_sessions(self, label_selector: str | None = None) -> list[SlurmAssetObject]:
+        out = []
+        with contextlib.suppress(FileNotFoundError):
+            for p in sorted(self.manifests_dir.glob("*.session.yaml")):
+                obj = self.get_session(p.name.removesuffix(".session.yaml"))
+                labels = ((obj or {}).get("metadata") or {}).get("labels") or {}
+                if obj is not None and matches_selector(labels, label_selector):
+                    out.append(obj)
+        return out
+
     def _write_temp(self, manifest: SlurmAssetObject) -> Path:
         # Not `*.yaml`, so the operator never reads a half-written file.
         fd, tmp = tempfile.mkstemp(dir=self.manifests_dir, prefix=".", suffix=".tmp")
@@ -436,6 +506,69 @@ class KubernetesStore(SlurmAssetStore):
 
     def list(self, label_selector: str | None = None) -> list[SlurmAssetObject]:
         return list(self._pages(label_selector))
+
+    def create_session(self, manifest: SlurmAssetObject) -> bool:
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            self._api.create_namespaced_custom_object(
+                GROUP,
+                VERSION,
+                self.namespace,
+                SESSION_PLURAL,
+                manifest,
+                _request_timeout=self._timeout,
+            )
+            return True
+        except ApiException as e:
+            if e.status == 409:
+                return False
+            raise StoreError(
+                f"create SlurmSession {self.namespace}/{manifest['metadata']['name']}: "
+                f"{e.status} {_api_message(e)}"
+            ) from None
+
+    def get_session(self, name: str) -> SlurmAssetObject | None:
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            return self._api.get_namespaced_custom_object(
+                GROUP,
+                VERSION,
+                self.namespace,
+                SESSION_PLURAL,
+                name,
+                _request_timeout=self._timeout,
+            )
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise StoreError(f"get SlurmSession {name}: {e.status} {e.reason}") from None
+
+    def delete_session(self, name: str) -> None:
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            self._api.delete_namespaced_custom_object(
+                GROUP,
+                VERSION,
+                self.namespace,
+                SESSION_PLURAL,
+                name,
+                _request_timeout=self._timeout,
+            )
+        except ApiException as e:
+            if e.status != 404:
+                raise StoreError(f"delete SlurmSession {name}: {e.status} {e.reason}") from None
+
+    def list_sessions(self, label_selector: str | None = None) -> list[SlurmAssetObject]:
+        kwargs: dict[str, Any] = {"_request_timeout": self._timeout}
+        if label_selector:
+            kwargs["label_selector"] = label_selector
+        page = self._api.list_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, SESSION_PLURAL, **kwargs
+        )
+        return list(page.get("items", []))
 
     def _pages(self, label_selector: str | None) -> Iterator[SlurmAssetObject]:
         token = None

@@ -778,6 +778,79 @@ def operator_concurrent(
     return res, operator_snapshot(op, f"concurrent N={n}", cpu0, n * repeats)
 
 
+# --- sessions: N small assets as steps of one allocation, versus N jobs ----------------
+
+
+SESSION_CPUS = 6  # the test cluster's three nodes of two CPUs
+
+
+def session_manifest(name: str) -> str:
+    return (
+        f"apiVersion: {API}\nkind: SlurmSession\nmetadata: {{name: {name}}}\nspec:\n"
+        f"  clusterRef: hpc\n  resources: {{nodes: 3, ntasks: {SESSION_CPUS}, "
+        f'timeLimit: "00:30:00"}}\n  maxConcurrentSteps: {SESSION_CPUS}\n  idleTimeout: 30s\n'
+    )
+
+
+def operator_session(
+    op: Operator, meter: RpcMeter, n: int, repeats: int
+) -> list[tuple[ConcResult, ConcResult]]:
+    """N small assets written at once: as N jobs; as steps of one SlurmSession written with
+    them (cold: its allocation's queueing and start count); and N more in the same session
+    once it runs (warm, as the later assets of a Dagster run see it)."""
+    jobs = ConcResult(f"operator: N separate jobs (N={n})", n, Figure(), RpcFigures())
+    sess = ConcResult(f"operator: one new session (N={n})", n, Figure(), RpcFigures())
+    warm = ConcResult(f"operator: a running session (N={n})", n, Figure(), RpcFigures())
+    for r in range(repeats):
+        names = [f"sepjob{n}-r{r + 1}-{i:04d}" for i in range(n)]
+        before = meter.before()
+        t0 = time.monotonic()
+        for nm in names:
+            write_atomic(op.dir / f"{nm}.yaml", slurm_asset_manifest(nm))
+        done = wait_terminal(op.dir, names, timeout=600 + 10 * n)
+        jobs.wall.values.append(max(done.values()) - t0)
+        jobs.rpc.add(meter.delta(before, RpcSnapshot.take()), n)
+        sname = f"bench-session-{n}-r{r + 1}"
+        names = [f"insession{n}-r{r + 1}-{i:04d}" for i in range(n)]
+        before = meter.before()
+        t0 = time.monotonic()
+        write_atomic(op.dir / f"{sname}.yaml", session_manifest(sname))
+        for nm in names:
+            text = slurm_asset_manifest(nm).replace(
+                "  clusterRef: hpc\n", f"  clusterRef: hpc\n  sessionRef: {sname}\n"
+            )
+            write_atomic(op.dir / f"{nm}.yaml", text)
+        done = wait_terminal(op.dir, names, timeout=600 + 10 * n)
+        sess.wall.values.append(max(done.values()) - t0)
+        sess.rpc.add(meter.delta(before, RpcSnapshot.take()), n)
+        names = [f"warmsession{n}-r{r + 1}-{i:04d}" for i in range(n)]
+        before = meter.before()
+        t0 = time.monotonic()
+        for nm in names:
+            text = slurm_asset_manifest(nm).replace(
+                "  clusterRef: hpc\n", f"  clusterRef: hpc\n  sessionRef: {sname}\n"
+            )
+            write_atomic(op.dir / f"{nm}.yaml", text)
+        done = wait_terminal(op.dir, names, timeout=600 + 10 * n)
+        warm.wall.values.append(max(done.values()) - t0)
+        warm.rpc.add(meter.delta(before, RpcSnapshot.take()), n)
+        # The session ends (its allocation is cancelled) before the next repeat.
+        (op.dir / f"{sname}.yaml").unlink()
+        spath = status_path(op.dir, sname, "SlurmSession")
+        deadline = time.monotonic() + 120
+        while "phase: Ended" not in (spath.read_text() if spath.exists() else ""):
+            if time.monotonic() > deadline:
+                raise BenchError(
+                    f"session {sname} did not end:\n{spath.read_text()[-2000:]}"
+                )
+            time.sleep(0.2)
+        log(
+            f"sessions N={n}: repeat {r + 1}/{repeats}: jobs {jobs.wall.values[-1]:.2f} s, "
+            f"new session {sess.wall.values[-1]:.2f} s, running session {warm.wall.values[-1]:.2f} s"
+        )
+    return [(jobs, sess), (jobs, warm)]
+
+
 # --- scale: many completed assets on the implicit local cluster ------------------------
 
 
@@ -1121,11 +1194,13 @@ def report(
     user: str,
     background: Background | None,
     foreign_jobs: list[int],
+    sessions: list[tuple[ConcResult, ConcResult]] | None = None,
 ) -> str:
     out = [machine(), f"operator: {args.bin}", ""]
     if seq:
-        a = next(s for s in seq if s.label.startswith("floor A"))
-        b = next(s for s in seq if s.label.startswith("floor B"))
+        none = SeqResult("", Figure(), RpcFigures(), 0)
+        a = next((s for s in seq if s.label.startswith("floor A")), none)
+        b = next((s for s in seq if s.label.startswith("floor B")), none)
         rows = []
         for s in seq:
             rows.append(
@@ -1174,6 +1249,37 @@ def report(
                 f"median (min-max) over {args.repeats} repeats"
             ),
             table(["scenario", "N", "wall s", "vs floor", *RPC_HEAD], rows),
+            "",
+        ]
+    if sessions:
+        rows = []
+        for i, (jobs, sess) in enumerate(sessions):
+            if i == 0:
+                rows.append(
+                    [
+                        jobs.label,
+                        str(jobs.n),
+                        jobs.wall.fmt(),
+                        "x1.00",
+                        *rpc_cells(jobs.rpc, None),
+                    ]
+                )
+            rows.append(
+                [
+                    sess.label,
+                    str(sess.n),
+                    sess.wall.fmt(),
+                    ratio(sess.wall, jobs.wall),
+                    *rpc_cells(sess.rpc, jobs.rpc),
+                ]
+            )
+        out += [
+            (
+                "Sessions: N small assets written at once, as N jobs or as steps of one "
+                f"SlurmSession ({SESSION_CPUS} steps at once); wall seconds until all succeeded, "
+                f"median (min-max) over {args.repeats} repeats"
+            ),
+            table(["scenario", "N", "wall s", "vs jobs", *RPC_HEAD], rows),
             "",
         ]
     if seq or conc:
@@ -1310,12 +1416,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="longest real `--once` fill of the scale case before status files are synthesized",
     )
     p.add_argument(
+        "--session",
+        type=int,
+        default=30,
+        help="small assets of the session comparison (0: skip)",
+    )
+    p.add_argument(
         "--no-floors", action="store_true", help="skip the floors (ratios become n/a)"
     )
     p.add_argument(
         "--quick",
         action="store_true",
-        help="CI smoke run: --seq 2 --repeats 1 --concurrent 5 --scale 200, 5 changes, 5 s idle",
+        help="CI smoke run: --seq 2 --repeats 1 --concurrent 5 --session 4 --scale 200, 5 changes, 5 s idle",
     )
     p.add_argument(
         "--keep",
@@ -1325,6 +1437,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.seq, args.repeats, args.concurrent, args.scale = 2, 1, "5", 200
+        args.session = 4
         args.scale_changes, args.scale_idle, args.scale_once_timeout = 5, 5.0, 120.0
     if not args.bin:
         p.error("no operator binary: set SAO_BIN or pass --bin")
@@ -1344,6 +1457,7 @@ def main(argv: list[str] | None = None) -> int:
     tag = time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
     seq: list[SeqResult] = []
     conc: list[tuple[ConcResult, ConcResult]] = []
+    sessions: list[tuple[ConcResult, ConcResult]] = []
     ops: list[OperatorSnapshot] = []
     scale: ScaleResult | None = None
     cluster: Cluster | None = None
@@ -1354,7 +1468,7 @@ def main(argv: list[str] | None = None) -> int:
     remote = ""
     ok = False
     try:
-        slurm = args.seq > 0 or args.conc_ns
+        slurm = args.seq > 0 or args.conc_ns or args.session > 0
         if slurm:
             cluster = Cluster.from_env_file()
             remote = f"{cluster.deploy_base}/bench-{tag}"
@@ -1386,6 +1500,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 conc.append((floor_bulk_results.get(n, empty), r2))
                 ops.append(snap)
+            if args.session > 0:
+                sessions += operator_session(op, meter, args.session, args.repeats)
             op.stop()
             op = None
         if args.scale > 0:
@@ -1422,7 +1538,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
     user = cluster.user if cluster else "?"
     foreign = meter.foreign_jobs if meter else []
-    print(report(args, seq, conc, ops, scale, user, background, foreign))
+    print(report(args, seq, conc, ops, scale, user, background, foreign, sessions))
     print(f"total benchmark time: {time.monotonic() - t_start:.0f} s")
     return 0 if ok else 1
 

@@ -17,12 +17,16 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::mpsc;
 
 /// The remote side. `+DIR` watches a run dir, `-DIR` stops watching it; `EXIT DIR` is
-/// printed once DIR's exit file exists. A line cut by the read timeout is kept and completed
+/// printed once DIR's exit file exists, `START DIR` once when a session's agent (its step
+/// queue) or a session step (its step file) has started there: both are worth a look now. A line cut by the read timeout is kept and completed
 /// by the next read. End of input (the operator or its connection went away) ends it.
 fn remote_script() -> String {
     format!(
-        r#"W=(); pending=''
-sweep() {{ local i; for i in "${{!W[@]}}"; do if [ -f "${{W[$i]}}/{EXIT_FILE}" ]; then printf 'EXIT %s\n' "${{W[$i]}}"; unset 'W[i]'; fi; done; }}
+        r#"W=(); pending=''; declare -A S=()
+sweep() {{ local i d; for i in "${{!W[@]}}"; do d=${{W[$i]}}
+  if [ -f "$d/{EXIT_FILE}" ]; then printf 'EXIT %s\n' "$d"; unset 'W[i]'
+  elif [ -z "${{S[$d]:-}}" ] && {{ [ -d "$d/{QUEUE}" ] || [ -f "$d/{STEP}" ]; }}; then S[$d]=1; printf 'START %s\n' "$d"; fi
+done; }}
 while :; do
   if IFS= read -r -t 0.25 line; then
     line="$pending$line"; pending=''
@@ -36,7 +40,9 @@ while :; do
   fi
   sweep
 done
-"#
+"#,
+        QUEUE = crate::session::QUEUE_DIR,
+        STEP = crate::session::STEP_FILE,
     )
 }
 
@@ -187,7 +193,11 @@ async fn watch_remote(
             }
             line = lines.next_line() => match line {
                 Ok(Some(line)) => {
-                    if let Some(dir) = line.strip_prefix("EXIT ")
+                    if let Some(dir) = line.strip_prefix("START ")
+                        && dirs.contains(dir)
+                    {
+                        let _ = ended.send(dir.to_string());
+                    } else if let Some(dir) = line.strip_prefix("EXIT ")
                         && dirs.remove(dir)
                     {
                         let _ = ended.send(dir.to_string());

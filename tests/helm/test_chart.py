@@ -130,4 +130,4 @@ def test_chart_crds_equal_the_generated_ones():
     assert (CHART / "crds" / "crds.yaml").read_text() == generated, "copy crds/crds.yaml into the chart"
     crds = helm.Chart.load(str(CHART)).crds
     docs = [d for f in crds for d in yaml.safe_load_all(f["data"]) if d]
-    assert sorted(d["metadata"]["name"] for d in docs) == ["slurmassets.dagster-slurm.io", "slurmclusters.dagster-slurm.io"]
+    assert sorted(d["metadata"]["name"] for d in docs) == ["slurmassets.dagster-slurm.io", "slurmclusters.dagster-slurm.io", "slurmsessions.dagster-slurm.io"]

@@ -34,6 +34,9 @@ pub struct JobTrack {
     /// The job's exit file was seen: it has ended, and a run dir gone since (cleaned up
     /// after the end) is no reason to ask `squeue` about it.
     pub exit_seen: bool,
+    /// Since when `squeue` has listed the job as ended while accounting has not recorded
+    /// the end (and with it the exit code): bounded by a wait.
+    pub squeue_end_since: Option<jiff::Timestamp>,
 }
 
 /// A Slurm job ID as the operator accepts it: digits only (no arrays, no het components,

@@ -1171,6 +1171,7 @@ fn parse_poll(
             if known {
                 w.track.missing_since = None;
             }
+            let mut waiting_for_accounting = false;
             let (mut state, mut raw) = match (&from_sacct, &from_squeue, exit) {
                 (Some(s), _, _) if is_final(s) => (s.clone(), alloc.map(|a| a.state.clone())),
                 // The exit file is the payload's own last word: the job script only exits
@@ -1182,6 +1183,21 @@ fn parse_poll(
                         if code == 0 { "COMPLETED" } else { "FAILED" }
                     )),
                 ),
+                // squeue lists an end a moment before accounting records it with the exit
+                // code (and the figures that tell a memory kill): wait for it, for a while.
+                (_, Some(q), None)
+                    if accounting
+                        && is_final(q)
+                        && now.duration_since(*w.track.squeue_end_since.get_or_insert(now))
+                            < BATCH_RECORD_WAIT =>
+                {
+                    let st = queued.map(|(st, _, _)| st.as_str()).unwrap_or_default();
+                    waiting_for_accounting = true;
+                    (
+                        JobState::Running,
+                        Some(format!("{st} (waiting for accounting)")),
+                    )
+                }
                 (_, Some(q), None) => (q.clone(), queued.map(|(st, _, _)| st.clone())),
                 (Some(s), None, None) => (s.clone(), alloc.map(|a| a.state.clone())),
                 (None, None, None) => {
@@ -1210,7 +1226,7 @@ fn parse_poll(
                     }
                 }
             };
-            let mut waiting_for_batch = false;
+            let mut waiting_for_batch = waiting_for_accounting;
             // Accounting can mark the allocation ended a moment before the batch step's own
             // record (its CPU time and memory) arrives; ending now would freeze metrics of
             // zero. Wait for it, for a while: a step record can also be lost.
@@ -1582,6 +1598,46 @@ mod tests {
         }
         assert_eq!(r.reader.offset as usize, msg.len());
         assert!(r.reader.status.opened);
+    }
+
+    #[test]
+    fn an_end_only_squeue_knows_waits_for_accountings_exit_code() {
+        // squeue lists a job FAILED (no exit code there) a moment before sacct records its
+        // end: taking squeue's word would lose the exit code, the metrics and with them what
+        // killed it (seen in CI: a memory kill reported as plain FAILED).
+        let killed = "9|FAILED|0:9|1|00:00:00|1|1|cpu=1|||2026-01-01T00:00:00|2026-01-01T00:00:01";
+        let batch = "9.batch|CANCELLED by 0|0:9|1|00:00.007|1|1|cpu=1|320996K||2026-01-01T00:00:00|2026-01-01T00:00:01";
+        let running = "9|RUNNING|0:0|1|00:00:00|1|1|cpu=1|||2026-01-01T00:00:00|Unknown";
+        let mut r = JobTrack::default();
+        let start = jiff::Timestamp::now();
+        let poll = |r: &mut JobTrack, sacct: &str, now| {
+            let mut w = watched(r, "9");
+            w.requested_mem = Some(50 * 1024 * 1024);
+            let mut jobs = [w];
+            let text = format!(
+                "9|FAILED|None|n1|2026-01-01T00:00:00\n@@SAO RC squeue 0\n@@SAO SACCT\n{sacct}\n@@SAO RC sacct 0\n@@SAO JOB 0\n"
+            );
+            parse_poll(&text, &mut jobs, true, now).remove(0)
+        };
+        let early = poll(&mut r, running, start);
+        assert_eq!(early.state, JobState::Running, "{early:?}");
+        assert!(early.observe_again_soon);
+        let recorded = poll(&mut r, &format!("{killed}\n{batch}"), start);
+        assert_eq!(
+            recorded.state,
+            JobState::Killed {
+                reason: "OUT_OF_MEMORY".into(),
+                exit_code: Some(137)
+            },
+            "{recorded:?}"
+        );
+        // Accounting that never records the end does not hold the job for ever.
+        let late = poll(
+            &mut r,
+            running,
+            start + BATCH_RECORD_WAIT + BATCH_RECORD_WAIT,
+        );
+        assert!(is_final(&late.state), "{late:?}");
     }
 
     #[test]

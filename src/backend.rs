@@ -31,9 +31,22 @@ pub type PrepareFn<'a> = dyn Fn() -> futures::future::BoxFuture<
     + Sync
     + 'a;
 
+/// Whether a submission may go ahead now: a session's step waits for its allocation, and
+/// fails when the session cannot take it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub enum Gate {
+    #[default]
+    Open,
+    /// Not yet: the reason goes into the status message; asked again after the delay.
+    Wait(String, Duration),
+    /// Never: the submission fails with this message.
+    Refuse(String),
+}
+
 /// What [`drive`] needs to know about the asset beyond its status.
 pub struct Work<'a> {
     pub backend: Backend,
+    pub gate: Gate,
     /// How the run's environment is prepared, if it packs one.
     pub env: Option<&'a PrepareFn<'a>>,
     pub plan: &'a PlanFn<'a>,
@@ -163,6 +176,18 @@ pub async fn drive(
                         },
                     });
                 }
+                Action::Submit { delay: None, .. } if work.gate != Gate::Open => match &work.gate {
+                    Gate::Wait(why, again) => {
+                        status.message = Some(why.clone());
+                        submit_after = Some(*again);
+                    }
+                    Gate::Refuse(why) => {
+                        next = Some(Event::SubmitFailed {
+                            message: why.clone(),
+                        })
+                    }
+                    Gate::Open => {}
+                },
                 Action::Submit {
                     run,
                     attempt,

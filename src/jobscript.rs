@@ -27,6 +27,9 @@ pub struct RunId {
     /// The operator's leadership epoch (the Lease's transition count; 0 without leader
     /// election): the fencing token a submission carries, so a deposed leader cannot submit.
     pub epoch: u64,
+    /// A session's allocation: its run dirs live under `sessions/`, apart from the assets'
+    /// (an asset and a session may share a name).
+    pub session: bool,
 }
 
 impl RunId {
@@ -141,8 +144,12 @@ pub fn plan(spec: &SlurmAssetSpec, id: RunId, ctx: &PlanContext) -> Result<RunPl
     let resolve = |dir: &Path, p: &str| resolve_path(local, ctx.remote_home, dir, p);
     let base = base_dir(ctx);
     let run_dir = format!(
-        "{base}/runs/{}/{}/{}-{}",
-        id.namespace, id.name, id.run, id.attempt
+        "{base}/{}/{}/{}/{}-{}",
+        if id.session { "sessions" } else { "runs" },
+        id.namespace,
+        id.name,
+        id.run,
+        id.attempt
     );
     let env_path = environment.pre_deployed_env_path.as_ref().map(|p| {
         let dir = if spec.environment.pre_deployed_env_path.is_some() {
@@ -438,6 +445,7 @@ mod tests {
             run: 2,
             attempt: 1,
             epoch: 0,
+            session: false,
         }
     }
 

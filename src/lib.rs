@@ -54,6 +54,31 @@ pub enum Error {
     Watch(#[from] notify::Error),
 }
 
+/// Errors of one reconcile in Kubernetes mode (counted by kind on `/metrics`).
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error("kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("finalizer: {0}")]
+    Finalizer(String),
+    #[error("cancel not confirmed yet: {0}")]
+    CancelPending(String),
+    #[error("{0}")]
+    Io(String),
+}
+
+impl ReconcileError {
+    /// The metric label of the error.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ReconcileError::Kube(_) => "kube",
+            ReconcileError::Finalizer(_) => "finalizer",
+            ReconcileError::CancelPending(_) => "cancel_pending",
+            ReconcileError::Io(_) => "io",
+        }
+    }
+}
+
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {

@@ -514,6 +514,7 @@ fn render(file: &std::path::Path, name: Option<&str>) -> anyhow::Result<String> 
         run: 1,
         attempt: 1,
         epoch: 0,
+        session: false,
     };
     let plan = plan(spec, id, &ctx).map_err(anyhow::Error::msg)?;
     let exe = std::env::current_exe()?.display().to_string();

@@ -761,12 +761,6 @@ pub fn validate_asset(
     {
         errors.push(field_err("spec.sessionRef", "is not a valid object name"));
     }
-    if s.session_ref.is_some() && store == StoreKind::Kubernetes {
-        errors.push(field_err(
-            "spec.sessionRef",
-            "SlurmSession is served in standalone mode only in this version",
-        ));
-    }
     if s.session_ref.is_some() && s.cluster_ref.is_none() {
         errors.push(field_err(
             "spec.clusterRef",

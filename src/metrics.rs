@@ -75,15 +75,11 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    pub fn reconcile_error(&self, err: &crate::controller::Error) {
-        let kind = match err {
-            crate::controller::Error::Kube(_) => "kube",
-            crate::controller::Error::Finalizer(_) => "finalizer",
-            crate::controller::Error::CancelPending(_) => "cancel_pending",
-            crate::controller::Error::Io(_) => "io",
-        };
+    pub fn reconcile_error(&self, err: &crate::ReconcileError) {
         self.errors
-            .get_or_create(&ErrorLabels { kind: kind.into() })
+            .get_or_create(&ErrorLabels {
+                kind: err.kind().into(),
+            })
             .inc();
     }
 

@@ -152,6 +152,23 @@ pub fn allocation_spec(name: &str, s: &SlurmSessionSpec) -> SlurmAssetSpec {
     }
 }
 
+/// Tells the agent the allocation's time limit (the session's, else the cluster's queue
+/// default), so that it refuses steps near the end whatever set the limit.
+pub fn keep_to_time_limit(allocation: &mut SlurmAssetSpec, queue: &Resources) {
+    if let Some(t) = allocation
+        .resources
+        .merged_over(queue)
+        .time_limit
+        .and_then(|t| t.seconds())
+    {
+        allocation.env.push(crate::api::EnvVar {
+            name: "SAO_SESSION_TIME_LIMIT_SECS".into(),
+            value: Some(t.to_string()),
+            value_from: None,
+        });
+    }
+}
+
 /// Where a step goes: the session's run dir and allocation, and the step's `srun` options.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Placement {
@@ -220,6 +237,59 @@ pub fn deadline(
     start
         .checked_add(jiff::SignedDuration::from_secs(secs as i64))
         .ok()
+}
+
+/// Where an asset's step goes in its session's allocation.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepTarget {
+    /// The session's run dir (the agent's queue is in it).
+    pub dir: String,
+    pub job_id: String,
+    /// A Ray asset: its driver runs on the session's warm Ray cluster.
+    pub ray_driver: bool,
+}
+
+/// Where `asset`'s step goes in session `name` (its spec and its status as last written):
+/// `Err` says why not now, and whether to wait (`true`: not up yet) or fail (`false`).
+pub fn place(
+    asset: &SlurmAssetSpec,
+    name: &str,
+    session: &SlurmSessionSpec,
+    status: &SlurmSessionStatus,
+) -> Result<StepTarget, (String, bool)> {
+    if asset.cluster_ref.as_deref() != Some(session.cluster_ref.as_str()) {
+        return Err((
+            format!(
+                "spec.clusterRef: must be {:?}, the cluster of SlurmSession {name:?}",
+                session.cluster_ref
+            ),
+            false,
+        ));
+    }
+    let ray_driver = asset.launcher.type_ == LauncherType::Ray;
+    if ray_driver && session.ray.is_none() {
+        return Err((
+            format!(
+                "spec.launcher: a Ray asset in a session runs on the session's Ray cluster, and SlurmSession {name:?} has no ray"
+            ),
+            false,
+        ));
+    }
+    accepts(
+        status,
+        asset
+            .resources
+            .time_limit
+            .as_ref()
+            .and_then(|t| t.seconds()),
+        session.drain_secs(),
+    )
+    .map_err(|(m, wait)| (format!("SlurmSession {name:?}: {m}"), wait))?;
+    Ok(StepTarget {
+        dir: status.allocation.remote_run_dir.clone().unwrap_or_default(),
+        job_id: status.allocation.job_id.clone().unwrap_or_default(),
+        ray_driver,
+    })
 }
 
 /// Whether a step may go to the session now; `Err` says why not, and whether to wait

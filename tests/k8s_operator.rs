@@ -554,6 +554,7 @@ async fn the_charts_service_account_is_enough_and_no_more() {
         ("create", "secrets"),
         ("delete", "slurmassets"),
         ("create", "slurmassets"),
+        ("create", "slurmsessions"),
         ("get", "pods"),
         ("create", "pods"),
         ("list", "nodes"),
@@ -564,6 +565,8 @@ async fn the_charts_service_account_is_enough_and_no_more() {
         ("get", "secrets"),
         ("watch", "slurmassets"),
         ("patch", "slurmassets/status"),
+        ("watch", "slurmsessions"),
+        ("patch", "slurmsessions/status"),
         ("create", "events.events.k8s.io"),
         ("update", "leases.coordination.k8s.io"),
     ] {
@@ -1129,6 +1132,9 @@ fn the_default_charts_account_reads_what_it_reconciles_and_nothing_else() {
         ("watch", "slurmassets"),
         ("patch", "slurmassets/status"),
         ("update", "slurmassets/finalizers"),
+        ("watch", "slurmsessions"),
+        ("patch", "slurmsessions/status"),
+        ("update", "slurmsessions/finalizers"),
         ("watch", "configmaps"),
         // The documented trade-off of rbac.secrets=cluster.
         ("watch", "secrets"),
@@ -1142,6 +1148,7 @@ fn the_default_charts_account_reads_what_it_reconciles_and_nothing_else() {
         ("delete", "slurmassets"),
         ("create", "slurmassets"),
         ("update", "slurmassets"),
+        ("delete", "slurmsessions"),
         ("create", "pods"),
         ("get", "pods"),
         ("update", "leases.coordination.k8s.io"),
@@ -1186,4 +1193,119 @@ async fn allowed_local_jobs_never_see_the_operators_credentials() {
     );
     // Hidden from the job only: the operator still reads its files.
     assert_eq!(std::fs::read_dir(&ssh).unwrap().count(), keys);
+}
+
+/// A SlurmSession in Kubernetes mode (issue 13): steps created before their session wait for
+/// it and are woken by it; they run as steps of its one allocation; the session lists them;
+/// deleting it cancels a running step (its asset ends `Cancelled`) and the allocation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_holds_one_allocation_for_its_steps_and_deletion_cancels_them() {
+    let ns = Namespace::new("session");
+    let work = tempfile::tempdir().unwrap();
+    slurm_cluster(&ns, "k8s-session");
+    let _op = Operator::start(&ns, work.path(), &[]);
+    let step = |name: &str, script: &str| {
+        asset(
+            name,
+            json!({"assetKey": format!("s/{name}"), "clusterRef": "hpc", "sessionRef": "warm",
+                   "payload": {"inline": script}, "resources": {"mem": "100M"}}),
+        )
+    };
+    let report = "echo \"in $SLURM_JOB_ID.$SLURM_STEP_ID\"; sleep 2";
+    ns.apply(step("a", report));
+    ns.apply(step("b", report));
+    ns.wait("slurmasset", "a", "waiting for its session", |o| {
+        o["status"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("waiting for SlurmSession \"warm\""))
+    })
+    .await;
+    ns.apply(
+        json!({"apiVersion": "dagster-slurm.io/v1alpha1", "kind": "SlurmSession",
+        "metadata": {"name": "warm"},
+        "spec": {"clusterRef": "hpc", "maxConcurrentSteps": 2, "idleTimeout": "5m",
+                 "resources": {"cpusPerTask": 2, "mem": "400M", "timeLimit": "00:10:00"}}}),
+    );
+    let a = ns
+        .wait("slurmasset", "a", "Succeeded", phase_is("Succeeded"))
+        .await;
+    let b = ns
+        .wait("slurmasset", "b", "Succeeded", phase_is("Succeeded"))
+        .await;
+    let s = ns
+        .wait("slurmsession", "warm", "Running", |o| {
+            o["status"]["phase"] == "Running"
+        })
+        .await;
+    let job = s["status"]["jobId"].as_str().unwrap().to_string();
+    assert!(
+        s["status"]["allocation"]["remoteRunDir"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("/sessions/{}/warm/", ns.0)),
+        "{s:#}"
+    );
+    let mut steps = vec![];
+    for o in [&a, &b] {
+        let st = &o["status"];
+        assert_eq!(st["jobId"], job.as_str(), "a step of the session: {st:#}");
+        let step_id = st["stepId"].as_str().unwrap().to_string();
+        assert!(step_id.starts_with(&format!("{job}.")), "{st:#}");
+        assert_eq!(st["logTail"]["stdout"], format!("in {step_id}\n"));
+        steps.push(step_id);
+    }
+    assert_ne!(steps[0], steps[1]);
+    // No allocation of their own: each is a step of the session's (in its sacct record).
+    for o in [&a, &b] {
+        let uid = o["metadata"]["uid"].as_str().unwrap();
+        assert_eq!(sacct_jobs(&format!("sao.{uid}.")), vec![], "{o:#}");
+    }
+    let recorded = Command::new("sacct")
+        .args(["-P", "-n", "-o", "JobID", "-j", &job])
+        .output()
+        .unwrap();
+    let recorded = String::from_utf8_lossy(&recorded.stdout).to_string();
+    for step_id in &steps {
+        assert!(recorded.lines().any(|l| l == step_id), "{recorded}");
+    }
+    // An idle session's status settles: it is not rewritten at every poll (its countdown
+    // alone moves every second).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let version = |ns: &Namespace| {
+        ns.get("slurmsession", "warm").unwrap()["metadata"]["resourceVersion"].clone()
+    };
+    let settled = version(&ns);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        version(&ns),
+        settled,
+        "an idle session's status was rewritten"
+    );
+    ns.apply(step("long", "sleep 300"));
+    ns.wait("slurmsession", "warm", "to list its running step", |o| {
+        o["status"]["runningAssets"] == json!(["long"])
+    })
+    .await;
+    ns.delete("slurmsession", "warm");
+    let long = ns
+        .wait("slurmasset", "long", "Cancelled", phase_is("Cancelled"))
+        .await;
+    assert_eq!(long["status"]["jobId"], job.as_str());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while ns.get("slurmsession", "warm").is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "the session's finalizer stayed after its allocation was cancelled"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let state = Command::new("sacct")
+        .args(["-X", "-P", "-n", "-o", "State", "-j", &job])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&state.stdout).starts_with("CANCELLED"),
+        "{}",
+        String::from_utf8_lossy(&state.stdout)
+    );
 }

@@ -49,6 +49,7 @@ fn attempt(home: &str, base: &str, uid: &str, run: u64, epoch: u64) -> RunPlan {
         run,
         attempt: 1,
         epoch,
+        session: false,
     };
     plan(&spec, id, &ctx).unwrap()
 }

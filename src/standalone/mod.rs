@@ -157,17 +157,9 @@ struct PlanInputs {
     /// The run's packed environment, once ready.
     env: Option<crate::api::EnvStatus>,
     /// A session step: where its session's allocation runs.
-    session: Option<SessionTarget>,
+    session: Option<crate::session::StepTarget>,
     /// This is a session's allocation (its agent keeps to the time limit).
     is_session: bool,
-}
-
-/// The session an asset's step goes to, as it was when the step was submitted.
-#[derive(Clone)]
-struct SessionTarget {
-    dir: String,
-    job_id: String,
-    ray_driver: bool,
 }
 
 impl PlanInputs {
@@ -216,22 +208,11 @@ impl PlanInputs {
             run,
             attempt,
             epoch: 0,
+            session: self.is_session,
         };
         let mut spec = self.spec.clone();
         if self.is_session {
-            // A session's agent keeps to the allocation's time limit, whatever set it.
-            if let Some(t) = spec
-                .resources
-                .merged_over(&self.cluster.queue)
-                .time_limit
-                .and_then(|t| t.seconds())
-            {
-                spec.env.push(crate::api::EnvVar {
-                    name: "SAO_SESSION_TIME_LIMIT_SECS".into(),
-                    value: Some(t.to_string()),
-                    value_from: None,
-                });
-            }
+            crate::session::keep_to_time_limit(&mut spec, &self.cluster.queue);
         }
         let mut p = plan(&spec, id, &ctx)?;
         p.use_env(self.env.as_ref());
@@ -1098,7 +1079,7 @@ impl Driver {
     fn session_target(
         &self,
         key: &ObjectKey,
-    ) -> std::result::Result<Option<SessionTarget>, (String, bool)> {
+    ) -> std::result::Result<Option<crate::session::StepTarget>, (String, bool)> {
         let Some(spec) = self.assets[key].spec() else {
             return Ok(None);
         };
@@ -1122,36 +1103,7 @@ impl Driver {
         let Some(session) = &entry.session else {
             return Err((format!("SlurmSession {name:?} is invalid"), false));
         };
-        if spec.cluster_ref.as_deref() != Some(session.cluster_ref.as_str()) {
-            return Err((
-                format!(
-                    "spec.clusterRef: must be {:?}, the cluster of SlurmSession {name:?}",
-                    session.cluster_ref
-                ),
-                false,
-            ));
-        }
-        let ray_driver = spec.launcher.type_ == crate::api::LauncherType::Ray;
-        if ray_driver && session.ray.is_none() {
-            return Err((
-                format!(
-                    "spec.launcher: a Ray asset in a session runs on the session's Ray cluster, and SlurmSession {name:?} has no ray"
-                ),
-                false,
-            ));
-        }
-        let st = self.session_status(&skey);
-        crate::session::accepts(
-            &st,
-            spec.resources.time_limit.as_ref().and_then(|t| t.seconds()),
-            session.drain_secs(),
-        )
-        .map_err(|(m, wait)| (format!("SlurmSession {name:?}: {m}"), wait))?;
-        Ok(Some(SessionTarget {
-            dir: entry.status.remote_run_dir.clone().unwrap_or_default(),
-            job_id: entry.status.job_id.clone().unwrap_or_default(),
-            ray_driver,
-        }))
+        crate::session::place(spec, name, session, &self.session_status(&skey)).map(Some)
     }
 
     /// A session's status: its allocation's, with the assets that name it.
@@ -1202,6 +1154,7 @@ impl Driver {
             run,
             attempt,
             epoch: 0,
+            session: key.kind == Kind::SlurmSession,
         }
         .tag()
     }

@@ -3,20 +3,24 @@
 //! (cluster, Secrets, ConfigMap payload) and hands it to the shared core through
 //! [`crate::backend::drive`]; status is written by server-side apply to the status subresource.
 
+mod events;
+mod resolve;
+mod session;
+
+use resolve::Resolved;
+
 use crate::api::{
-    API_VERSION, ClusterMode, Phase, SlurmAsset, SlurmAssetSpec, SlurmAssetStatus, SlurmCluster,
-    SlurmClusterSpec, SlurmClusterStatus,
+    API_VERSION, Phase, SlurmAsset, SlurmAssetSpec, SlurmAssetStatus, SlurmCluster,
+    SlurmClusterStatus, SlurmSession,
 };
-use crate::backend::{Backend, Work, drive};
+use crate::backend::{Backend, Driven, Gate, Work, drive};
 use crate::conditions;
 use crate::core::{Event, Input};
 use crate::executor::JobRef;
 use crate::executor::local::LocalExecutor;
 use crate::executor::slurm::{Counters, SlurmExecutor};
 use crate::jobscript::{PlanContext, RunId, plan};
-use crate::manifest::{StoreKind, describe, validate_asset, validate_cluster};
 use crate::pipes::MessageReader;
-use crate::transport::{SshAuth, SshTarget};
 use futures::StreamExt;
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
@@ -43,17 +47,7 @@ pub const RELEASE_GRACE: Duration = Duration::from_secs(600);
 const POLL_LOCAL: Duration = Duration::from_secs(2);
 const POLL_SLURM: Duration = Duration::from_secs(10);
 
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("kubernetes API: {0}")]
-    Kube(#[from] kube::Error),
-    #[error("finalizer: {0}")]
-    Finalizer(String),
-    #[error("cancel not confirmed yet: {0}")]
-    CancelPending(String),
-    #[error("{0}")]
-    Io(String),
-}
+pub use crate::ReconcileError as Error;
 
 /// Shared state of the controller.
 pub struct Context {
@@ -176,59 +170,67 @@ impl Context {
     }
 }
 
-/// A spec with every reference resolved.
-struct Resolved {
-    spec: SlurmAssetSpec,
-    cluster: SlurmClusterSpec,
-    /// The referenced SlurmCluster's name and generation (none for the implicit local one).
-    cluster_ref: Option<(String, Option<i64>)>,
-    backend: Backend,
-    poll: Duration,
-    /// The environment the asset packs (its sources are read when it is prepared).
-    env: Option<crate::environment::EnvRequest>,
-}
-
-/// Runs the controller until the stream ends (or `shutdown` resolves).
+/// Runs the controllers (SlurmAsset and SlurmSession) until their streams end (or `shutdown`
+/// resolves).
 pub async fn run(
     ctx: Arc<Context>,
     namespace: Option<String>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
+    use futures::FutureExt;
     let client = ctx.client.clone();
+    let api = |c: &Client| match &namespace {
+        Some(ns) => (
+            Api::<DeserializeGuard<SlurmAsset>>::namespaced(c.clone(), ns),
+            Api::<SlurmCluster>::namespaced(c.clone(), ns),
+            Api::<DeserializeGuard<SlurmSession>>::namespaced(c.clone(), ns),
+        ),
+        None => (
+            Api::all(c.clone()),
+            Api::all(c.clone()),
+            Api::all(c.clone()),
+        ),
+    };
+    let (assets, clusters, sessions) = api(&client);
     // Secrets and ConfigMaps are watched by metadata only (`PartialObjectMeta`): their
     // values never travel through the watch.
-    let (assets, clusters, secrets, config_maps) = match &namespace {
+    let (secrets, config_maps) = match &namespace {
         Some(ns) => (
-            Api::<DeserializeGuard<SlurmAsset>>::namespaced(client.clone(), ns),
-            Api::<SlurmCluster>::namespaced(client.clone(), ns),
             Api::<PartialObjectMeta<Secret>>::namespaced(client.clone(), ns),
             Api::<PartialObjectMeta<ConfigMap>>::namespaced(client.clone(), ns),
         ),
-        None => (
-            Api::all(client.clone()),
-            Api::all(client.clone()),
-            Api::all(client.clone()),
-            Api::all(client.clone()),
-        ),
+        None => (Api::all(client.clone()), Api::all(client.clone())),
     };
-    let controller = Controller::new(assets, watcher::Config::default());
+    let controller = Controller::new(assets.clone(), watcher::Config::default());
     let store = controller.store();
-    let assets_of = move |ns: Option<String>, wants: &dyn Fn(&SlurmAsset) -> bool| {
-        store
-            .state()
-            .iter()
-            .filter(|a| a.0.as_ref().is_ok_and(|a| a.namespace() == ns && wants(a)))
-            .map(|a| ObjectRef::from_obj(&**a))
-            .collect::<Vec<_>>()
+    let assets_of = {
+        let store = store.clone();
+        move |ns: Option<String>, wants: &dyn Fn(&SlurmAsset) -> bool| {
+            store
+                .state()
+                .iter()
+                .filter(|a| a.0.as_ref().is_ok_and(|a| a.namespace() == ns && wants(a)))
+                .map(|a| ObjectRef::from_obj(&**a))
+                .collect::<Vec<_>>()
+        }
     };
-    let (by_cluster, by_secret, by_config_map) = (assets_of.clone(), assets_of.clone(), assets_of);
+    let (by_cluster, by_secret, by_config_map, by_session) = (
+        assets_of.clone(),
+        assets_of.clone(),
+        assets_of.clone(),
+        assets_of,
+    );
     let mut controller = controller
-        .watches(clusters, watcher::Config::default(), move |cluster| {
-            let name = cluster.name_any();
-            by_cluster(cluster.namespace(), &|a| {
-                a.spec.cluster_ref.as_deref() == Some(name.as_str())
-            })
-        })
+        .watches(
+            clusters.clone(),
+            watcher::Config::default(),
+            move |cluster| {
+                let name = cluster.name_any();
+                by_cluster(cluster.namespace(), &|a| {
+                    a.spec.cluster_ref.as_deref() == Some(name.as_str())
+                })
+            },
+        )
         // An asset waiting for its ConfigMap payload runs once it exists.
         .watches(config_maps, watcher::Config::default(), move |cm| {
             let name = cm.name_any();
@@ -240,10 +242,18 @@ pub async fn run(
                     .is_some_and(|r| r.name == name)
                     || a.spec.environment.sources_config_map.as_deref() == Some(name.as_str())
             })
+        })
+        // A step waiting for its session's allocation is submitted once it runs.
+        .watches(sessions.clone(), watcher::Config::default(), move |s| {
+            let name = s.name_any();
+            by_session(s.namespace(), &|a| {
+                a.spec.session_ref.as_deref() == Some(name.as_str())
+            })
         });
     // Without list/watch rights on Secrets (a namespaced RBAC), assets that wait for one look
     // again every SECRET_RECHECK instead.
     if ctx.watch_secrets {
+        let by_secret = by_secret.clone();
         controller = controller.watches(secrets, watcher::Config::default(), move |secret| {
             // Assets that read this Secret directly, and every asset on a cluster in the same
             // namespace (clusters hold SSH credentials in Secrets).
@@ -258,31 +268,95 @@ pub async fn run(
             })
         });
     }
-    // A job's end, reported by its cluster's exit-file watcher, reconciles its asset now.
-    if let Some(mut exits) = ctx.exits_rx.lock().expect("exits lock").take() {
-        let ended = futures::stream::poll_fn(move |cx| exits.poll_recv(cx))
-            .filter_map(|dir| async move { asset_of_run_dir(&dir) });
-        controller = controller.reconcile_on(ended);
-    }
-    controller
-        .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, ctx)
-        .for_each(|res| async move {
-            if let Err(e) = res {
-                tracing::debug!("reconcile: {e}");
-            }
+    let sessions_controller = Controller::new(sessions, watcher::Config::default());
+    let session_store = sessions_controller.store();
+    let mut sessions_controller = sessions_controller
+        // A session lists its running and queued assets.
+        .watches(assets, watcher::Config::default(), |a| {
+            let a = a.0.as_ref().ok()?;
+            let ns = a.namespace()?;
+            a.spec
+                .session_ref
+                .as_ref()
+                .map(|s| ObjectRef::new(s).within(&ns))
         })
-        .await;
+        .watches(clusters, watcher::Config::default(), move |cluster| {
+            let name = cluster.name_any();
+            session_store
+                .state()
+                .iter()
+                .filter(|s| {
+                    s.0.as_ref().is_ok_and(|s| {
+                        s.namespace() == cluster.namespace() && s.spec.cluster_ref == name
+                    })
+                })
+                .map(|s| ObjectRef::from_obj(&**s))
+                .collect::<Vec<_>>()
+        });
+    // A job's end (or start), reported by its cluster's watcher, reconciles its object now.
+    if let Some(mut exits) = ctx.exits_rx.lock().expect("exits lock").take() {
+        let (to_asset, mut asset_rx) = tokio::sync::mpsc::unbounded_channel();
+        let (to_session, mut session_rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Some(dir) = exits.recv().await {
+                match owner_of_run_dir(&dir) {
+                    Some(RunOwner::Asset(r)) => drop(to_asset.send(r)),
+                    Some(RunOwner::Session(r)) => drop(to_session.send(r)),
+                    None => {}
+                }
+            }
+        });
+        controller =
+            controller.reconcile_on(futures::stream::poll_fn(move |cx| asset_rx.poll_recv(cx)));
+        sessions_controller = sessions_controller
+            .reconcile_on(futures::stream::poll_fn(move |cx| session_rx.poll_recv(cx)));
+    }
+    let shutdown = shutdown.shared();
+    let session_ctx = Arc::new(session::SessionContext {
+        base: ctx.clone(),
+        assets: store,
+    });
+    futures::join!(
+        controller
+            .graceful_shutdown_on(shutdown.clone())
+            .run(reconcile, error_policy, ctx)
+            .for_each(|res| async move {
+                if let Err(e) = res {
+                    tracing::debug!("reconcile: {e}");
+                }
+            }),
+        sessions_controller
+            .graceful_shutdown_on(shutdown)
+            .run(session::reconcile, session::error_policy, session_ctx)
+            .for_each(|res| async move {
+                if let Err(e) = res {
+                    tracing::debug!("reconcile of a session: {e}");
+                }
+            }),
+    );
 }
 
-/// The asset a run dir belongs to: run dirs end in `runs/<namespace>/<name>/<run>-<attempt>`.
-fn asset_of_run_dir(dir: &str) -> Option<ObjectRef<DeserializeGuard<SlurmAsset>>> {
+/// The object a run dir belongs to.
+enum RunOwner {
+    Asset(ObjectRef<DeserializeGuard<SlurmAsset>>),
+    Session(ObjectRef<DeserializeGuard<SlurmSession>>),
+}
+
+/// Run dirs end in `runs/<namespace>/<name>/<run>-<attempt>` (assets) or
+/// `sessions/<namespace>/<name>/<run>-<attempt>` (sessions' allocations).
+fn owner_of_run_dir(dir: &str) -> Option<RunOwner> {
     let mut parts = dir.rsplit('/');
     let _attempt = parts.next()?;
     let name = parts.next()?;
     let namespace = parts.next()?;
-    (parts.next()? == "runs" && !name.is_empty() && !namespace.is_empty())
-        .then(|| ObjectRef::new(name).within(namespace))
+    if name.is_empty() || namespace.is_empty() {
+        return None;
+    }
+    match parts.next()? {
+        "runs" => Some(RunOwner::Asset(ObjectRef::new(name).within(namespace))),
+        "sessions" => Some(RunOwner::Session(ObjectRef::new(name).within(namespace))),
+        _ => None,
+    }
 }
 
 pub fn error_policy(
@@ -310,21 +384,32 @@ pub async fn reconcile(
     };
     let ns = asset.namespace().unwrap_or_else(|| "default".into());
     let api: Api<SlurmAsset> = Api::namespaced(ctx.client.clone(), &ns);
-    let deleting = asset.meta().deletion_timestamp.is_some();
-    let index = asset.finalizers().iter().position(|f| f == FINALIZER);
+    under_finalizer(&api, &asset, |deleted| apply(&asset, &ctx, deleted)).await
+}
+
+/// Runs `apply` under the operator's finalizer: it is added first (a job must never exist
+/// without it), `apply(true)` runs on deletion (its job is cancelled or released) and the
+/// finalizer goes after.
+async fn under_finalizer<K, F, Fut>(api: &Api<K>, obj: &K, apply: F) -> Result<Action, Error>
+where
+    K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    F: FnOnce(bool) -> Fut,
+    Fut: std::future::Future<Output = Result<Action, Error>>,
+{
+    let deleting = obj.meta().deletion_timestamp.is_some();
+    let name = obj.name_any();
+    let index = obj.finalizers().iter().position(|f| f == FINALIZER);
     match (index, deleting) {
-        (Some(_), false) => apply(&asset, &ctx, false).await,
+        (Some(_), false) => apply(false).await,
         (Some(i), true) => {
-            // The job is cancelled (or released) before the finalizer goes.
-            let action = apply(&asset, &ctx, true).await?;
-            patch_finalizers(&api, &asset.name_any(), finalizer_removal(i)).await?;
+            let action = apply(true).await?;
+            patch_finalizers(api, &name, finalizer_removal(i)).await?;
             Ok(action)
         }
         (None, false) => {
-            // The finalizer comes first: a job must never exist without it. Adding it wakes
-            // the next reconcile.
-            let add = finalizer_addition(asset.finalizers());
-            patch_finalizers(&api, &asset.name_any(), add).await?;
+            // Adding it wakes the next reconcile.
+            let add = finalizer_addition(obj.finalizers());
+            patch_finalizers(api, &name, add).await?;
             Ok(Action::await_change())
         }
         (None, true) => Ok(Action::await_change()),
@@ -356,11 +441,10 @@ fn finalizer_removal(index: usize) -> serde_json::Value {
     ])
 }
 
-async fn patch_finalizers(
-    api: &Api<SlurmAsset>,
-    name: &str,
-    ops: serde_json::Value,
-) -> Result<(), Error> {
+async fn patch_finalizers<K>(api: &Api<K>, name: &str, ops: serde_json::Value) -> Result<(), Error>
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
     let patch: json_patch::Patch =
         serde_json::from_value(ops).map_err(|e| Error::Finalizer(e.to_string()))?;
     api.patch(
@@ -463,19 +547,38 @@ async fn report_malformed(invalid: &InvalidObject, ctx: &Context) -> Result<(), 
     Ok(())
 }
 
-async fn apply(asset: &SlurmAsset, ctx: &Context, deleted: bool) -> Result<Action, Error> {
-    let ns = asset.namespace().unwrap_or_else(|| "default".into());
-    let name = asset.name_any();
-    let uid = asset.uid().unwrap_or_default();
-    let api: Api<DeserializeGuard<SlurmAsset>> = Api::namespaced(ctx.client.clone(), &ns);
-    let before = asset.status.clone().unwrap_or_default();
-    let generation = asset.metadata.generation.unwrap_or(1);
-    let resolved = resolve(asset, ctx).await;
+/// One object the core drives: an asset, or the internal asset holding a session's
+/// allocation.
+struct Subject<'a> {
+    pub ns: &'a str,
+    pub name: &'a str,
+    pub uid: &'a str,
+    pub generation: i64,
+    /// The spec as written (its references are in `resolved`).
+    pub spec: &'a SlurmAssetSpec,
+    pub before: &'a SlurmAssetStatus,
+    pub deleted: bool,
+    /// A session's allocation: run dirs under `sessions/`, an agent that keeps to the time
+    /// limit.
+    pub is_session: bool,
+}
+
+/// Feeds one reconcile of `subject` to the core through its backend (see
+/// [`crate::backend::drive`]).
+async fn drive_subject(
+    ctx: &Context,
+    subject: &Subject<'_>,
+    resolved: &Result<Resolved, String>,
+    gate: Gate,
+    step: Option<&crate::session::StepTarget>,
+) -> Driven {
+    let (ns, name, uid) = (subject.ns, subject.name, subject.uid);
+    let before = subject.before;
+    let spec = subject.spec;
     let invalid = resolved.as_ref().err().cloned();
-    let spec = &asset.spec;
     let needs_env = resolved.as_ref().is_ok_and(|r| r.env.is_some());
     let input = Input {
-        generation,
+        generation: subject.generation,
         run_key: spec.run_key.as_deref(),
         invalid: invalid.as_deref(),
         suspend: spec.suspend,
@@ -484,15 +587,21 @@ async fn apply(asset: &SlurmAsset, ctx: &Context, deleted: bool) -> Result<Actio
         retry_on_payload_failure: spec.retry.on_payload_failure,
         cleanup_on_failure: spec.cleanup_on_failure,
         debug: spec.debug,
-        deleted,
+        deleted: subject.deleted,
         needs_env,
         now: Timestamp::now(),
     };
-    let (backend, poll, resources, cluster) = match &resolved {
+    let in_session = spec.session_ref.is_some();
+    let (backend, poll, resources, cluster) = match resolved {
         Ok(r) => (
             r.backend.clone(),
             r.poll,
-            r.spec.resources.merged_over(&r.cluster.queue),
+            // A step asks for its own resources; the queue defaults shaped the allocation.
+            if in_session {
+                r.spec.resources.clone()
+            } else {
+                r.spec.resources.merged_over(&r.cluster.queue)
+            },
             Some(r),
         ),
         Err(_) => (
@@ -503,12 +612,13 @@ async fn apply(asset: &SlurmAsset, ctx: &Context, deleted: bool) -> Result<Actio
         ),
     };
     let id = |run: u64, attempt: u32| RunId {
-        namespace: ns.clone(),
-        name: name.clone(),
-        uid: uid.clone(),
+        namespace: ns.to_string(),
+        name: name.to_string(),
+        uid: uid.to_string(),
         run,
         attempt,
         epoch: ctx.epoch,
+        session: subject.is_session,
     };
     let local_base = ctx.work_dir.join("runs");
     let plan_fn = |run: u64, attempt: u32, home: Option<&str>| {
@@ -523,7 +633,25 @@ async fn apply(asset: &SlurmAsset, ctx: &Context, deleted: bool) -> Result<Actio
             },
             remote_home: home,
         };
-        plan(&r.spec, id(run, attempt), &ctx_plan)
+        let mut spec = r.spec.clone();
+        if subject.is_session {
+            crate::session::keep_to_time_limit(&mut spec, &r.cluster.queue);
+        }
+        let mut p = plan(&spec, id(run, attempt), &ctx_plan)?;
+        if in_session {
+            let t = step.ok_or("spec.sessionRef: the session's allocation is not known yet")?;
+            p.session = Some(crate::session::Placement {
+                session_dir: t.dir.clone(),
+                job_id: t.job_id.clone(),
+                srun: crate::session::step_options(
+                    &r.spec.resources,
+                    &p.id.tag(),
+                    &p.run_dir,
+                    t.ray_driver,
+                ),
+            });
+        }
+        Ok(p)
     };
     let prepare_env = || -> futures::future::BoxFuture<'_, _> {
         Box::pin(async {
@@ -534,9 +662,9 @@ async fn apply(asset: &SlurmAsset, ctx: &Context, deleted: bool) -> Result<Actio
                 .env
                 .clone()
                 .ok_or_else(|| crate::environment::EnvError::fatal("no environment to prepare"))?;
-            req.sources = env_sources(
+            req.sources = resolve::env_sources(
                 ctx,
-                &ns,
+                ns,
                 r.spec
                     .environment
                     .merged_over(&r.cluster.environment)
@@ -553,12 +681,13 @@ async fn apply(asset: &SlurmAsset, ctx: &Context, deleted: bool) -> Result<Actio
     };
     let work = Work {
         backend,
+        gate,
         env: needs_env.then_some(&prepare_env as &crate::backend::PrepareFn),
         plan: &plan_fn,
         tag: id(before.run, before.attempts.max(1)).tag(),
         job: JobRef {
-            in_session: false,
-            step_id: None,
+            in_session,
+            step_id: before.step_id.clone(),
             job_id: before.job_id.clone(),
             run_dir: before.remote_run_dir.clone().unwrap_or_default(),
             resources: resources.clone(),
@@ -566,12 +695,113 @@ async fn apply(asset: &SlurmAsset, ctx: &Context, deleted: bool) -> Result<Actio
         requested_mem: resources.requested_memory(),
         poll,
     };
-    let mut reader = ctx.readers.lock().await.remove(&uid).unwrap_or_default();
+    let mut reader = ctx.readers.lock().await.remove(uid).unwrap_or_default();
     let driven = drive(before.clone(), &input, Event::Resync, &work, &mut reader).await;
-    ctx.readers.lock().await.insert(uid.clone(), reader);
-    let after = driven.status;
-    if after != before {
-        patch_status(&api, &name, &after).await?;
+    ctx.readers.lock().await.insert(uid.to_string(), reader);
+    driven
+}
+
+/// What comes after a reconcile: a submission due, a job to poll, or nothing until a change.
+fn next_action(ctx: &Context, driven: &Driven, resolved: &Result<Resolved, String>) -> Action {
+    let poll = resolved.as_ref().map_or(POLL_LOCAL, |r| r.poll);
+    match (driven.submit_after, driven.watch) {
+        (Some(d), _) => Action::requeue(d),
+        // Just ended: its metrics are due within seconds.
+        (None, true) if driven.again_soon => Action::requeue(poll.min(AGAIN_SOON)),
+        (None, true) => Action::requeue(poll),
+        // Invalid for want of a Secret, perhaps, and no Secret watch to say when it comes.
+        (None, false) if resolved.is_err() && !ctx.watch_secrets => Action::requeue(SECRET_RECHECK),
+        (None, false) => Action::await_change(),
+    }
+}
+
+/// The deletion policy: an object whose job is still active is held (its finalizer stays)
+/// until the cancel is confirmed, or released without one after the grace period or by
+/// the [`FORCE_RELEASE`] annotation (with a Warning Event).
+async fn settle_deletion(
+    ctx: &Context,
+    meta: &kube::api::ObjectMeta,
+    reference: &k8s_openapi::api::core::v1::ObjectReference,
+    after: &SlurmAssetStatus,
+) -> Result<(), Error> {
+    let active = matches!(
+        after.phase,
+        Phase::Packing | Phase::Uploading | Phase::Submitting | Phase::Queued | Phase::Running
+    );
+    if !active {
+        return Ok(());
+    }
+    let since = meta
+        .deletion_timestamp
+        .as_ref()
+        .map(|t| Timestamp::now().duration_since(t.0).as_secs())
+        .unwrap_or(0);
+    let forced = meta
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(FORCE_RELEASE))
+        .is_some_and(|v| v == "true");
+    if !forced && since < ctx.release_grace.as_secs() as i64 {
+        return Err(Error::CancelPending(
+            after.message.clone().unwrap_or_default(),
+        ));
+    }
+    let ev = KubeEvent {
+        type_: EventType::Warning,
+        reason: "ReleasedWithoutCancel".into(),
+        note: Some(format!(
+            "job {} could not be cancelled; released {}",
+            after.job_id.clone().unwrap_or_default(),
+            if forced {
+                "by annotation"
+            } else {
+                "after the grace period"
+            }
+        )),
+        action: "Delete".into(),
+        secondary: None,
+    };
+    events::publish(ctx, reference, ev).await;
+    Ok(())
+}
+
+async fn apply(asset: &SlurmAsset, ctx: &Context, deleted: bool) -> Result<Action, Error> {
+    let ns = asset.namespace().unwrap_or_else(|| "default".into());
+    let name = asset.name_any();
+    let uid = asset.uid().unwrap_or_default();
+    let api: Api<DeserializeGuard<SlurmAsset>> = Api::namespaced(ctx.client.clone(), &ns);
+    let before = asset.status.clone().unwrap_or_default();
+    let errors = crate::manifest::validate_asset(
+        &asset.spec,
+        crate::manifest::StoreKind::Kubernetes,
+        std::path::Path::new("/"),
+    );
+    let resolved = if errors.is_empty() {
+        resolve::resolve(&asset.spec, &ns, ctx).await
+    } else {
+        Err(crate::manifest::describe(&errors))
+    };
+    // A step's session is looked up only while the step may be submitted.
+    let (gate, step) = match (&resolved, &asset.spec.session_ref) {
+        (Ok(r), Some(s)) if !matches!(before.phase, Phase::Queued | Phase::Running) => {
+            session::step_target(ctx, &ns, s, &r.spec).await
+        }
+        _ => (Gate::Open, None),
+    };
+    let subject = Subject {
+        ns: &ns,
+        name: &name,
+        uid: &uid,
+        generation: asset.metadata.generation.unwrap_or(1),
+        spec: &asset.spec,
+        before: &before,
+        deleted,
+        is_session: false,
+    };
+    let driven = drive_subject(ctx, &subject, &resolved, gate, step.as_ref()).await;
+    let after = &driven.status;
+    if *after != before {
+        patch_status(&api, &name, after).await?;
     }
     ctx.invalid.lock().await.remove(&uid);
     ctx.metrics.asset_phase(&uid, Some(after.phase));
@@ -585,105 +815,16 @@ async fn apply(asset: &SlurmAsset, ctx: &Context, deleted: bool) -> Result<Actio
     }
     if after.phase != before.phase || after.run != before.run {
         ctx.metrics.phase_change(after.phase);
-        // Something a user must act on (an unreachable cluster) is a Warning from the start.
-        let attention = needs_action(after.message.as_deref());
-        let warn = matches!(after.phase, Phase::Failed) || attention.is_some();
-        let ev = KubeEvent {
-            type_: if warn {
-                EventType::Warning
-            } else {
-                EventType::Normal
-            },
-            reason: attention.map(str::to_string).unwrap_or_else(|| {
-                after
-                    .reason
-                    .clone()
-                    .unwrap_or_else(|| after.phase.as_str().to_string())
-            }),
-            note: Some(format!(
-                "run {}: {} → {}{}",
-                after.run,
-                before.phase.as_str(),
-                after.phase.as_str(),
-                after
-                    .message
-                    .as_deref()
-                    .map(|m| format!(": {m}"))
-                    .unwrap_or_default()
-            )),
-            // Events are folded by (type, reason, action): naming the run keeps each run's
-            // own Event instead of counting later runs into the first one's.
-            action: format!("Run{}", after.run),
-            secondary: None,
-        };
-        if let Err(e) = ctx.recorder.publish(&ev, &asset.object_ref(&())).await {
-            tracing::warn!("publishing an event: {e}");
-        }
-    } else if let Some(reason) = needs_action(after.message.as_deref())
-        && needs_action(before.message.as_deref()) != Some(reason)
-    {
-        // No phase change, but something a user must act on (credentials, network, a job
-        // that cannot be cancelled): say it once, when it starts.
-        let ev = KubeEvent {
-            type_: EventType::Warning,
-            reason: reason.into(),
-            note: after.message.clone(),
-            action: "Reconcile".into(),
-            secondary: None,
-        };
-        if let Err(e) = ctx.recorder.publish(&ev, &asset.object_ref(&())).await {
-            tracing::warn!("publishing an event: {e}");
-        }
     }
+    let reference = asset.object_ref(&());
+    events::asset_transition(ctx, &reference, &before, after).await;
     if deleted {
-        let active = matches!(
-            after.phase,
-            Phase::Packing | Phase::Uploading | Phase::Submitting | Phase::Queued | Phase::Running
-        );
-        if active {
-            let since = asset
-                .meta()
-                .deletion_timestamp
-                .as_ref()
-                .map(|t| Timestamp::now().duration_since(t.0).as_secs())
-                .unwrap_or(0);
-            let forced = asset
-                .annotations()
-                .get(FORCE_RELEASE)
-                .is_some_and(|v| v == "true");
-            if !forced && since < ctx.release_grace.as_secs() as i64 {
-                return Err(Error::CancelPending(after.message.unwrap_or_default()));
-            }
-            let ev = KubeEvent {
-                type_: EventType::Warning,
-                reason: "ReleasedWithoutCancel".into(),
-                note: Some(format!(
-                    "job {} could not be cancelled; released {}",
-                    after.job_id.unwrap_or_default(),
-                    if forced {
-                        "by annotation"
-                    } else {
-                        "after the grace period"
-                    }
-                )),
-                action: "Delete".into(),
-                secondary: None,
-            };
-            let _ = ctx.recorder.publish(&ev, &asset.object_ref(&())).await;
-        }
+        settle_deletion(ctx, asset.meta(), &reference, after).await?;
         ctx.readers.lock().await.remove(&uid);
         ctx.metrics.asset_phase(&uid, None);
         return Ok(Action::await_change());
     }
-    Ok(match (driven.submit_after, driven.watch) {
-        (Some(d), _) => Action::requeue(d),
-        // Just ended: its metrics are due within seconds.
-        (None, true) if driven.again_soon => Action::requeue(poll.min(AGAIN_SOON)),
-        (None, true) => Action::requeue(poll),
-        // Invalid for want of a Secret, perhaps, and no Secret watch to say when it comes.
-        (None, false) if invalid.is_some() && !ctx.watch_secrets => Action::requeue(SECRET_RECHECK),
-        (None, false) => Action::await_change(),
-    })
+    Ok(next_action(ctx, &driven, &resolved))
 }
 
 /// Writes what the assets' traffic has learnt about a SlurmCluster into its status: the
@@ -751,20 +892,6 @@ async fn update_cluster_status(
     }
 }
 
-/// The Event reason of a status message that asks a user to act, if it does.
-fn needs_action(message: Option<&str>) -> Option<&'static str> {
-    let m = message?;
-    if m.starts_with("cluster unreachable") {
-        Some("ClusterUnreachable")
-    } else if m.starts_with("cancel not confirmed") {
-        Some("CancelNotConfirmed")
-    } else if m.starts_with("submission refused") {
-        Some("SubmissionRefused")
-    } else {
-        None
-    }
-}
-
 /// Writes status by server-side apply to the status subresource. The answer is read through
 /// `DeserializeGuard`: the object returned may be one whose spec does not parse.
 pub async fn patch_status(
@@ -786,308 +913,25 @@ pub async fn patch_status(
     Ok(())
 }
 
-/// Resolves the asset's references, or says which field is wrong and why.
-async fn resolve(asset: &SlurmAsset, ctx: &Context) -> Result<Resolved, String> {
-    let ns = asset.namespace().unwrap_or_else(|| "default".into());
-    let mut spec = asset.spec.clone();
-    let errors = validate_asset(&spec, StoreKind::Kubernetes, std::path::Path::new("/"));
-    if !errors.is_empty() {
-        return Err(describe(&errors));
-    }
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
-    if let Some(r) = spec.payload.config_map_ref.take() {
-        let cms: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
-        let cm = cms
-            .get_opt(&r.name)
-            .await
-            .map_err(|e| format!("spec.payload.configMapRef: {e}"))?
-            .ok_or_else(|| {
-                format!(
-                    "spec.payload.configMapRef: ConfigMap {:?} not found",
-                    r.name
-                )
-            })?;
-        let text = cm
-            .data
-            .and_then(|d| d.get(&r.key).cloned())
-            .ok_or_else(|| {
-                format!(
-                    "spec.payload.configMapRef: ConfigMap {:?} has no key {:?}",
-                    r.name, r.key
-                )
-            })?;
-        // The key is the script's file name: the same interpreter rule as `payload.path`.
-        if spec.payload.interpreter.is_none() && r.key.ends_with(".py") {
-            spec.payload.interpreter = Some(vec!["python3".into()]);
-        }
-        spec.payload.inline = Some(text);
-    }
-    for (i, e) in spec.env.iter_mut().enumerate() {
-        if let Some(from) = e.value_from.take() {
-            let r = from.secret_key_ref;
-            e.value = Some(
-                secret_value(
-                    &secrets,
-                    &r.name,
-                    &r.key,
-                    &format!("spec.env[{i}].valueFrom.secretKeyRef"),
-                )
-                .await?,
-            );
-        }
-    }
-    let mut cluster_ref = None;
-    let cluster = match &spec.cluster_ref {
-        None => SlurmClusterSpec::default(),
-        Some(name) => {
-            let api: Api<SlurmCluster> = Api::namespaced(ctx.client.clone(), &ns);
-            let c = api
-                .get_opt(name)
-                .await
-                .map_err(|e| format!("spec.clusterRef: {e}"))?
-                .ok_or_else(|| {
-                    format!("spec.clusterRef: SlurmCluster {name:?} not found in namespace {ns:?}")
-                })?;
-            let errors = validate_cluster(&c.spec, StoreKind::Kubernetes);
-            if !errors.is_empty() {
-                return Err(format!(
-                    "spec.clusterRef: SlurmCluster {name:?} is invalid: {}",
-                    describe(&errors)
-                ));
-            }
-            cluster_ref = Some((name.clone(), c.metadata.generation));
-            c.spec
-        }
-    };
-    let (backend, poll) = match cluster.mode {
-        ClusterMode::Local if !ctx.allow_local => {
-            return Err(format!(
-                "spec.clusterRef: {} runs payloads on the operator's own host, which is disabled in Kubernetes mode (an administrator can start the operator with --allow-local-execution); name a SlurmCluster in slurm mode",
-                match &spec.cluster_ref {
-                    Some(name) => format!("SlurmCluster {name:?} is in local mode and"),
-                    None => "no clusterRef means the implicit local cluster, which".to_string(),
-                }
-            ));
-        }
-        ClusterMode::Local => (Backend::Local(ctx.local.clone()), POLL_LOCAL),
-        ClusterMode::Slurm => {
-            let key = format!("{ns}/{}", spec.cluster_ref.clone().unwrap_or_default());
-            let target = ssh_target(&cluster, &secrets, &ctx.work_dir, &key).await?;
-            let mut map = ctx.slurm.lock().await;
-            let ex = match map.get(&key) {
-                Some(ex) if *ex.target() == target => ex.clone(),
-                _ => {
-                    let ex = Arc::new(SlurmExecutor::new(
-                        target,
-                        ctx.exe.clone(),
-                        ctx.counters.clone(),
-                    ));
-                    ex.watch_exits(ctx.exits.clone());
-                    map.insert(key, ex.clone());
-                    ex
-                }
-            };
-            (Backend::Slurm(ex), POLL_SLURM)
-        }
-    };
-    let poll = cluster
-        .poll_interval
-        .as_ref()
-        .map(|i| i.duration())
-        .unwrap_or(poll);
-    let env = env_request(ctx, &spec, &cluster);
-    Ok(Resolved {
-        spec,
-        cluster,
-        cluster_ref,
-        backend,
-        poll,
-        env,
-    })
-}
-
-/// The sources of an environment in Kubernetes mode: the keys of
-/// `spec.environment.sourcesConfigMap` (the operator's pod has no checkout). Read only when
-/// the environment is prepared; a ConfigMap not there yet is waited for (its watch wakes
-/// the asset).
-async fn env_sources(
-    ctx: &Context,
-    ns: &str,
-    name: Option<&str>,
-) -> Result<crate::environment::Sources, crate::environment::EnvError> {
-    use crate::environment::EnvError;
-    let mut files = std::collections::BTreeMap::new();
-    if let Some(name) = name {
-        let field = "spec.environment.sourcesConfigMap";
-        let cms: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), ns);
-        let cm = cms
-            .get_opt(name)
-            .await
-            .map_err(|e| EnvError::transient(format!("{field}: {e}")))?
-            .ok_or_else(|| EnvError::transient(format!("{field}: ConfigMap {name:?} not found")))?;
-        for (k, v) in cm.data.unwrap_or_default() {
-            files.insert(k, v.into_bytes());
-        }
-        for (k, v) in cm.binary_data.unwrap_or_default() {
-            files.insert(k, v.0);
-        }
-    }
-    Ok(crate::environment::Sources::Map(files))
-}
-
-/// The environment an asset packs, if it packs one (its sources still to be read).
-fn env_request(
-    ctx: &Context,
-    spec: &SlurmAssetSpec,
-    cluster: &SlurmClusterSpec,
-) -> Option<crate::environment::EnvRequest> {
-    use crate::environment::{EnvRequest, Sources};
-    let merged = spec.environment.merged_over(&cluster.environment);
-    merged.packer()?;
-    let remote_base = match cluster.mode {
-        ClusterMode::Slurm => cluster.remote_base.clone(),
-        ClusterMode::Local => {
-            let local_base = ctx.work_dir.join("runs");
-            Some(crate::jobscript::base_dir(&PlanContext {
-                asset_dir: &local_base,
-                cluster,
-                cluster_dir: &local_base,
-                default_base: local_base.clone(),
-                remote_home: None,
-            }))
-        }
-    };
-    EnvRequest::from_settings(
-        &merged,
-        Sources::Map(Default::default()),
-        remote_base,
-        cluster.env_cache.as_ref(),
-        true,
-    )
-}
-
-async fn secret_value(
-    api: &Api<Secret>,
-    name: &str,
-    key: &str,
-    field: &str,
-) -> Result<String, String> {
-    let s = api
-        .get_opt(name)
-        .await
-        .map_err(|e| format!("{field}: {e}"))?
-        .ok_or_else(|| format!("{field}: Secret {name:?} not found"))?;
-    let bytes = s
-        .data
-        .and_then(|d| d.get(key).cloned())
-        .ok_or_else(|| format!("{field}: Secret {name:?} has no key {key:?}"))?;
-    String::from_utf8(bytes.0)
-        .map_err(|_| format!("{field}: Secret {name:?} key {key:?} is not UTF-8"))
-}
-
-/// SSH settings from the cluster spec and its Secrets. Key and known-hosts material go to
-/// private files (0600) in the operator's work directory; nothing is logged.
-async fn ssh_target(
-    c: &SlurmClusterSpec,
-    secrets: &Api<Secret>,
-    work: &std::path::Path,
-    key: &str,
-) -> Result<SshTarget, String> {
-    let ssh = c.ssh.clone().ok_or("spec.ssh: required in slurm mode")?;
-    let private = |name: &str, content: &str| -> Result<PathBuf, String> {
-        use std::os::unix::fs::DirBuilderExt;
-        let dir = work.join("ssh");
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dir)
-            .map_err(|e| format!("{}: {e}", dir.display()))?;
-        let file = dir.join(format!(
-            "{}-{name}",
-            crate::manifest::hash_value(&serde_json::json!(key))
-        ));
-        let mut text = content.to_string();
-        if !text.ends_with('\n') {
-            text.push('\n');
-        }
-        // Concurrent reconciles of one cluster's assets must not rewrite it under ssh's feet.
-        crate::files::write_private_once(&file, text.as_bytes())
-            .map_err(|e| format!("{}: {e}", file.display()))?;
-        Ok(file)
-    };
-    let auth = if let Some(r) = &ssh.key_secret_ref {
-        let k = secret_value(secrets, &r.name, &r.key, "spec.ssh.keySecretRef").await?;
-        SshAuth::KeyFile(private("key", &k)?)
-    } else if let Some(r) = &ssh.password_secret_ref {
-        SshAuth::Password(
-            secret_value(secrets, &r.name, &r.key, "spec.ssh.passwordSecretRef").await?,
-        )
-    } else {
-        return Err("spec.ssh: set keySecretRef or passwordSecretRef".into());
-    };
-    let totp_seed = match &ssh.totp_secret_ref {
-        Some(r) => {
-            let field = "spec.ssh.totpSecretRef";
-            let seed = secret_value(secrets, &r.name, &r.key, field).await?;
-            crate::transport::totp_code(&seed, 0)
-                .map_err(|e| format!("{field}: Secret {:?} key {:?}: {e}", r.name, r.key))?;
-            Some(seed)
-        }
-        None => None,
-    };
-    let known_hosts = match &ssh.known_hosts {
-        Some(kh) if kh.secret_ref.is_some() => {
-            let r = kh.secret_ref.as_ref().expect("checked");
-            let text =
-                secret_value(secrets, &r.name, &r.key, "spec.ssh.knownHosts.secretRef").await?;
-            Some(private("known_hosts", &text)?)
-        }
-        Some(kh) if kh.entries.is_some() => Some(private(
-            "known_hosts",
-            &kh.entries.clone().unwrap_or_default().join("\n"),
-        )?),
-        Some(kh) => kh.path.as_ref().map(PathBuf::from),
-        None => None,
-    };
-    Ok(SshTarget {
-        jump_hosts: ssh
-            .jump_hosts
-            .iter()
-            .map(|j| {
-                format!(
-                    "{}@{}:{}",
-                    j.user.clone().unwrap_or_else(|| ssh.user.clone()),
-                    j.host,
-                    j.port
-                )
-            })
-            .collect(),
-        host: ssh.host,
-        port: ssh.port,
-        user: ssh.user,
-        auth,
-        known_hosts,
-        extra_options: ssh.extra_options.into_iter().collect(),
-        connect_timeout: ssh
-            .connect_timeout
-            .map(|t| t.duration())
-            .unwrap_or(Duration::from_secs(10)),
-        totp_seed,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn a_run_dir_names_its_asset() {
-        let r = asset_of_run_dir("/home/u/sao/runs/team-a/train/3-1").unwrap();
+    fn a_run_dir_names_its_asset_or_session() {
+        let Some(RunOwner::Asset(r)) = owner_of_run_dir("/home/u/sao/runs/team-a/train/3-1") else {
+            panic!("an asset's run dir")
+        };
         assert_eq!(
             (r.name.as_str(), r.namespace.as_deref()),
             ("train", Some("team-a"))
         );
-        assert!(asset_of_run_dir("/home/u/sao/train/3-1").is_none());
-        assert!(asset_of_run_dir("3-1").is_none());
+        let Some(RunOwner::Session(r)) = owner_of_run_dir("/home/u/sao/sessions/team-a/train/1-1")
+        else {
+            panic!("a session's run dir")
+        };
+        assert_eq!(r.name.as_str(), "train");
+        assert!(owner_of_run_dir("/home/u/sao/train/3-1").is_none());
+        assert!(owner_of_run_dir("3-1").is_none());
     }
 }

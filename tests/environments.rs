@@ -7,7 +7,7 @@ mod common;
 use common::*;
 use serde_json::Value;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/uv-env");
@@ -36,20 +36,7 @@ fn env_asset(name: &str, run_key: &str, env: &str) -> String {
 
 const UV_ENV: &str = "    packer: uv\n    uv: {project: proj, python: /usr/bin/python3}\n";
 
-/// A standalone operator on `dir`, logging to `dir/../<name>.log`.
-fn operator(dir: &Path, path_env: Option<&str>) -> Operator {
-    let log = std::fs::File::create(dir.with_extension("log")).unwrap();
-    let mut cmd = Command::new(BIN);
-    cmd.args(["standalone", "--dir"])
-        .arg(dir)
-        .stdout(Stdio::null())
-        .stderr(log);
-    if let Some(p) = path_env {
-        cmd.env("PATH", p);
-    }
-    Operator(cmd.spawn().expect("starting the operator"))
-}
-
+/// [`wait_object`] on the status alone.
 fn wait_long(
     dir: &Path,
     name: &str,
@@ -57,20 +44,7 @@ fn wait_long(
     limit: Duration,
     pred: impl Fn(&Value) -> bool,
 ) -> Value {
-    let deadline = Instant::now() + limit;
-    loop {
-        let obj = read_object(dir, name).unwrap_or(Value::Null);
-        if pred(&obj["status"]) {
-            return obj["status"].clone();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {name}: {what}; last status: {:#}\nlog: {}",
-            obj["status"],
-            std::fs::read_to_string(dir.with_extension("log")).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_object(dir, name, what, limit, |o| pred(&o["status"]))["status"].clone()
 }
 
 fn done(run_key: &'static str) -> impl Fn(&Value) -> bool {
@@ -103,7 +77,7 @@ fn a_uv_environment_is_packed_once_and_its_key_follows_its_contents() {
     project(d);
     write(d, "payload.py", PAYLOAD);
     write(d, "a.yaml", &env_asset("a", "r1", UV_ENV));
-    let _op = operator(d, None);
+    let _op = Operator::start_logged(d, None);
 
     let first = wait_long(d, "a", "run r1", Duration::from_secs(180), done("r1"));
     succeeded(&first);
@@ -200,7 +174,7 @@ fn twenty_assets_and_two_operators_pack_and_upload_once() {
     // One operator, 20 assets applied at once.
     let base = remote_base("env-twenty");
     let one = shared_env_dir(&base, "s", 20);
-    let _op = operator(one.path(), None);
+    let _op = Operator::start_logged(one.path(), None);
     for i in 0..20 {
         let s = wait_long(
             one.path(),
@@ -218,8 +192,8 @@ fn twenty_assets_and_two_operators_pack_and_upload_once() {
     let base = remote_base("env-two-ops");
     let a = shared_env_dir(&base, "p", 10);
     let b = shared_env_dir(&base, "q", 10);
-    let _a = operator(a.path(), None);
-    let _b = operator(b.path(), None);
+    let _a = Operator::start_logged(a.path(), None);
+    let _b = Operator::start_logged(b.path(), None);
     for (d, prefix) in [(a.path(), "p"), (b.path(), "q")] {
         for i in 0..10 {
             let s = wait_long(
@@ -248,7 +222,7 @@ fn pack_on_remote_packs_on_the_login_node() {
         "r.yaml",
         &env_asset("r", "r1", &format!("{UV_ENV}    packOn: remote\n")),
     );
-    let _op = operator(d, None);
+    let _op = Operator::start_logged(d, None);
     let s = wait_long(d, "r", "its end", Duration::from_secs(240), done("r1"));
     succeeded(&s);
     assert_eq!(
@@ -297,7 +271,7 @@ fn an_upload_cut_mid_transfer_leaves_nothing_used_and_the_next_try_succeeds() {
     write(d, "pack.sh", &pack_script(&c, 400, "cut"));
     write(d, "payload.py", PIPES_PAYLOAD);
     write(d, "big.yaml", &env_asset("big", "r1", COMMAND_ENV));
-    let _op = operator(d, None);
+    let _op = Operator::start_logged(d, None);
     // Wait for the archive to be arriving, then kill the connection under it.
     let store = cache_dir(&base).join(".store");
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -376,7 +350,7 @@ fn garbage_collection_removes_an_old_unused_environment_and_keeps_a_running_jobs
                 .success()
         );
     };
-    let _op = operator(d, None);
+    let _op = Operator::start_logged(d, None);
     asset("old", "\"0\"");
     let old = wait_long(d, "old", "its end", Duration::from_secs(120), done("r1"));
     succeeded(&old);
@@ -516,7 +490,7 @@ fn pixi_pack_is_called_as_the_seed_does_and_its_self_extracting_archive_runs() {
         ),
     );
     let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
-    let _op = operator(&d, Some(&path));
+    let _op = Operator::start_logged(&d, Some(&path));
     let s = wait_long(&d, "px", "its end", Duration::from_secs(120), done("r1"));
     succeeded(&s);
     assert_eq!(
@@ -557,7 +531,7 @@ fn a_local_cluster_packs_into_its_run_base_and_reuses_it() {
             .replace("  clusterRef: hpc\n", "")
     };
     write(d, "loc.yaml", &local("r1"));
-    let _op = operator(d, None);
+    let _op = Operator::start_logged(d, None);
     let first = wait_long(d, "loc", "run r1", Duration::from_secs(180), done("r1"));
     succeeded(&first);
     assert_eq!(
@@ -590,7 +564,7 @@ fn a_pack_command_runs_on_the_login_node() {
         "rc.yaml",
         &env_asset("rc", "r1", &format!("{COMMAND_ENV}    packOn: remote\n")),
     );
-    let _op = operator(d, None);
+    let _op = Operator::start_logged(d, None);
     let s = wait_long(d, "rc", "its end", Duration::from_secs(120), done("r1"));
     succeeded(&s);
     assert_eq!(

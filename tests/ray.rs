@@ -43,36 +43,8 @@ fn ray_asset(name: &str, ray_env: &str, extra: &str) -> String {
     )
 }
 
-fn wait_long(dir: &Path, name: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(240);
-    loop {
-        if let Some(v) = read_object(dir, name)
-            && pred(&v)
-        {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{name}: timed out waiting for {what}; last: {:#?}\noperator log: {}",
-            read_object(dir, name),
-            std::fs::read_to_string(dir.with_extension("log")).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-fn operator(dir: &Path) -> Operator {
-    let log = std::fs::File::create(dir.with_extension("log")).unwrap();
-    Operator(
-        Command::new(BIN)
-            .args(["standalone", "--dir"])
-            .arg(dir)
-            .stdout(std::process::Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    )
-}
+/// Ray's first start on a busy machine can take a while.
+const LONG: Duration = Duration::from_secs(240);
 
 /// Live (not zombie) processes whose environment carries `SAO_RUN_DIR=<run_dir>`: the job
 /// script exports it before Ray starts, and `srun` hands it to the workers.
@@ -143,18 +115,24 @@ fn a_ray_asset_spans_two_nodes_reports_while_running_and_leaves_nothing_behind()
             "  env: [{name: RAYTEST_HOLD, value: \"1\"}]\n",
         ),
     );
-    let _op = operator(dir.path());
+    let _op = Operator::start_logged(dir.path(), None);
     // The payload's Pipes log reaches the status while it runs (it holds until `go`).
-    let running = wait_long(dir.path(), "a", "the payload's first Pipes log", |v| {
-        v["status"]["pipes"]["logs"].as_array().is_some_and(|l| {
-            l.iter().any(|m| {
-                m["message"]
-                    .as_str()
-                    .unwrap_or("")
-                    .starts_with("started on")
+    let running = wait_object(
+        dir.path(),
+        "a",
+        "the payload's first Pipes log",
+        LONG,
+        |v| {
+            v["status"]["pipes"]["logs"].as_array().is_some_and(|l| {
+                l.iter().any(|m| {
+                    m["message"]
+                        .as_str()
+                        .unwrap_or("")
+                        .starts_with("started on")
+                })
             })
-        })
-    });
+        },
+    );
     assert_eq!(phase(&running), "Running");
     let launcher = &running["status"]["launcher"];
     assert_eq!(launcher["type"], "ray");
@@ -172,7 +150,7 @@ fn a_ray_asset_spans_two_nodes_reports_while_running_and_leaves_nothing_behind()
         "the Ray processes are found while they run"
     );
     std::fs::write(Path::new(&rd).join("go"), "").unwrap();
-    let done = wait_long(dir.path(), "a", "the end", terminal);
+    let done = wait_object(dir.path(), "a", "the end", LONG, terminal);
     assert_eq!(phase(&done), "Succeeded", "{:#?}", done["status"]);
     assert_eq!(metadata(&done, "alive_nodes"), 2);
     let stderr = done["status"]["logTail"]["stderr"].as_str().unwrap_or("");
@@ -183,7 +161,7 @@ fn a_ray_asset_spans_two_nodes_reports_while_running_and_leaves_nothing_behind()
     let stdout = done["status"]["logTail"]["stdout"].as_str().unwrap_or("");
     assert!(stdout.contains("ray cluster of 2 nodes"), "{stdout}");
     // Accounting can record the end a moment after the exit file: its figures follow.
-    let metered = wait_long(dir.path(), "a", "metrics", |v| {
+    let metered = wait_object(dir.path(), "a", "metrics", LONG, |v| {
         !v["status"]["metrics"]["allocNodes"].is_null()
     });
     assert_eq!(metered["status"]["metrics"]["allocNodes"], 2);
@@ -207,11 +185,11 @@ fn two_ray_jobs_on_the_same_nodes_do_not_collide() {
         );
         write(dir.path(), &format!("{name}.yaml"), &m);
     }
-    let _op = operator(dir.path());
+    let _op = Operator::start_logged(dir.path(), None);
     // Both clusters up at once, on the same two nodes, before either payload goes on.
     let started = |v: &Value| v["status"]["launcher"]["nodesJoined"] == 2 && phase(v) == "Running";
-    let x = wait_long(dir.path(), "left", "left cluster", started);
-    let y = wait_long(dir.path(), "right", "right cluster", started);
+    let x = wait_object(dir.path(), "left", "left cluster", LONG, started);
+    let y = wait_object(dir.path(), "right", "right cluster", LONG, started);
     assert_eq!(x["status"]["nodes"], y["status"]["nodes"]);
     assert_ne!(
         x["status"]["launcher"]["headAddress"], y["status"]["launcher"]["headAddress"],
@@ -221,7 +199,7 @@ fn two_ray_jobs_on_the_same_nodes_do_not_collide() {
         std::fs::write(Path::new(&run_dir(v)).join("go"), "").unwrap();
     }
     for name in ["left", "right"] {
-        let done = wait_long(dir.path(), name, "the end", terminal);
+        let done = wait_object(dir.path(), name, "the end", LONG, terminal);
         assert_eq!(phase(&done), "Succeeded", "{:#?}", done["status"]);
         // Each payload saw its own cluster only.
         assert_eq!(metadata(&done, "alive_nodes"), 2, "{name}");
@@ -252,8 +230,8 @@ fn a_failing_payload_and_a_scancel_both_tear_the_cluster_down() {
             "  env: [{name: RAYTEST_HOLD, value: \"1\"}]\n",
         ),
     );
-    let _op = operator(dir.path());
-    let running = wait_long(dir.path(), "cancelled", "the cluster", |v| {
+    let _op = Operator::start_logged(dir.path(), None);
+    let running = wait_object(dir.path(), "cancelled", "the cluster", LONG, |v| {
         v["status"]["pipes"]["logs"]
             .as_array()
             .is_some_and(|l| !l.is_empty())
@@ -262,11 +240,11 @@ fn a_failing_payload_and_a_scancel_both_tear_the_cluster_down() {
     assert!(!processes_of(&rd).is_empty());
     let job = running["status"]["jobId"].as_str().unwrap();
     assert!(Command::new("scancel").arg(job).status().unwrap().success());
-    let cancelled = wait_long(dir.path(), "cancelled", "the end", terminal);
+    let cancelled = wait_object(dir.path(), "cancelled", "the end", LONG, terminal);
     assert_ne!(phase(&cancelled), "Succeeded");
     assert_nothing_left(&rd);
 
-    let failed = wait_long(dir.path(), "fails", "the end", terminal);
+    let failed = wait_object(dir.path(), "fails", "the end", LONG, terminal);
     assert_eq!(phase(&failed), "Failed");
     assert_eq!(
         failed["status"]["reason"], "NonZeroExit",
@@ -296,8 +274,8 @@ fn a_cluster_that_does_not_start_fails_the_asset_naming_the_node() {
         "noray.yaml",
         &ray_asset("noray", &c.env_path, "").replace("nodes: 2, mem: 900M", "nodes: 1, mem: 100M"),
     );
-    let _op = operator(dir.path());
-    let slow = wait_long(dir.path(), "slow", "the end", terminal);
+    let _op = Operator::start_logged(dir.path(), None);
+    let slow = wait_object(dir.path(), "slow", "the end", LONG, terminal);
     assert_eq!(phase(&slow), "Failed");
     assert_eq!(
         slow["status"]["reason"], "LauncherFailed",
@@ -310,7 +288,7 @@ fn a_cluster_that_does_not_start_fails_the_asset_naming_the_node() {
         "{msg}"
     );
     assert_nothing_left(&run_dir(&slow));
-    let noray = wait_long(dir.path(), "noray", "the end", terminal);
+    let noray = wait_object(dir.path(), "noray", "the end", LONG, terminal);
     assert_eq!(noray["status"]["reason"], "LauncherFailed");
     assert!(
         noray["status"]["message"]
@@ -336,8 +314,8 @@ fn local_mode_runs_a_single_node_ray_the_same_way() {
         &ray_asset("a", &c.ray_env, "  debug: true\n")
             .replace("nodes: 2, mem: 900M", "cpusPerTask: 2"),
     );
-    let _op = operator(dir.path());
-    let done = wait_long(dir.path(), "a", "the end", terminal);
+    let _op = Operator::start_logged(dir.path(), None);
+    let done = wait_object(dir.path(), "a", "the end", LONG, terminal);
     assert_eq!(phase(&done), "Succeeded", "{:#?}", done["status"]);
     assert_eq!(metadata(&done, "alive_nodes"), 1);
     assert_eq!(done["status"]["launcher"]["nodesJoined"], 1);

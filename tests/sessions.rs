@@ -8,7 +8,7 @@ use common::*;
 use serde_json::Value;
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// A payload that sleeps `SLEEP` seconds and reports where it ran.
 const PAYLOAD: &str = r#"import os, socket, time
@@ -36,38 +36,6 @@ fn session_status(dir: &Path, name: &str) -> Option<Value> {
         .join(format!("{name}.yaml"));
     let text = std::fs::read_to_string(p).ok()?;
     serde_saphyr::from_str(&text).ok()
-}
-
-fn wait_until<T>(what: &str, dir: &Path, limit: Duration, f: impl Fn() -> Option<T>) -> T {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}\noperator log: {}",
-            std::fs::read_to_string(dir.with_extension("log")).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-fn operator(dir: &Path) -> Operator {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.with_extension("log"))
-        .unwrap();
-    Operator(
-        Command::new(BIN)
-            .args(["standalone", "--dir"])
-            .arg(dir)
-            .stdout(std::process::Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    )
 }
 
 fn done(dir: &Path, name: &str) -> Value {
@@ -121,7 +89,7 @@ fn three_assets_run_as_steps_of_one_allocation_within_the_concurrency_limit() {
     for n in ["a1", "a2", "a3"] {
         write(dir, &format!("{n}.yaml"), &step_asset(n, "s1", ""));
     }
-    let _op = operator(dir);
+    let _op = Operator::start_logged(dir, None);
     let ends: Vec<Value> = ["a1", "a2", "a3"].iter().map(|n| done(dir, n)).collect();
     let job = ends[0]["status"]["jobId"].as_str().unwrap().to_string();
     for e in &ends {
@@ -200,7 +168,7 @@ fn steps_survive_an_operator_sigkill_and_run_once() {
             &step_asset(n, "s2", "  env: [{name: SLEEP, value: \"6\"}]\n"),
         );
     }
-    let mut op = operator(dir);
+    let mut op = Operator::start_logged(dir, None);
     // Killed while two steps run and the third waits in the session's queue.
     wait_until("two running steps", dir, Duration::from_secs(120), || {
         let running = ["k1", "k2", "k3"]
@@ -211,7 +179,7 @@ fn steps_survive_an_operator_sigkill_and_run_once() {
     });
     op.sigkill();
     std::thread::sleep(Duration::from_secs(2));
-    let _op = operator(dir);
+    let _op = Operator::start_logged(dir, None);
     let ends: Vec<Value> = ["k1", "k2", "k3"].iter().map(|n| done(dir, n)).collect();
     let job = ends[0]["status"]["jobId"].as_str().unwrap().to_string();
     for e in &ends {
@@ -254,7 +222,7 @@ fn deleting_a_session_cancels_its_steps_and_its_allocation() {
         "long.yaml",
         &step_asset("long", "s3", "  env: [{name: SLEEP, value: \"300\"}]\n"),
     );
-    let _op = operator(dir);
+    let _op = Operator::start_logged(dir, None);
     let running = wait_until("the step to run", dir, Duration::from_secs(120), || {
         read_object(dir, "long").filter(|v| phase(v) == "Running")
     });
@@ -323,7 +291,7 @@ fn ray_assets_in_a_ray_session_share_one_warm_cluster() {
             ),
         );
     }
-    let _op = operator(dir);
+    let _op = Operator::start_logged(dir, None);
     let ends: Vec<Value> = ["r1", "r2"].iter().map(|n| done(dir, n)).collect();
     let s = session_status(dir, "rs").unwrap();
     let head = s["status"]["ray"]["headAddress"]
@@ -353,10 +321,66 @@ fn ray_assets_in_a_ray_session_share_one_warm_cluster() {
     let ended = wait_until("the session to end", dir, Duration::from_secs(90), || {
         session_status(dir, "rs").filter(|s| s["status"]["phase"] == "Ended")
     });
-    let heads = ended["status"]["allocation"]["logTail"]["stderr"]
+    // One `ray start --head` in the allocation: the head announced its start once.
+    let log = ended["status"]["allocation"]["logTail"]["stderr"]
         .as_str()
-        .unwrap_or("")
-        .matches("head] ")
+        .unwrap_or("");
+    let heads = log
+        .lines()
+        .filter(|l| l.contains(" head] ") && l.contains("Ray runtime started"))
         .count();
-    assert!(heads > 0, "the session's own Ray head logged");
+    assert_eq!(heads, 1, "{log}");
+}
+
+/// A step the agent claims when the allocation is too near its end is refused inside the
+/// allocation (not started): its asset fails with `SessionEnding`, the running one finishes.
+#[test]
+fn a_step_claimed_near_the_time_limit_is_refused_by_the_agent() {
+    let (dir, _c) = slurm_dir("session-drain");
+    let dir = dir.path();
+    write(dir, "payload.py", PAYLOAD);
+    // Accepted at once (2 min left, 105 s needed), but the agent runs one step at a time:
+    // by the time the first has slept 20 s, less than 105 s are left.
+    write(
+        dir,
+        "short.yaml",
+        &session(
+            "short",
+            "  resources: {nodes: 1, timeLimit: \"00:02:00\"}\n  maxConcurrentSteps: 1\n  drainBefore: 105s\n  idleTimeout: 5s\n",
+        ),
+    );
+    write(
+        dir,
+        "first.yaml",
+        &step_asset("first", "short", "  env: [{name: SLEEP, value: \"20\"}]\n"),
+    );
+    write(
+        dir,
+        "second.yaml",
+        &step_asset("second", "short", "  env: [{name: SLEEP, value: \"1\"}]\n"),
+    );
+    let _op = Operator::start_logged(dir, None);
+    let first = done(dir, "first");
+    let second = done(dir, "second");
+    assert_eq!(phase(&first), "Succeeded", "{:#?}", first["status"]);
+    assert_eq!(phase(&second), "Failed", "{:#?}", second["status"]);
+    assert_eq!(
+        second["status"]["reason"], "SessionEnding",
+        "{:#?}",
+        second["status"]
+    );
+    assert!(
+        second["status"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("no new steps")),
+        "{:#?}",
+        second["status"]
+    );
+    // It never ran: no step of its own in the allocation.
+    assert!(
+        second["status"]["stepId"].is_null(),
+        "{:#?}",
+        second["status"]
+    );
+    assert!(second["status"]["pipes"]["materializations"].is_null());
 }

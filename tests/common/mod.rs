@@ -65,6 +65,24 @@ impl Operator {
             .expect("starting the operator");
         Operator(child)
     }
+    /// Starts one that logs to `<dir>.log`, appending (a restarted operator adds to the
+    /// story); [`wait_until`] shows that log when it times out. `path` replaces `PATH`.
+    pub fn start_logged(dir: &Path, path: Option<&str>) -> Operator {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.with_extension("log"))
+            .unwrap();
+        let mut cmd = Command::new(BIN);
+        cmd.args(["standalone", "--dir"])
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(log);
+        if let Some(p) = path {
+            cmd.env("PATH", p);
+        }
+        Operator(cmd.spawn().expect("starting the operator"))
+    }
     pub fn sigkill(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
@@ -112,6 +130,47 @@ pub fn wait_for(dir: &Path, name: &str, what: &str, pred: impl Fn(&Value) -> boo
             panic!("timed out waiting for {name}: {what}; last object: {obj:#}");
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits up to `limit` until `f` yields; panics naming `what`, with the log of the operator
+/// started by [`Operator::start_logged`] on `dir`.
+pub fn wait_until<T>(what: &str, dir: &Path, limit: Duration, f: impl Fn() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}\noperator log: {}",
+            std::fs::read_to_string(dir.with_extension("log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Waits up to `limit` until `pred` holds for the asset's status object.
+pub fn wait_object(
+    dir: &Path,
+    name: &str,
+    what: &str,
+    limit: Duration,
+    pred: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + limit;
+    loop {
+        let obj = read_object(dir, name);
+        if let Some(o) = obj.as_ref().filter(|o| pred(o)) {
+            return o.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {name}: {what}; last: {:#}\noperator log: {}",
+            obj.unwrap_or(Value::Null),
+            std::fs::read_to_string(dir.with_extension("log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 

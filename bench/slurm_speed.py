@@ -801,39 +801,44 @@ def operator_session(
     jobs = ConcResult(f"operator: N separate jobs (N={n})", n, Figure(), RpcFigures())
     sess = ConcResult(f"operator: one new session (N={n})", n, Figure(), RpcFigures())
     warm = ConcResult(f"operator: a running session (N={n})", n, Figure(), RpcFigures())
+
+    def batch(
+        result: ConcResult,
+        names: list[str],
+        manifest: Callable[[str], str],
+        first: str = "",
+    ) -> None:
+        """Writes `first` (a session), then the N manifests, and times them to their end."""
+        before = meter.before()
+        t0 = time.monotonic()
+        if first:
+            write_atomic(op.dir / f"{first}.yaml", session_manifest(first))
+        for nm in names:
+            write_atomic(op.dir / f"{nm}.yaml", manifest(nm))
+        done = wait_terminal(op.dir, names, timeout=600 + 10 * n)
+        result.wall.values.append(max(done.values()) - t0)
+        result.rpc.add(meter.delta(before, RpcSnapshot.take()), n)
+
     for r in range(repeats):
-        names = [f"sepjob{n}-r{r + 1}-{i:04d}" for i in range(n)]
-        before = meter.before()
-        t0 = time.monotonic()
-        for nm in names:
-            write_atomic(op.dir / f"{nm}.yaml", slurm_asset_manifest(nm))
-        done = wait_terminal(op.dir, names, timeout=600 + 10 * n)
-        jobs.wall.values.append(max(done.values()) - t0)
-        jobs.rpc.add(meter.delta(before, RpcSnapshot.take()), n)
         sname = f"bench-session-{n}-r{r + 1}"
-        names = [f"insession{n}-r{r + 1}-{i:04d}" for i in range(n)]
-        before = meter.before()
-        t0 = time.monotonic()
-        write_atomic(op.dir / f"{sname}.yaml", session_manifest(sname))
-        for nm in names:
-            text = slurm_asset_manifest(nm).replace(
+
+        def in_session(nm: str, sname: str = sname) -> str:
+            return slurm_asset_manifest(nm).replace(
                 "  clusterRef: hpc\n", f"  clusterRef: hpc\n  sessionRef: {sname}\n"
             )
-            write_atomic(op.dir / f"{nm}.yaml", text)
-        done = wait_terminal(op.dir, names, timeout=600 + 10 * n)
-        sess.wall.values.append(max(done.values()) - t0)
-        sess.rpc.add(meter.delta(before, RpcSnapshot.take()), n)
-        names = [f"warmsession{n}-r{r + 1}-{i:04d}" for i in range(n)]
-        before = meter.before()
-        t0 = time.monotonic()
-        for nm in names:
-            text = slurm_asset_manifest(nm).replace(
-                "  clusterRef: hpc\n", f"  clusterRef: hpc\n  sessionRef: {sname}\n"
-            )
-            write_atomic(op.dir / f"{nm}.yaml", text)
-        done = wait_terminal(op.dir, names, timeout=600 + 10 * n)
-        warm.wall.values.append(max(done.values()) - t0)
-        warm.rpc.add(meter.delta(before, RpcSnapshot.take()), n)
+
+        batch(
+            jobs,
+            [f"sepjob{n}-r{r + 1}-{i:04d}" for i in range(n)],
+            slurm_asset_manifest,
+        )
+        batch(
+            sess,
+            [f"insession{n}-r{r + 1}-{i:04d}" for i in range(n)],
+            in_session,
+            sname,
+        )
+        batch(warm, [f"warmsession{n}-r{r + 1}-{i:04d}" for i in range(n)], in_session)
         # The session ends (its allocation is cancelled) before the next repeat.
         (op.dir / f"{sname}.yaml").unlink()
         spath = status_path(op.dir, sname, "SlurmSession")

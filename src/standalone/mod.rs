@@ -25,7 +25,7 @@ use changes::Change;
 use clusters::{platform, ssh_target};
 use index::ManifestIndex;
 use jiff::Timestamp;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -126,6 +126,9 @@ pub struct Driver {
     rescan_at: Option<Instant>,
     executor: LocalExecutor,
     assets: BTreeMap<ObjectKey, AssetEntry>,
+    /// The assets naming each session, kept with `assets` (see [`Driver::reindex_member`]):
+    /// a session's status lists them without a scan of every asset.
+    members: BTreeMap<ObjectKey, BTreeSet<ObjectKey>>,
     clusters: BTreeMap<ObjectKey, Loaded>,
     errors: Vec<ManifestError>,
     logged: HashSet<String>,
@@ -288,6 +291,7 @@ pub async fn run(opts: Options) -> Result<Outcome> {
         rescan_at: None,
         counters: Arc::new(Counters::default()),
         assets: BTreeMap::new(),
+        members: BTreeMap::new(),
         clusters: BTreeMap::new(),
         errors: vec![],
         logged: HashSet::new(),
@@ -650,17 +654,52 @@ impl Driver {
                 entry.spec_hash = obj.spec_hash.clone();
             }
             entry.cluster_ref = obj.asset().and_then(|a| a.cluster_ref.clone());
+            let was = self.session_of(&key);
+            let entry = self.assets.get_mut(&key).expect("known");
             entry.loaded = Some(obj);
             if session.is_some() {
                 entry.session = session;
             }
+            self.reindex_member(&key, was);
             return;
         }
         let stored = store::read_stored(&self.dir, &key);
         let hash = obj.spec_hash.clone();
         let mut entry = self.entry_from(Some(obj), stored, hash);
         entry.session = session;
-        self.assets.insert(key, entry);
+        let was = self.session_of(&key);
+        self.assets.insert(key.clone(), entry);
+        self.reindex_member(&key, was);
+    }
+
+    /// The session an asset's spec names.
+    fn session_of(&self, key: &ObjectKey) -> Option<ObjectKey> {
+        let name = self.assets.get(key)?.spec()?.session_ref.clone()?;
+        Some(ObjectKey {
+            kind: Kind::SlurmSession,
+            namespace: key.namespace.clone(),
+            name,
+        })
+    }
+
+    /// Moves `key` in [`Driver::members`] from the session it named (`was`) to the one it
+    /// names now.
+    fn reindex_member(&mut self, key: &ObjectKey, was: Option<ObjectKey>) {
+        let now = self.session_of(key);
+        if was == now {
+            return;
+        }
+        if let Some(w) = was
+            && let Some(set) = self.members.get_mut(&w)
+        {
+            set.remove(key);
+            if set.is_empty() {
+                self.members.remove(&w);
+            }
+        }
+        if let Some(n) = now {
+            self.members.entry(n).or_default().insert(key.clone());
+        }
     }
 
     /// Resolves the asset's cluster: an explicit `clusterRef`, else the implicit local cluster.
@@ -998,7 +1037,9 @@ impl Driver {
             || entry.cancelling
             || entry.polling;
         if entry.deleted && !active {
+            let was = self.session_of(key);
             self.assets.remove(key);
+            self.reindex_member(key, was);
         }
     }
 
@@ -1111,14 +1152,11 @@ impl Driver {
         let entry = &self.assets[skey];
         let spec = entry.session.clone().unwrap_or_default();
         let members: Vec<(String, Phase)> = self
-            .assets
-            .iter()
-            .filter(|(k, a)| {
-                k.kind == Kind::SlurmAsset
-                    && k.namespace == skey.namespace
-                    && a.spec().and_then(|s| s.session_ref.as_deref()) == Some(skey.name.as_str())
-            })
-            .map(|(k, a)| (k.name.clone(), a.status.phase))
+            .members
+            .get(skey)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| self.assets.get(k).map(|a| (k.name.clone(), a.status.phase)))
             .collect();
         let limit = self
             .cluster_for(skey, Some(&spec.cluster_ref))

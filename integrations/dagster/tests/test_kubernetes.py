@@ -7,7 +7,12 @@ from pathlib import Path
 
 import dagster as dg
 from conftest import PAYLOADS, kubectl, sacct_jobs, wait_until
-from test_client import _check_materialization, _materialize_releasing, partitioned_asset
+from test_client import (
+    _check_materialization,
+    _materialize_releasing,
+    partitioned_asset,
+    two_assets_of_one_run_share_its_session,
+)
 
 from dagster_slurm_asset import KubernetesStore, PipesSlurmAssetClient, build_slurm_asset_sensor
 from dagster_slurm_asset.status import metrics_pending
@@ -77,3 +82,14 @@ def test_sensor_reports_kubectl_applied_assets(k8s_namespace, kubeconfig: str) -
         assert mats[0].metadata["slurm/job_id"].value.isdigit()
         again = sensor(dg.build_sensor_context(instance=instance))
         assert again.asset_events == []
+
+
+def test_two_assets_of_one_run_share_the_runs_session_in_kubernetes(
+    k8s_namespace, kubeconfig: str
+) -> None:
+    ns, op = k8s_namespace
+    try:
+        two_assets_of_one_run_share_its_session(KubernetesStore(ns, kubeconfig=kubeconfig))
+    except BaseException:
+        print(op.log_text())
+        raise

@@ -446,34 +446,16 @@ class KubernetesStore(SlurmAssetStore):
         return f"KubernetesStore(namespace={self.namespace!r})"
 
     def get(self, name: str) -> SlurmAssetObject | None:
-        from kubernetes.client.exceptions import ApiException
-
-        try:
-            return self._api.get_namespaced_custom_object(
-                GROUP, VERSION, self.namespace, PLURAL, name, _request_timeout=self._timeout
-            )
-        except ApiException as e:
-            if e.status == 404:
-                return None
-            raise StoreError(f"get {self.namespace}/{name}: {e.status} {e.reason}") from None
+        return self._get(PLURAL, "SlurmAsset", name)
 
     def create(self, manifest: SlurmAssetObject) -> tuple[SlurmAssetObject, bool]:
-        from kubernetes.client.exceptions import ApiException
-
-        try:
-            obj = self._api.create_namespaced_custom_object(
-                GROUP, VERSION, self.namespace, PLURAL, manifest, _request_timeout=self._timeout
-            )
-            return obj, True
-        except ApiException as e:
-            if e.status != 409:
-                raise StoreError(
-                    f"create {self.namespace}/{manifest['metadata']['name']}: {e.status} "
-                    f"{_api_message(e)}"
-                ) from None
-        obj = self.get(manifest["metadata"]["name"])
+        name = manifest["metadata"]["name"]
+        created = self._create(PLURAL, "SlurmAsset", manifest)
+        if created is not None:
+            return created, True
+        obj = self.get(name)
         if obj is None:
-            raise StoreError(f"{manifest['metadata']['name']}: exists but cannot be read")
+            raise StoreError(f"{name}: exists but cannot be read")
         return obj, False
 
     def replace_spec(
@@ -494,83 +476,70 @@ class KubernetesStore(SlurmAssetStore):
             ) from None
 
     def delete(self, name: str) -> None:
-        from kubernetes.client.exceptions import ApiException
-
-        try:
-            self._api.delete_namespaced_custom_object(
-                GROUP, VERSION, self.namespace, PLURAL, name, _request_timeout=self._timeout
-            )
-        except ApiException as e:
-            if e.status != 404:
-                raise StoreError(f"delete {self.namespace}/{name}: {e.status} {e.reason}") from None
+        self._delete(PLURAL, "SlurmAsset", name)
 
     def list(self, label_selector: str | None = None) -> list[SlurmAssetObject]:
-        return list(self._pages(label_selector))
+        return list(self._pages(PLURAL, label_selector))
 
     def create_session(self, manifest: SlurmAssetObject) -> bool:
-        from kubernetes.client.exceptions import ApiException
-
-        try:
-            self._api.create_namespaced_custom_object(
-                GROUP,
-                VERSION,
-                self.namespace,
-                SESSION_PLURAL,
-                manifest,
-                _request_timeout=self._timeout,
-            )
-            return True
-        except ApiException as e:
-            if e.status == 409:
-                return False
-            raise StoreError(
-                f"create SlurmSession {self.namespace}/{manifest['metadata']['name']}: "
-                f"{e.status} {_api_message(e)}"
-            ) from None
+        return self._create(SESSION_PLURAL, "SlurmSession", manifest) is not None
 
     def get_session(self, name: str) -> SlurmAssetObject | None:
+        return self._get(SESSION_PLURAL, "SlurmSession", name)
+
+    def delete_session(self, name: str) -> None:
+        self._delete(SESSION_PLURAL, "SlurmSession", name)
+
+    def list_sessions(self, label_selector: str | None = None) -> list[SlurmAssetObject]:
+        return list(self._pages(SESSION_PLURAL, label_selector))
+
+    # One implementation per verb, for both kinds (``plural`` says which).
+
+    def _get(self, plural: str, kind: str, name: str) -> SlurmAssetObject | None:
         from kubernetes.client.exceptions import ApiException
 
         try:
             return self._api.get_namespaced_custom_object(
-                GROUP,
-                VERSION,
-                self.namespace,
-                SESSION_PLURAL,
-                name,
-                _request_timeout=self._timeout,
+                GROUP, VERSION, self.namespace, plural, name, _request_timeout=self._timeout
             )
         except ApiException as e:
             if e.status == 404:
                 return None
-            raise StoreError(f"get SlurmSession {name}: {e.status} {e.reason}") from None
+            raise StoreError(f"get {kind} {self.namespace}/{name}: {e.status} {e.reason}") from None
 
-    def delete_session(self, name: str) -> None:
+    def _create(
+        self, plural: str, kind: str, manifest: SlurmAssetObject
+    ) -> SlurmAssetObject | None:
+        """Creates the object (returned); ``None`` when one of that name exists already."""
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            created: SlurmAssetObject = self._api.create_namespaced_custom_object(
+                GROUP, VERSION, self.namespace, plural, manifest, _request_timeout=self._timeout
+            )
+            return created
+        except ApiException as e:
+            if e.status == 409:
+                return None
+            raise StoreError(
+                f"create {kind} {self.namespace}/{manifest['metadata']['name']}: {e.status} "
+                f"{_api_message(e)}"
+            ) from None
+
+    def _delete(self, plural: str, kind: str, name: str) -> None:
         from kubernetes.client.exceptions import ApiException
 
         try:
             self._api.delete_namespaced_custom_object(
-                GROUP,
-                VERSION,
-                self.namespace,
-                SESSION_PLURAL,
-                name,
-                _request_timeout=self._timeout,
+                GROUP, VERSION, self.namespace, plural, name, _request_timeout=self._timeout
             )
         except ApiException as e:
             if e.status != 404:
-                raise StoreError(f"delete SlurmSession {name}: {e.status} {e.reason}") from None
+                raise StoreError(
+                    f"delete {kind} {self.namespace}/{name}: {e.status} {e.reason}"
+                ) from None
 
-    def list_sessions(self, label_selector: str | None = None) -> list[SlurmAssetObject]:
-        kwargs: dict[str, Any] = {"_request_timeout": self._timeout}
-        if label_selector:
-            kwargs["label_selector"] = label_selector
-        page = self._api.list_namespaced_custom_object(
-            GROUP, VERSION, self.namespace, SESSION_PLURAL, **kwargs
-        )
-        return list(page.get("items", []))
-
-    def _pages(self, label_selector: str | None) -> Iterator[SlurmAssetObject]:
+    def _pages(self, plural: str, label_selector: str | None) -> Iterator[SlurmAssetObject]:
         token = None
         while True:
             kwargs: dict[str, Any] = {"limit": 500, "_request_timeout": self._timeout}
@@ -579,7 +548,7 @@ class KubernetesStore(SlurmAssetStore):
             if token:
                 kwargs["_continue"] = token
             page = self._api.list_namespaced_custom_object(
-                GROUP, VERSION, self.namespace, PLURAL, **kwargs
+                GROUP, VERSION, self.namespace, plural, **kwargs
             )
             yield from page.get("items", [])
             token = (page.get("metadata") or {}).get("continue")

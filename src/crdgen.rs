@@ -25,10 +25,10 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
     .collect()
 }
 
-/// Fields whose kinds or features do not exist yet: their descriptions say so.
+/// Fields whose generated descriptions are replaced (a doc comment cannot say it well).
 const NOT_YET: &[(&str, &str)] = &[(
     ".spec.launcher.type",
-    "`bash` (default) runs the payload in the job script; `ray` starts a Ray cluster over the allocation first. `spark` is not available in this version and is refused.",
+    "`bash` (default) runs the payload in the job script; `ray` starts a Ray cluster over the allocation first, `spark` a Spark standalone cluster (local mode: `local[*]`).",
 )];
 
 /// Makes a generated schema what the API server expects: integer formats it knows (`int32`,

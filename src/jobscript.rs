@@ -354,6 +354,17 @@ pub fn render_script(plan: &RunPlan) -> String {
                  __sao_ray_down\n",
             );
         }
+        LauncherType::Spark => {
+            let spark = plan.launcher.spark.clone().unwrap_or_default();
+            s.push_str(&crate::launcher::spark_functions(&spark));
+            s.push_str("trap '__sao_spark_down; exit 143' TERM\n");
+            s.push_str(
+                "if ! __sao_activate; then __sao_rc=127\n\
+                 elif __sao_spark_up; then __sao_payload; __sao_rc=$?\n\
+                 else __sao_rc=1; fi\n\
+                 __sao_spark_down\n",
+            );
+        }
         _ => s.push_str("__sao_activate && __sao_payload\n__sao_rc=$?\n"),
     }
     s.push_str(&format!(

@@ -1,11 +1,12 @@
 //! Launchers that start a cluster inside the allocation before the payload: Ray (a head on the
-//! job's first node, one worker per other node). The fragment is part of the job script, so it
+//! job's first node, one worker per other node) and Spark (a standalone master on the first
+//! node, a worker on every node). The fragment is part of the job script, so it
 //! runs the same in local mode (one node, the operator's host) and in Slurm mode.
 //!
 //! The script reports what it started in the run dir's [`LAUNCHER_FILE`] (`key=value` lines),
 //! which the poll reads back into `status.launcher`.
 
-use crate::api::{LauncherStatus, RaySettings};
+use crate::api::{LauncherStatus, RaySettings, SparkSettings};
 use crate::shell::{join, quote};
 
 /// Facts the launcher writes into the run dir while it starts the cluster.
@@ -40,6 +41,26 @@ pub fn ray_option_owned(arg: &str) -> bool {
     let name = arg.split('=').next().unwrap_or(arg);
     RAY_OWNED_OPTIONS.contains(&name)
 }
+
+/// Helpers of every launcher: facts into the launcher file, a failure with its reason, free
+/// ports, a wait for a log line, a log shown with a prefix.
+const COMMON_FUNCTIONS: &str = r#"__sao_fact() { printf '%s=%s\n' "$1" "$2" >> launcher; }
+__sao_fail() { __sao_fact error "$1"; echo "slurm-asset-operator: $1" >&2; return 1; }
+# Free TCP ports, as many as asked: two clusters on one node must not collide.
+__sao_ports() { python3 -c 'import socket, sys
+ss = [socket.socket() for _ in range(int(sys.argv[1]))]
+for s in ss: s.bind(("", 0))
+print(" ".join(str(s.getsockname()[1]) for s in ss))' "$1"; }
+# Waits until LOG ($1) has a line matching $3, PID $2 died (2), or deadline $4 passed (3).
+__sao_wait() {
+  while ! grep -q "$3" "$1" 2>/dev/null; do
+    kill -0 "$2" 2>/dev/null || return 2
+    [ "$(date +%s)" -lt "$4" ] || return 3
+    sleep 0.2
+  done
+}
+__sao_show() { sed "s/^/[$2] /" "$1" >&2 2>/dev/null; }
+"#;
 
 /// The shell functions `__sao_ray_up` (start the cluster; non-zero when it could not, with
 /// the reason in the launcher file) and `__sao_ray_down` (always safe to call, idempotent).
@@ -77,22 +98,9 @@ __sao_ray_tmp=/tmp/sao-ray-${{SLURM_JOB_ID:-local-$$}}
 __sao_ray_group=''
 __sao_ray_workers=''
 __sao_ray_down_done=''
-__sao_fact() {{ printf '%s=%s\n' "$1" "$2" >> {LAUNCHER_FILE}; }}
-__sao_fail() {{ __sao_fact error "$1"; echo "slurm-asset-operator: $1" >&2; return 1; }}
-# Free TCP ports, as many as asked: two Ray clusters on one node must not collide.
-__sao_ports() {{ python3 -c 'import socket, sys
-ss = [socket.socket() for _ in range(int(sys.argv[1]))]
-for s in ss: s.bind(("", 0))
-print(" ".join(str(s.getsockname()[1]) for s in ss))' "$1"; }}
-# Waits until LOG says the Ray runtime started, PID died, or the deadline passed.
-__sao_ray_wait() {{
-  while ! grep -q 'Ray runtime started' "$1" 2>/dev/null; do
-    kill -0 "$2" 2>/dev/null || return 2
-    [ "$(date +%s)" -lt "$__sao_ray_deadline" ] || return 3
-    sleep 0.2
-  done
-}}
-__sao_ray_show() {{ sed "s/^/[ray $2] /" "$1" >&2 2>/dev/null; }}
+{common}
+__sao_ray_wait() {{ __sao_wait "$1" "$2" 'Ray runtime started' "$__sao_ray_deadline"; }}
+__sao_ray_show() {{ __sao_show "$1" "ray $2"; }}
 __sao_ray_up() {{
   local nodes dash gcs dal dag met rea addr i n pid rc joined=1 missing=''
   if [ -n "${{SLURM_JOB_NODELIST:-}}" ]; then
@@ -169,11 +177,180 @@ __sao_ray_down() {{
   return 0
 }}
 "#,
+        common = COMMON_FUNCTIONS,
         dash_fact = if ray.dashboard {
             "__sao_fact dashboard_port \"$dash\""
         } else {
             ""
         },
+    )
+}
+
+/// `spark-class`'s size for the master's and the workers' own JVMs (the default, 1G, would
+/// take a small node's memory before any executor runs).
+const SPARK_DAEMON_MEMORY: &str = "256m";
+
+/// A Spark memory setting: whole mebibytes (`512m`).
+fn spark_mem(m: &crate::quantity::Memory) -> String {
+    format!("{}m", (m.bytes() / (1024 * 1024)).max(1))
+}
+
+/// The shell functions `__sao_spark_up` (a standalone master on the first node, a worker on
+/// every node, registered with it; `spark-defaults.conf` in the run dir) and
+/// `__sao_spark_down` (always safe to call, idempotent). Without Slurm (local mode) the
+/// payload gets `local[*]`; with `masterUrl` it gets that master and nothing is started.
+pub fn spark_functions(spark: &SparkSettings) -> String {
+    let timeout = spark.start_timeout_secs();
+    let driver_mem = spark
+        .driver_memory
+        .as_ref()
+        .map_or_else(|| "512m".to_string(), spark_mem);
+    let exec_mem = spark
+        .executor_memory
+        .as_ref()
+        .map(spark_mem)
+        .unwrap_or_default();
+    let exec_cores = spark
+        .executor_cores
+        .map(|c| c.to_string())
+        .unwrap_or_default();
+    let num_executors = spark
+        .num_executors
+        .map(|c| c.to_string())
+        .unwrap_or_default();
+    let external = quote(spark.master_url.as_deref().unwrap_or_default());
+    let home = spark
+        .spark_home
+        .as_deref()
+        .map_or_else(|| "\"${SPARK_HOME:-}\"".to_string(), quote);
+    let host = quote(spark.master_host.as_deref().unwrap_or_default());
+    format!(
+        r#"# Spark: a standalone master here, a worker on every node; torn down before the exit file.
+__sao_spark_tmp=/tmp/sao-spark-${{SLURM_JOB_ID:-local-$$}}
+__sao_spark_group=''
+__sao_spark_workers=''
+__sao_spark_down_done=''
+{common}
+# The payload's view of the cluster: SPARK_MASTER_URL, and spark-defaults.conf with the
+# settings (SparkSession.builder.getOrCreate() and spark-submit read it).
+__sao_spark_conf() {{
+  mkdir -p spark-conf "$__sao_spark_tmp/local"
+  {{
+    echo "spark.master $1"
+    echo "spark.driver.memory {driver_mem}"
+    [ -z "$__sao_spark_exec_mem" ] || echo "spark.executor.memory $__sao_spark_exec_mem"
+    [ -z "$__sao_spark_exec_cores" ] || echo "spark.executor.cores $__sao_spark_exec_cores"
+    [ -z "$__sao_spark_cores_max" ] || echo "spark.cores.max $__sao_spark_cores_max"
+    echo "spark.ui.port $(__sao_ports 1)"
+    echo "spark.local.dir $__sao_spark_tmp/local"
+  }} > spark-conf/spark-defaults.conf
+  export SPARK_CONF_DIR="$PWD/spark-conf" SPARK_MASTER_URL="$1"
+  export PYSPARK_PYTHON="${{PYSPARK_PYTHON:-$(command -v python3)}}"
+  __sao_fact head_address "$1"
+}}
+__sao_spark_up() {{
+  local nodes host port ui wui i n pid rc joined=0 missing='' cores mem per
+  __sao_spark_exec_mem={exec_mem_q}
+  __sao_spark_exec_cores={exec_cores}
+  __sao_spark_cores_max=''
+  if [ -n {external} ]; then
+    printf 'type=spark\n' > {LAUNCHER_FILE}
+    __sao_spark_conf {external}
+    return 0
+  fi
+  if [ -z "${{SLURM_JOB_ID:-}}" ]; then
+    printf 'type=spark\n' > {LAUNCHER_FILE}
+    __sao_spark_conf 'local[*]'
+    return 0
+  fi
+  mapfile -t nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
+  printf 'type=spark\nnodes_expected=%s\n' "${{#nodes[@]}}" > {LAUNCHER_FILE}
+  SPARK_HOME={home_q}
+  [ -n "$SPARK_HOME" ] || SPARK_HOME=$(python3 -c 'import os, pyspark; print(os.path.dirname(pyspark.__file__))' 2>/dev/null)
+  [ -x "$SPARK_HOME/bin/spark-class" ] || {{ __sao_fail "no Spark in the job's environment: no bin/spark-class under SPARK_HOME (set launcher.spark.sparkHome or SPARK_HOME, or install pyspark)"; return; }}
+  export SPARK_HOME SPARK_DAEMON_MEMORY=${{SPARK_DAEMON_MEMORY:-{daemon_mem}}} SPARK_LOG_DIR="$PWD"
+  command -v java >/dev/null || [ -n "${{JAVA_HOME:-}}" ] || {{ __sao_fail "no java in the job's environment (PATH or JAVA_HOME)"; return; }}
+  __sao_spark_deadline=$(( $(date +%s) + {timeout} ))
+  read -r port ui <<< "$(__sao_ports 2)"
+  host={host_q}
+  [ -n "$host" ] || host=$(hostname -I 2>/dev/null | awk '{{print $1}}')
+  [ -n "$host" ] || host=$(hostname)
+  mkdir -p "$__sao_spark_tmp"
+  setsid "$SPARK_HOME/bin/spark-class" org.apache.spark.deploy.master.Master --host "$host" \
+    --port "$port" --webui-port "$ui" > spark-master.log 2>&1 < /dev/null &
+  __sao_spark_group=$!
+  __sao_wait spark-master.log "$__sao_spark_group" 'elected leader' "$__sao_spark_deadline"; rc=$?
+  __sao_show spark-master.log "spark ${{nodes[0]}} master"
+  case $rc in
+    0) ;;
+    2) __sao_fail "the Spark master on ${{nodes[0]}} exited while starting (see its lines in the log)"; return ;;
+    *) __sao_fail "the Spark master on ${{nodes[0]}} did not start within {timeout}s"; return ;;
+  esac
+  __sao_fact dashboard_port "$ui"
+  cores=${{SLURM_CPUS_ON_NODE:-$(nproc)}}
+  # Three quarters of the node's allocation for executors: the worker's own JVM, the master's
+  # and the driver's need the rest.
+  mem=${{SLURM_MEM_PER_NODE:-$(( ${{SLURM_MEM_PER_CPU:-1024}} * cores ))}}
+  mem=$(( mem * 3 / 4 )); [ "$mem" -ge 256 ] || mem=256
+  for i in $(seq 0 $(( ${{#nodes[@]}} - 1 ))); do
+    n=${{nodes[$i]}}
+    read -r wui <<< "$(__sao_ports 1)"
+    srun --overlap --nodes=1 --ntasks=1 -w "$n" "$SPARK_HOME/bin/spark-class" \
+      org.apache.spark.deploy.worker.Worker --cores "$cores" --memory "${{mem}}m" \
+      --webui-port "$wui" --work-dir "$PWD/spark-work/$i" "spark://$host:$port" \
+      > "spark-worker-$i.log" 2>&1 < /dev/null &
+    __sao_spark_workers="$__sao_spark_workers $!"
+  done
+  i=0
+  for pid in $__sao_spark_workers; do
+    n=${{nodes[$i]}}
+    __sao_wait "spark-worker-$i.log" "$pid" 'Successfully registered with master' "$__sao_spark_deadline"; rc=$?
+    __sao_show "spark-worker-$i.log" "spark $n"
+    case $rc in
+      0) joined=$(( joined + 1 )) ;;
+      2) missing="$missing $n (its worker exited)" ;;
+      *) missing="$missing $n (not registered within {timeout}s)" ;;
+    esac
+    i=$(( i + 1 ))
+  done
+  __sao_fact nodes_joined "$joined"
+  [ -z "$missing" ] || {{ __sao_fail "Spark workers did not register:$missing"; return; }}
+  # Executors: one per worker with all its cores unless executorCores says otherwise; their
+  # memory shares the worker's (a tenth left for the JVM's own).
+  per=$(( cores / ${{__sao_spark_exec_cores:-$cores}} )); [ "$per" -ge 1 ] || per=1
+  [ -n "$__sao_spark_exec_mem" ] || __sao_spark_exec_mem="$(( mem * 9 / 10 / per ))m"
+  if [ -n {num_executors_q} ]; then
+    __sao_spark_cores_max=$(( {num_executors_q} * ${{__sao_spark_exec_cores:-$cores}} ))
+  fi
+  __sao_spark_conf "spark://$host:$port"
+}}
+__sao_spark_down() {{
+  [ -z "$__sao_spark_down_done" ] || return 0
+  __sao_spark_down_done=1
+  local pid _
+  for pid in $__sao_spark_workers; do kill -TERM "$pid" 2>/dev/null; done
+  [ -z "$__sao_spark_group" ] || kill -TERM -- "-$__sao_spark_group" 2>/dev/null
+  for _ in $(seq 1 50); do
+    [ -n "$__sao_spark_group" ] && kill -0 -- "-$__sao_spark_group" 2>/dev/null && {{ sleep 0.1; continue; }}
+    break
+  done
+  [ -z "$__sao_spark_group" ] || kill -KILL -- "-$__sao_spark_group" 2>/dev/null
+  for pid in $__sao_spark_workers; do kill -KILL "$pid" 2>/dev/null; done
+  wait $__sao_spark_workers $__sao_spark_group 2>/dev/null
+  if [ -n "$__sao_spark_workers" ]; then
+    srun --overlap --nodes="${{SLURM_JOB_NUM_NODES:-1}}" --ntasks-per-node=1 rm -rf "$__sao_spark_tmp" 2>/dev/null
+  fi
+  rm -rf "$__sao_spark_tmp"
+  return 0
+}}
+"#,
+        common = COMMON_FUNCTIONS,
+        exec_mem_q = quote(&exec_mem),
+        exec_cores = quote(&exec_cores),
+        home_q = home,
+        host_q = host,
+        num_executors_q = quote(&num_executors),
+        daemon_mem = SPARK_DAEMON_MEMORY,
     )
 }
 
@@ -256,5 +433,41 @@ mod tests {
         assert!(f.contains("--num-gpus=2"));
         assert!(f.contains("--include-dashboard=false"));
         assert!(!f.contains("dashboard_port"));
+    }
+
+    #[test]
+    fn spark_settings_are_quoted_and_sized() {
+        let mem = |m: &str| Some(crate::quantity::Memory::parse(m).unwrap());
+        let spark = SparkSettings {
+            master_host: Some("h$(id)".into()),
+            spark_home: Some("/opt/spark dir".into()),
+            executor_memory: mem("1G"),
+            driver_memory: mem("2G"),
+            executor_cores: Some(2),
+            num_executors: Some(3),
+            ..Default::default()
+        };
+        let f = spark_functions(&spark);
+        assert!(f.contains("host='h$(id)'"), "{f}");
+        assert!(f.contains("SPARK_HOME='/opt/spark dir'"));
+        assert!(f.contains("__sao_spark_exec_mem=1024m"));
+        assert!(f.contains("echo \"spark.driver.memory 2048m\""));
+        assert!(f.contains("__sao_spark_exec_cores=2"));
+        assert!(f.contains("$(( 3 * ${__sao_spark_exec_cores:-$cores} ))"));
+        // Defaults: the job's SPARK_HOME (else pyspark's), the first node's address.
+        let f = spark_functions(&SparkSettings::default());
+        assert!(f.contains("SPARK_HOME=\"${SPARK_HOME:-}\""));
+        assert!(f.contains("host=''"));
+        assert!(f.contains("if [ -n '' ]; then"), "no external master");
+        let f = spark_functions(&SparkSettings {
+            master_url: Some("spark://m:7077".into()),
+            ..Default::default()
+        });
+        assert!(f.contains("__sao_spark_conf spark://m:7077"));
+    }
+
+    #[test]
+    fn every_launcher_writes_its_facts_to_the_launcher_file() {
+        assert!(COMMON_FUNCTIONS.contains(&format!(">> {LAUNCHER_FILE};")));
     }
 }

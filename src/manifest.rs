@@ -444,6 +444,7 @@ pub fn validate_session(s: &SlurmSessionSpec) -> Vec<FieldError> {
         let l = Launcher {
             type_: LauncherType::Ray,
             ray: Some(ray.clone()),
+            spark: None,
         };
         let mut ray_errors = vec![];
         validate_launcher(&l, &mut ray_errors);
@@ -455,13 +456,76 @@ pub fn validate_session(s: &SlurmSessionSpec) -> Vec<FieldError> {
     errors
 }
 
-fn validate_launcher(l: &Launcher, errors: &mut Vec<FieldError>) {
-    if l.type_ == LauncherType::Spark {
+/// A host name or IP address as a launcher setting takes it (it reaches a shell quoted, but
+/// must also be an address to the programs given it).
+fn host_problem(h: &str) -> bool {
+    h.is_empty()
+        || h.len() > 253
+        || !h
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-.:[]_".contains(&b))
+}
+
+fn validate_spark(l: &Launcher, errors: &mut Vec<FieldError>) {
+    let Some(spark) = &l.spark else {
+        return;
+    };
+    if l.type_ != LauncherType::Spark {
+        errors.push(field_err("spec.launcher.spark", "needs type: spark"));
+    }
+    if let Some(url) = &spark.master_url {
+        let ok = url
+            .strip_prefix("spark://")
+            .is_some_and(|rest| rest.split(',').all(|h| !host_problem(h)));
+        if !ok {
+            errors.push(field_err(
+                "spec.launcher.spark.masterUrl",
+                "must be spark://host:port (or spark://h1:p1,h2:p2)",
+            ));
+        }
+    }
+    if let Some(h) = &spark.master_host
+        && host_problem(h)
+    {
         errors.push(field_err(
-            "spec.launcher.type",
-            "the spark launcher is not available in this version (bash and ray are)",
+            "spec.launcher.spark.masterHost",
+            "must be a host name or IP address",
         ));
     }
+    if let Some(p) = &spark.spark_home
+        && (p.is_empty() || p.len() > 4096 || p.contains(['\0', '\n']))
+    {
+        errors.push(field_err(
+            "spec.launcher.spark.sparkHome",
+            "must be a path under 4 KiB, without NUL or newline",
+        ));
+    }
+    for (field, v) in [
+        ("executorCores", spark.executor_cores),
+        ("numExecutors", spark.num_executors),
+    ] {
+        if v == Some(0) {
+            errors.push(field_err(
+                format!("spec.launcher.spark.{field}"),
+                "must be at least 1",
+            ));
+        }
+    }
+    for (field, m) in [
+        ("driverMemory", &spark.driver_memory),
+        ("executorMemory", &spark.executor_memory),
+    ] {
+        if m.as_ref().is_some_and(|m| m.bytes() < 32 * 1024 * 1024) {
+            errors.push(field_err(
+                format!("spec.launcher.spark.{field}"),
+                "must be at least 32M (a JVM heap)",
+            ));
+        }
+    }
+}
+
+fn validate_launcher(l: &Launcher, errors: &mut Vec<FieldError>) {
+    validate_spark(l, errors);
     let Some(ray) = &l.ray else {
         return;
     };
@@ -489,11 +553,7 @@ fn validate_launcher(l: &Launcher, errors: &mut Vec<FieldError>) {
         }
     }
     if let Some(h) = &ray.head_address
-        && (h.is_empty()
-            || h.len() > 253
-            || !h
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-.:[]_".contains(&b)))
+        && host_problem(h)
     {
         errors.push(field_err(
             "spec.launcher.ray.headAddress",
@@ -761,6 +821,12 @@ pub fn validate_asset(
     {
         errors.push(field_err("spec.sessionRef", "is not a valid object name"));
     }
+    if s.session_ref.is_some() && s.launcher.type_ == LauncherType::Spark {
+        errors.push(field_err(
+            "spec.launcher.type",
+            "a Spark asset starts its cluster in an allocation of its own: it cannot join a session",
+        ));
+    }
     if s.session_ref.is_some() && s.cluster_ref.is_none() {
         errors.push(field_err(
             "spec.clusterRef",
@@ -987,7 +1053,28 @@ mod tests {
             "{e}"
         );
         assert!(l("{ray: {dashboard: true}}").contains("spec.launcher.ray: needs type: ray"));
-        assert!(l("{type: spark}").contains("spec.launcher.type: the spark launcher"));
+        assert!(l("{spark: {}}").contains("spec.launcher.spark: needs type: spark"));
+        let e = l(
+            "{type: spark, spark: {masterUrl: 'http://x', masterHost: 'a;b', executorCores: 0, executorMemory: 1M, sparkHome: ''}}",
+        );
+        for f in [
+            "spec.launcher.spark.masterUrl: must be spark://",
+            "spec.launcher.spark.masterHost",
+            "spec.launcher.spark.executorCores: must be at least 1",
+            "spec.launcher.spark.executorMemory: must be at least 32M",
+            "spec.launcher.spark.sparkHome",
+        ] {
+            assert!(e.contains(f), "{f}: {e}");
+        }
+        let e = spec_errors(&format!(
+            "{HEAD}spec:\n  assetKey: x\n  clusterRef: hpc\n  sessionRef: s\n  payload: {{inline: x}}\n  launcher: {{type: spark}}\n"
+        ));
+        assert!(e.contains("cannot join a session"), "{e}");
+        let ok = one(&format!(
+            "{HEAD}spec:\n  assetKey: x\n  payload: {{inline: x}}\n  launcher: {{type: spark, spark: {{masterUrl: 'spark://m1:7077,m2:7077', numExecutors: 4, driverMemory: 2G}}}}\n"
+        ))
+        .unwrap();
+        assert!(ok.asset().is_some());
         let e = l("{type: ray, ray: {headAddress: 'a b;c'}}");
         assert!(e.contains("spec.launcher.ray.headAddress"), "{e}");
         let ok = one(&format!(

@@ -135,6 +135,7 @@ pub fn allocation_spec(name: &str, s: &SlurmSessionSpec) -> SlurmAssetSpec {
                 LauncherType::Bash
             },
             ray: s.ray.clone(),
+            spark: None,
         },
         resources: s.resources.clone(),
         env: vars,

@@ -46,62 +46,6 @@ fn ray_asset(name: &str, ray_env: &str, extra: &str) -> String {
 /// Ray's first start on a busy machine can take a while.
 const LONG: Duration = Duration::from_secs(240);
 
-/// Live (not zombie) processes whose environment carries `SAO_RUN_DIR=<run_dir>`: the job
-/// script exports it before Ray starts, and `srun` hands it to the workers.
-fn processes_of(run_dir: &str) -> Vec<String> {
-    let needle = format!("SAO_RUN_DIR={run_dir}\0");
-    let mut found = vec![];
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let pid = e.file_name().to_string_lossy().into_owned();
-        if !pid.bytes().all(|b| b.is_ascii_digit()) {
-            continue;
-        }
-        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
-        if stat
-            .rsplit_once(") ")
-            .is_some_and(|(_, r)| r.starts_with('Z'))
-        {
-            continue;
-        }
-        let env = std::fs::read(e.path().join("environ")).unwrap_or_default();
-        if env.windows(needle.len()).any(|w| w == needle.as_bytes()) {
-            let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-            found.push(format!(
-                "{pid}: {}",
-                String::from_utf8_lossy(&cmd).replace('\0', " ")
-            ));
-        }
-    }
-    found
-}
-
-/// Asserts that nothing of the run is left, allowing Slurm a moment to end its steps.
-fn assert_nothing_left(run_dir: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let left = processes_of(run_dir);
-        if left.is_empty() {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "processes left behind: {left:#?}"
-        );
-        std::thread::sleep(Duration::from_millis(250));
-    }
-}
-
-fn run_dir(obj: &Value) -> String {
-    obj["status"]["remoteRunDir"]
-        .as_str()
-        .expect("remoteRunDir")
-        .to_string()
-}
-
-fn metadata(obj: &Value, key: &str) -> Value {
-    obj["status"]["pipes"]["materializations"][0]["metadata"][key]["raw_value"].clone()
-}
-
 #[test]
 fn a_ray_asset_spans_two_nodes_reports_while_running_and_leaves_nothing_behind() {
     let (dir, c) = slurm_dir("ray-two-nodes");

@@ -174,7 +174,9 @@ pub struct Payload {
 #[x_kube(
     cel,
     validation = Rule::new("!has(self.ray) || self.type == 'ray'")
-        .message("ray settings need type: ray")
+        .message("ray settings need type: ray"),
+    validation = Rule::new("!has(self.spark) || self.type == 'spark'")
+        .message("spark settings need type: spark")
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Launcher {
@@ -184,6 +186,58 @@ pub struct Launcher {
     /// Settings of the Ray launcher.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ray: Option<RaySettings>,
+    /// Settings of the Spark launcher.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spark: Option<SparkSettings>,
+}
+
+/// How the Spark launcher starts its cluster: a standalone master on the job's first node and
+/// a worker on every node (`srun --overlap`), all torn down when the payload ends. The payload
+/// finds it in `SPARK_MASTER_URL` and in `SPARK_CONF_DIR` (a `spark-defaults.conf` with these
+/// settings, so `SparkSession.builder.getOrCreate()` and `spark-submit` use them). Local mode
+/// runs `local[*]`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SparkSettings {
+    /// Memory of the driver (the payload's JVM), e.g. `1G` (default `512M`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub driver_memory: Option<Memory>,
+    /// Memory of each executor (default: a worker's memory shared among its executors).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub executor_memory: Option<Memory>,
+    /// Cores of each executor (default: all a worker's cores, one executor per node).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 4096))]
+    pub executor_cores: Option<u32>,
+    /// Executors in all (default: as many as the workers' cores hold).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100000))]
+    pub num_executors: Option<u32>,
+    /// A Spark master that already runs (`spark://host:7077`): none is started, the payload
+    /// uses this one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub master_url: Option<String>,
+    /// Where Spark is installed on the cluster (default: `$SPARK_HOME` of the job's
+    /// environment, else the `pyspark` package's own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spark_home: Option<String>,
+    /// How long the master and every worker may take to start and register (default `2m`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_timeout: Option<Interval>,
+    /// The address workers and the payload use to reach the master (default: the first
+    /// node's IP address).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub master_host: Option<String>,
+}
+
+impl SparkSettings {
+    pub fn start_timeout_secs(&self) -> u64 {
+        self.start_timeout
+            .as_ref()
+            .map_or(RaySettings::DEFAULT_START_TIMEOUT_SECS, |t| {
+                t.duration().as_secs()
+            })
+    }
 }
 
 /// How the Ray launcher starts its cluster: a head on the job's first node, one worker on

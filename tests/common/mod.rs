@@ -196,6 +196,8 @@ pub struct TestCluster {
     pub env_path: String,
     /// A pre-deployed environment with dagster-pipes and Ray.
     pub ray_env: String,
+    /// A pre-deployed environment with dagster-pipes and PySpark.
+    pub spark_env: String,
     /// The second sshd: password, then a TOTP code (PAM google-authenticator).
     pub otp_port: String,
     /// The third sshd: key, then a TOTP code.
@@ -222,6 +224,7 @@ pub fn test_cluster() -> TestCluster {
         known_hosts: get("SLURM_EDGE_NODE_KNOWN_HOSTS"),
         env_path: get("CI_DEPLOYED_ENVIRONMENT_PATH"),
         ray_env: get("SAO_TEST_RAY_ENV"),
+        spark_env: get("SAO_TEST_SPARK_ENV"),
         otp_port: get("SAO_TEST_OTP_SSH_PORT"),
         key_otp_port: get("SAO_TEST_KEY_OTP_SSH_PORT"),
         totp_seed: get("SAO_TEST_TOTP_SEED"),
@@ -334,4 +337,61 @@ pub fn operator_metrics(dir: &Path) -> Value {
         .ok()
         .and_then(|t| serde_saphyr::from_str(&t).ok())
         .unwrap_or(Value::Null)
+}
+
+/// Live (not zombie) processes whose environment carries `SAO_RUN_DIR=<run_dir>`: the job
+/// script exports it before a launcher starts its cluster, and `srun` hands it to the
+/// workers (and they to their children: Ray's workers, Spark's executors).
+pub fn processes_of(run_dir: &str) -> Vec<String> {
+    let needle = format!("SAO_RUN_DIR={run_dir}\0");
+    let mut found = vec![];
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let pid = e.file_name().to_string_lossy().into_owned();
+        if !pid.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+        if stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, r)| r.starts_with('Z'))
+        {
+            continue;
+        }
+        let env = std::fs::read(e.path().join("environ")).unwrap_or_default();
+        if env.windows(needle.len()).any(|w| w == needle.as_bytes()) {
+            let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            found.push(format!(
+                "{pid}: {}",
+                String::from_utf8_lossy(&cmd).replace('\0', " ")
+            ));
+        }
+    }
+    found
+}
+
+/// Asserts that nothing of the run is left, allowing Slurm a moment to end its steps.
+pub fn assert_nothing_left(run_dir: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = processes_of(run_dir);
+        if left.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "processes left behind: {left:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+pub fn run_dir(obj: &Value) -> String {
+    obj["status"]["remoteRunDir"]
+        .as_str()
+        .expect("remoteRunDir")
+        .to_string()
+}
+
+pub fn metadata(obj: &Value, key: &str) -> Value {
+    obj["status"]["pipes"]["materializations"][0]["metadata"][key]["raw_value"].clone()
 }

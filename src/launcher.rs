@@ -59,7 +59,8 @@ __sao_wait() {
     sleep 0.2
   done
 }
-__sao_show() { sed "s/^/[$2] /" "$1" >&2 2>/dev/null; }
+# Shows LOG ($1) on stderr, each line prefixed [$2]; only the lines matching $3 if given.
+__sao_show() { grep -E "${3:-.}" "$1" 2>/dev/null | sed "s/^/[$2] /" >&2; }
 "#;
 
 /// The shell functions `__sao_ray_up` (start the cluster; non-zero when it could not, with
@@ -98,7 +99,7 @@ __sao_ray_tmp=/tmp/sao-ray-${{SLURM_JOB_ID:-local-$$}}
 __sao_ray_group=''
 __sao_ray_workers=''
 __sao_ray_down_done=''
-{common}
+{helpers}
 __sao_ray_wait() {{ __sao_wait "$1" "$2" 'Ray runtime started' "$__sao_ray_deadline"; }}
 __sao_ray_show() {{ __sao_show "$1" "ray $2"; }}
 __sao_ray_up() {{
@@ -177,7 +178,7 @@ __sao_ray_down() {{
   return 0
 }}
 "#,
-        common = COMMON_FUNCTIONS,
+        helpers = COMMON_FUNCTIONS,
         dash_fact = if ray.dashboard {
             "__sao_fact dashboard_port \"$dash\""
         } else {
@@ -230,7 +231,10 @@ __sao_spark_tmp=/tmp/sao-spark-${{SLURM_JOB_ID:-local-$$}}
 __sao_spark_group=''
 __sao_spark_workers=''
 __sao_spark_down_done=''
-{common}
+# Spark is verbose: the log tail gets its start-up milestones and errors; the whole logs
+# stay in the run dir.
+__sao_spark_lines='ERROR|Exception|Starting Spark|elected leader|Successfully registered|Running Spark version'
+{helpers}
 # The payload's view of the cluster: SPARK_MASTER_URL, and spark-defaults.conf with the
 # settings (SparkSession.builder.getOrCreate() and spark-submit read it).
 __sao_spark_conf() {{
@@ -280,7 +284,7 @@ __sao_spark_up() {{
     --port "$port" --webui-port "$ui" > spark-master.log 2>&1 < /dev/null &
   __sao_spark_group=$!
   __sao_wait spark-master.log "$__sao_spark_group" 'elected leader' "$__sao_spark_deadline"; rc=$?
-  __sao_show spark-master.log "spark ${{nodes[0]}} master"
+  __sao_show spark-master.log "spark ${{nodes[0]}} master" "$__sao_spark_lines"
   case $rc in
     0) ;;
     2) __sao_fail "the Spark master on ${{nodes[0]}} exited while starting (see its lines in the log)"; return ;;
@@ -305,7 +309,7 @@ __sao_spark_up() {{
   for pid in $__sao_spark_workers; do
     n=${{nodes[$i]}}
     __sao_wait "spark-worker-$i.log" "$pid" 'Successfully registered with master' "$__sao_spark_deadline"; rc=$?
-    __sao_show "spark-worker-$i.log" "spark $n"
+    __sao_show "spark-worker-$i.log" "spark $n" "$__sao_spark_lines"
     case $rc in
       0) joined=$(( joined + 1 )) ;;
       2) missing="$missing $n (its worker exited)" ;;
@@ -318,7 +322,11 @@ __sao_spark_up() {{
   # Executors: one per worker with all its cores unless executorCores says otherwise; their
   # memory shares the worker's (a tenth left for the JVM's own).
   per=$(( cores / ${{__sao_spark_exec_cores:-$cores}} )); [ "$per" -ge 1 ] || per=1
-  [ -n "$__sao_spark_exec_mem" ] || __sao_spark_exec_mem="$(( mem * 9 / 10 / per ))m"
+  if [ -z "$__sao_spark_exec_mem" ]; then
+    # Spark refuses an executor heap under 450 MiB.
+    __sao_spark_exec_mem=$(( mem * 9 / 10 / per )); [ "$__sao_spark_exec_mem" -ge 512 ] || __sao_spark_exec_mem=512
+    __sao_spark_exec_mem="${{__sao_spark_exec_mem}}m"
+  fi
   if [ -n {num_executors_q} ]; then
     __sao_spark_cores_max=$(( {num_executors_q} * ${{__sao_spark_exec_cores:-$cores}} ))
   fi
@@ -344,7 +352,7 @@ __sao_spark_down() {{
   return 0
 }}
 "#,
-        common = COMMON_FUNCTIONS,
+        helpers = COMMON_FUNCTIONS,
         exec_mem_q = quote(&exec_mem),
         exec_cores = quote(&exec_cores),
         home_q = home,

@@ -515,10 +515,10 @@ fn validate_spark(l: &Launcher, errors: &mut Vec<FieldError>) {
         ("driverMemory", &spark.driver_memory),
         ("executorMemory", &spark.executor_memory),
     ] {
-        if m.as_ref().is_some_and(|m| m.bytes() < 32 * 1024 * 1024) {
+        if m.as_ref().is_some_and(|m| m.bytes() < 512 * 1024 * 1024) {
             errors.push(field_err(
                 format!("spec.launcher.spark.{field}"),
-                "must be at least 32M (a JVM heap)",
+                "must be at least 512M (Spark refuses a heap under 450 MiB)",
             ));
         }
     }
@@ -1061,7 +1061,7 @@ mod tests {
             "spec.launcher.spark.masterUrl: must be spark://",
             "spec.launcher.spark.masterHost",
             "spec.launcher.spark.executorCores: must be at least 1",
-            "spec.launcher.spark.executorMemory: must be at least 32M",
+            "spec.launcher.spark.executorMemory: must be at least 512M",
             "spec.launcher.spark.sparkHome",
         ] {
             assert!(e.contains(f), "{f}: {e}");

@@ -9,7 +9,7 @@ use common::*;
 use serde_json::Value;
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// A Ray payload: reports the alive nodes and the hosts its tasks ran on; logs `started`
 /// first; `RAYTEST_HOLD` makes it wait (up to 5 minutes) for a file `go` in its run dir,

@@ -83,6 +83,8 @@ pub struct Observation {
     pub step_id: Option<String>,
     /// What the launcher started (Ray's head address), from the run dir.
     pub launcher: Option<crate::api::LauncherStatus>,
+    /// A heterogeneous job's components, as far as the scheduler said.
+    pub components: Vec<crate::api::ComponentStatus>,
     /// The job ended but accounting did not answer: its metrics may come later.
     pub metrics_pending: bool,
     /// The job has ended and its last figures (accounting, Pipes messages) are due within
@@ -105,6 +107,7 @@ impl Observation {
             queue_reason: None,
             launcher: None,
             step_id: None,
+            components: vec![],
             metrics_pending: false,
             observe_again_soon: false,
         }
@@ -464,6 +467,9 @@ fn backfill_metrics(
     let g = Some(input.generation);
     if obs.metrics.is_some() && !obs.metrics_pending {
         s.metrics = obs.metrics.clone();
+        if !obs.components.is_empty() {
+            s.components = obs.components.clone();
+        }
         if obs.slurm_state.is_some() {
             s.slurm_state = obs.slurm_state.clone();
         }
@@ -633,6 +639,7 @@ fn clear_job_fields(s: &mut SlurmAssetStatus) {
     s.log_tail = None;
     s.launcher = None;
     s.step_id = None;
+    s.components.clear();
     s.remote_run_dir = None;
     s.exit_code = None;
 }
@@ -665,6 +672,9 @@ fn merge(s: &mut SlurmAssetStatus, o: &Observation) {
     }
     if o.step_id.is_some() {
         s.step_id = o.step_id.clone();
+    }
+    if !o.components.is_empty() {
+        s.components = o.components.clone();
     }
 }
 

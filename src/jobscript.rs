@@ -66,6 +66,9 @@ pub struct RunPlan {
     pub launcher: Launcher,
     /// A step of a session's allocation instead of a job of its own.
     pub session: Option<crate::session::Placement>,
+    /// A heterogeneous job: each component's name and resources (over `resources`); the
+    /// first is the one the job script runs in.
+    pub components: Vec<(String, Resources)>,
     pub extras: Option<Value>,
     pub pipes_context: Option<crate::api::PipesContext>,
 }
@@ -141,6 +144,11 @@ pub fn plan(spec: &SlurmAssetSpec, id: RunId, ctx: &PlanContext) -> Result<RunPl
     let resources = spec.resources.merged_over(&cluster.queue);
     let environment = spec.environment.merged_over(&cluster.environment);
     let local = cluster.mode == ClusterMode::Local;
+    if local && !spec.components.is_empty() {
+        return Err(
+            "spec.components: heterogeneous jobs run on Slurm clusters, not in local mode".into(),
+        );
+    }
     let resolve = |dir: &Path, p: &str| resolve_path(local, ctx.remote_home, dir, p);
     let base = base_dir(ctx);
     let run_dir = format!(
@@ -228,6 +236,11 @@ pub fn plan(spec: &SlurmAssetSpec, id: RunId, ctx: &PlanContext) -> Result<RunPl
                 .ok_or_else(|| format!("spec.env: {} has no resolved value", e.name))
         })
         .collect::<Result<Vec<_>, _>>()?;
+    let components = spec
+        .components
+        .iter()
+        .map(|c| (c.name.clone(), c.resources.merged_over(&resources)))
+        .collect();
     Ok(RunPlan {
         dagster_run_id: spec
             .run_key
@@ -246,6 +259,7 @@ pub fn plan(spec: &SlurmAssetSpec, id: RunId, ctx: &PlanContext) -> Result<RunPl
         resources,
         launcher: spec.launcher.clone(),
         session: None,
+        components,
         extras: spec.extras.clone(),
         pipes_context: spec.pipes_context.clone(),
     })
@@ -305,6 +319,9 @@ pub fn render_script(plan: &RunPlan) -> String {
     for (k, v) in &plan.env {
         // Names are validated as identifiers; values are quoted.
         s.push_str(&format!("export {k}={}\n", quote(v)));
+    }
+    if !plan.components.is_empty() {
+        s.push_str(&components_file(&plan.components));
     }
     // Activation happens in the script's own shell: a launcher's processes use it too.
     s.push_str("__sao_activate() {\n");
@@ -374,6 +391,33 @@ pub fn render_script(plan: &RunPlan) -> String {
     s
 }
 
+/// The file a heterogeneous job's payload reads to reach every component:
+/// `{"jobId", "components": [{"name", "hetGroup", "jobId", "nodes", "srun"}]}` (also
+/// `SAO_COMPONENTS_FILE`); the `SLURM_*_HET_GROUP_<N>` variables say the same.
+pub const COMPONENTS_FILE: &str = "components.json";
+
+fn components_file(components: &[(String, Resources)]) -> String {
+    let names: Vec<&str> = components.iter().map(|(n, _)| n.as_str()).collect();
+    format!(
+        r#"# A heterogeneous job: what the payload needs to reach every component.
+__sao_names=({names})
+{{
+  printf '{{"jobId": "%s", "components": [' "${{SLURM_JOB_ID:-}}"
+  for __sao_i in "${{!__sao_names[@]}}"; do
+    __sao_v=SLURM_JOB_NODELIST_HET_GROUP_$__sao_i
+    __sao_nodes=$(scontrol show hostnames "${{!__sao_v:-}}" 2>/dev/null | sed 's/.*/"&"/' | paste -sd, -)
+    [ "$__sao_i" -eq 0 ] || printf ', '
+    printf '{{"name": "%s", "hetGroup": %s, "jobId": "%s+%s", "nodes": [%s], "srun": ["srun", "--het-group=%s"]}}' \
+      "${{__sao_names[$__sao_i]}}" "$__sao_i" "${{SLURM_JOB_ID:-}}" "$__sao_i" "$__sao_nodes" "$__sao_i"
+  done
+  printf ']}}\n'
+}} > {COMPONENTS_FILE}
+export SAO_COMPONENTS_FILE="$PWD/{COMPONENTS_FILE}"
+"#,
+        names = join(&names),
+    )
+}
+
 /// The exact `sbatch` argv for Slurm mode; every option is its own argument.
 pub fn sbatch_argv(plan: &RunPlan) -> Vec<String> {
     let r = &plan.resources;
@@ -382,6 +426,37 @@ pub fn sbatch_argv(plan: &RunPlan) -> Vec<String> {
     // operator's own (the tag above all) always win, whatever the validation let through.
     let mut a = vec!["sbatch".to_string()];
     a.extend(r.extra_sbatch_args.iter().cloned());
+    match plan.components.split_first() {
+        None => resource_options(&mut a, r),
+        // A heterogeneous job: the first component's options, then the operator's own
+        // (which apply to the job), then `:` and each further component's.
+        Some(((_, first), _)) => resource_options(&mut a, first),
+    }
+    a.extend([
+        "--parsable".into(),
+        // The tag is the job name: squeue and sacct can both find it by name after a restart.
+        format!("--job-name={}", plan.id.tag()),
+        format!(
+            "--comment={}/{} run {} attempt {} epoch {}",
+            plan.id.namespace, plan.id.name, plan.id.run, plan.id.attempt, plan.id.epoch
+        ),
+        format!("--chdir={dir}"),
+        format!("--output={dir}/{STDOUT_FILE}"),
+        format!("--error={dir}/{STDERR_FILE}"),
+    ]);
+    for (_, c) in plan.components.iter().skip(1) {
+        a.push(":".into());
+        a.extend(c.extra_sbatch_args.iter().cloned());
+        resource_options(&mut a, c);
+        // Each component carries the tag too: `squeue -n`/`sacct --name` find all of them.
+        a.push(format!("--job-name={}", plan.id.tag()));
+    }
+    a.push(format!("{dir}/{JOB_SCRIPT}"));
+    a
+}
+
+/// The `sbatch` options of one set of resources (a job's, or one component's).
+fn resource_options(a: &mut Vec<String>, r: &Resources) {
     let mut opt = |name: &str, v: Option<String>| {
         if let Some(v) = v {
             a.push(format!("--{name}={v}"));
@@ -405,20 +480,6 @@ pub fn sbatch_argv(plan: &RunPlan) -> Vec<String> {
     );
     opt("gpus-per-node", r.gpus_per_node.map(|n| n.to_string()));
     opt("constraint", r.constraint.clone());
-    a.extend([
-        "--parsable".into(),
-        // The tag is the job name: squeue and sacct can both find it by name after a restart.
-        format!("--job-name={}", plan.id.tag()),
-        format!(
-            "--comment={}/{} run {} attempt {} epoch {}",
-            plan.id.namespace, plan.id.name, plan.id.run, plan.id.attempt, plan.id.epoch
-        ),
-        format!("--chdir={dir}"),
-        format!("--output={dir}/{STDOUT_FILE}"),
-        format!("--error={dir}/{STDERR_FILE}"),
-    ]);
-    a.push(format!("{dir}/{JOB_SCRIPT}"));
-    a
 }
 
 /// The command that starts the job: `sbatch` in Slurm mode, the local supervisor in local mode.
@@ -473,6 +534,57 @@ mod tests {
             remote_home: Some("/home/u"),
         };
         plan(s, id(), &ctx).unwrap()
+    }
+
+    #[test]
+    fn components_become_one_heterogeneous_sbatch_and_a_components_file() {
+        let mut s = spec(Payload {
+            inline: Some("x".into()),
+            ..Default::default()
+        });
+        s.resources.mem = Some(crate::quantity::Memory::parse("100M").unwrap());
+        s.components = serde_json::from_value(serde_json::json!([
+            {"name": "cpu", "resources": {"ntasks": 1}},
+            {"name": "gpu", "resources": {"gpusPerNode": 1, "mem": "2G"}},
+        ]))
+        .unwrap();
+        let p = slurm_plan(&s, "/b");
+        let argv = sbatch_argv(&p);
+        let colon = argv
+            .iter()
+            .position(|a| a == ":")
+            .expect("a second component");
+        let (first, second) = argv.split_at(colon);
+        // The operator's own options (and the tag) are the job's; each component has its
+        // resources, the asset's as their defaults.
+        assert!(first.contains(&"--ntasks=1".to_string()), "{argv:?}");
+        assert!(first.contains(&"--mem=100M".to_string()), "{argv:?}");
+        assert!(first.iter().any(|a| a.starts_with("--output=")));
+        assert!(
+            second.contains(&"--gpus-per-node=1".to_string()),
+            "{argv:?}"
+        );
+        assert!(second.contains(&"--mem=2G".to_string()), "{argv:?}");
+        assert!(!second.iter().any(|a| a.starts_with("--output=")));
+        assert_eq!(argv.iter().filter(|a| *a == ":").count(), 1);
+        assert!(argv.last().unwrap().ends_with("/job.sh"));
+        let script = render_script(&p);
+        assert!(script.contains("__sao_names=(cpu gpu)"), "{script}");
+        assert!(script.contains("> components.json"));
+        // Local mode has no heterogeneous jobs: the plan says so, naming the field.
+        let cluster = SlurmClusterSpec::default();
+        let ctx = PlanContext {
+            asset_dir: Path::new("/m"),
+            cluster: &cluster,
+            cluster_dir: Path::new("/m"),
+            default_base: "/x".into(),
+            remote_home: None,
+        };
+        assert!(
+            plan(&s, id(), &ctx)
+                .unwrap_err()
+                .starts_with("spec.components:")
+        );
     }
 
     #[test]

@@ -840,8 +840,74 @@ pub fn validate_asset(
         errors.push(field_err("spec.clusterRef", "is not a valid object name"));
     }
     validate_resources(&s.resources, "spec.resources", &mut errors);
+    validate_components(s, &mut errors);
     validate_environment(&s.environment, "spec.environment", store, &mut errors);
     errors
+}
+
+/// What a heterogeneous job may be: what Slurm cannot do with one is refused here, before
+/// anything is submitted.
+fn validate_components(s: &SlurmAssetSpec, errors: &mut Vec<FieldError>) {
+    if s.components.is_empty() {
+        return;
+    }
+    if s.components.len() < 2 {
+        errors.push(field_err(
+            "spec.components",
+            "a heterogeneous job has two or more components (or none)",
+        ));
+    }
+    if s.components.len() > 16 {
+        errors.push(field_err("spec.components", "at most 16 components"));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for (i, c) in s.components.iter().enumerate() {
+        let at = format!("spec.components[{i}]");
+        if dns_label_problem(&c.name).is_some() {
+            errors.push(field_err(
+                format!("{at}.name"),
+                "must be a DNS label (lowercase letters, digits and '-', at most 63 characters)",
+            ));
+        } else if !seen.insert(c.name.as_str()) {
+            errors.push(field_err(
+                format!("{at}.name"),
+                format!("{:?} names another component too", c.name),
+            ));
+        }
+        validate_resources(&c.resources, &format!("{at}.resources"), errors);
+        if c.resources
+            .extra_sbatch_args
+            .iter()
+            .any(|a| a.starts_with("--array") || a.starts_with("-a"))
+        {
+            errors.push(field_err(
+                format!("{at}.resources.extraSbatchArgs"),
+                "Slurm has no job arrays of heterogeneous jobs",
+            ));
+        }
+    }
+    if s.resources
+        .extra_sbatch_args
+        .iter()
+        .any(|a| a.starts_with("--array") || a.starts_with("-a"))
+    {
+        errors.push(field_err(
+            "spec.resources.extraSbatchArgs",
+            "Slurm has no job arrays of heterogeneous jobs",
+        ));
+    }
+    if s.session_ref.is_some() {
+        errors.push(field_err(
+            "spec.components",
+            "a heterogeneous job is an allocation of its own: it cannot join a session",
+        ));
+    }
+    if s.launcher.type_ != LauncherType::Bash {
+        errors.push(field_err(
+            "spec.components",
+            "the ray and spark launchers do not span heterogeneous components in this version",
+        ));
+    }
 }
 
 /// Semantic checks of a `SlurmCluster` spec.
@@ -1082,6 +1148,47 @@ mod tests {
         ))
         .unwrap();
         assert!(ok.asset().is_some());
+    }
+
+    #[test]
+    fn what_slurm_cannot_do_with_a_heterogeneous_job_is_refused() {
+        let c = |x: &str| {
+            spec_errors(&format!(
+                "{HEAD}spec:\n  assetKey: x\n  clusterRef: hpc\n  payload: {{inline: x}}\n{x}"
+            ))
+        };
+        assert!(c("  components: [{name: a}]\n").contains("two or more components"));
+        let e = c("  components: [{name: a}, {name: a}, {name: B_1}]\n");
+        assert!(
+            e.contains("spec.components[1].name: \"a\" names another component too"),
+            "{e}"
+        );
+        assert!(
+            e.contains("spec.components[2].name: must be a DNS label"),
+            "{e}"
+        );
+        let e = c("  sessionRef: s\n  components: [{name: a}, {name: b}]\n");
+        assert!(e.contains("cannot join a session"), "{e}");
+        let e = c(
+            "  resources: {extraSbatchArgs: ['--array=1-3']}\n  components: [{name: a}, {name: b, resources: {extraSbatchArgs: ['--array=2']}}]\n",
+        );
+        assert!(
+            e.contains(
+                "spec.resources.extraSbatchArgs: Slurm has no job arrays of heterogeneous jobs"
+            ),
+            "{e}"
+        );
+        assert!(
+            e.contains("spec.components[1].resources.extraSbatchArgs"),
+            "{e}"
+        );
+        let e = c("  launcher: {type: ray}\n  components: [{name: a}, {name: b}]\n");
+        assert!(e.contains("do not span heterogeneous components"), "{e}");
+        let ok = one(&format!(
+            "{HEAD}spec:\n  assetKey: x\n  clusterRef: hpc\n  payload: {{inline: x}}\n  components: [{{name: a}}, {{name: b, resources: {{cpusPerTask: 2}}}}]\n"
+        ))
+        .unwrap();
+        assert_eq!(ok.asset().unwrap().components.len(), 2);
     }
 
     #[test]

@@ -150,6 +150,7 @@ pub fn allocation_spec(name: &str, s: &SlurmSessionSpec) -> SlurmAssetSpec {
         cleanup_on_failure: false,
         debug: false,
         suspend: false,
+        components: vec![],
     }
 }
 

@@ -189,8 +189,15 @@ pub struct SacctRow {
 
 impl SacctRow {
     /// The job this row belongs to (`123` for `123`, `123.batch`, `123.0`).
+    /// The job's ID, without a step (`.batch`) or a heterogeneous component (`+1`).
     pub fn base_id(&self) -> &str {
-        self.job_id.split('.').next().unwrap_or(&self.job_id)
+        let job = self.job_id.split('.').next().unwrap_or(&self.job_id);
+        job.split('+').next().unwrap_or(job)
+    }
+    /// The heterogeneous component this row belongs to (`123+1.0` → 1).
+    pub fn component(&self) -> Option<u32> {
+        let job = self.job_id.split('.').next()?;
+        job.split_once('+')?.1.parse().ok()
     }
     pub fn is_step(&self) -> bool {
         self.job_id.contains('.')
@@ -226,6 +233,10 @@ pub fn parse_sacct(text: &str) -> Vec<SacctRow> {
 /// step, memory the maximum over steps, node-hours from the allocation's node count.
 pub fn job_metrics(rows: &[&SacctRow], requested_mem: Option<u64>) -> Option<Metrics> {
     let alloc = rows.iter().find(|r| !r.is_step())?;
+    // A heterogeneous job has one allocation row per component: its CPUs, nodes and GPUs
+    // add up (they share the job's elapsed time).
+    let allocs: Vec<&&SacctRow> = rows.iter().filter(|r| !r.is_step()).collect();
+    let sum = |f: &dyn Fn(&SacctRow) -> u32| allocs.iter().map(|r| f(r)).sum::<u32>();
     let steps: Vec<&&SacctRow> = rows.iter().filter(|r| r.is_step()).collect();
     let cpu: f64 = if steps.is_empty() {
         alloc.total_cpu.unwrap_or(0.0)
@@ -233,14 +244,17 @@ pub fn job_metrics(rows: &[&SacctRow], requested_mem: Option<u64>) -> Option<Met
         steps.iter().filter_map(|r| r.total_cpu).sum()
     };
     let max_rss = steps.iter().filter_map(|r| r.max_rss).max();
-    let elapsed = alloc.elapsed_raw.unwrap_or(0.0);
+    let elapsed = allocs
+        .iter()
+        .filter_map(|r| r.elapsed_raw)
+        .fold(alloc.elapsed_raw.unwrap_or(0.0), f64::max);
     Some(efficiency(
         elapsed,
         Some(cpu),
         max_rss,
-        alloc.alloc_cpus.unwrap_or(0),
-        alloc.alloc_nodes.unwrap_or(0),
-        gpus_in_tres(&alloc.alloc_tres),
+        sum(&|r| r.alloc_cpus.unwrap_or(0)),
+        sum(&|r| r.alloc_nodes.unwrap_or(0)),
+        sum(&|r| gpus_in_tres(&r.alloc_tres)),
         requested_mem,
     ))
 }

@@ -73,6 +73,25 @@ pub struct SlurmAssetSpec {
     /// Do not start new runs while true.
     #[serde(default)]
     pub suspend: bool,
+    /// Two or more components make one heterogeneous job (`sbatch ... : ...`), queued once.
+    /// Each has its own resources (over `resources`). The asset's payload runs in component 0
+    /// and reaches the others with `srun --het-group=N` (their nodes are in
+    /// `SLURM_JOB_NODELIST_HET_GROUP_N` and in `components.json` in the run dir).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub components: Vec<Component>,
+}
+
+/// One component of a heterogeneous job.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Component {
+    /// The component's name (a DNS label), unique in the asset: its key in status and in
+    /// `components.json`.
+    pub name: String,
+    /// Its resources, over the asset's `resources` (which are over the cluster's defaults).
+    #[serde(default)]
+    pub resources: Resources,
 }
 
 fn free_json(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
@@ -415,6 +434,10 @@ pub struct SlurmAssetStatus {
     /// In a session: the job step that runs the current attempt, `<jobId>.<step>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub step_id: Option<String>,
+    /// A heterogeneous job's components: each one's job ID (`<jobId>+<N>`), nodes, state and
+    /// metrics (`metrics` holds the totals over all of them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub components: Vec<ComponentStatus>,
     /// Raw scheduler state, e.g. `RUNNING`, `TIMEOUT`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slurm_state: Option<String>,
@@ -463,6 +486,29 @@ pub struct SlurmAssetStatus {
     /// Conditions: `Invalid`, `Running`, `Complete`, `Failed`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+}
+
+/// One component of a heterogeneous job, as the scheduler reports it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ComponentStatus {
+    /// The component's name (`spec.components[].name`).
+    pub name: String,
+    /// `<jobId>+<N>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_id: Option<String>,
+    /// The component's nodes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<String>,
+    /// The component's Slurm state, e.g. `RUNNING`, `COMPLETED`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slurm_state: Option<String>,
+    /// The component's exit code, once it ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// The component's own efficiency figures.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<Metrics>,
 }
 
 /// seff-style efficiency figures.

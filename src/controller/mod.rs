@@ -691,6 +691,7 @@ async fn drive_subject(
             job_id: before.job_id.clone(),
             run_dir: before.remote_run_dir.clone().unwrap_or_default(),
             resources: resources.clone(),
+            components: spec.components.iter().map(|c| c.name.clone()).collect(),
         },
         requested_mem: resources.requested_memory(),
         poll,

@@ -22,6 +22,8 @@ pub struct JobRef {
     /// The step's ID as last observed: its run dir may be gone (cleaned up after the end)
     /// before accounting has its figures.
     pub step_id: Option<String>,
+    /// A heterogeneous job's component names, in order (their status is reported by name).
+    pub components: Vec<String>,
 }
 
 /// What is remembered about one watched job between polls.

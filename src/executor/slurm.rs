@@ -1054,6 +1054,9 @@ fn parse_poll(
     let mut squeue: HashMap<String, (String, String, String)> = HashMap::new();
     // A running job's start, before accounting is asked about it.
     let mut squeue_start: HashMap<String, String> = HashMap::new();
+    // A heterogeneous job's components as squeue lists them (`123+1`): (component, state,
+    // nodes) by the job's ID.
+    let mut squeue_het: HashMap<String, Vec<(u32, String, String)>> = HashMap::new();
     let mut sacct_text = String::new();
     let mut per_job: HashMap<usize, HashMap<&str, String>> = HashMap::new();
     let mut rc: HashMap<String, i32> = HashMap::new();
@@ -1078,14 +1081,40 @@ fn parse_poll(
         match section {
             "SQUEUE" => {
                 let f: Vec<&str> = line.split('|').collect();
+                // A component (`123+1`) counts for its job (`123`): the first listed gives
+                // the state, all of them the nodes.
+                let (id, component) = match f[0].split_once('+') {
+                    Some((job, c)) => (job, c.parse::<u32>().ok()),
+                    None => (f[0], None),
+                };
                 if f.len() >= 5 {
-                    squeue_start.insert(f[0].to_string(), f[4].to_string());
+                    squeue_start
+                        .entry(id.to_string())
+                        .or_insert_with(|| f[4].to_string());
                 }
                 if f.len() >= 4 {
-                    squeue.insert(
-                        f[0].to_string(),
-                        (f[1].to_string(), f[2].to_string(), f[3].to_string()),
-                    );
+                    if let Some(c) = component {
+                        squeue_het.entry(id.to_string()).or_default().push((
+                            c,
+                            f[1].to_string(),
+                            f[3].to_string(),
+                        ));
+                    }
+                    match squeue.entry(id.to_string()) {
+                        std::collections::hash_map::Entry::Vacant(e) => {
+                            e.insert((f[1].to_string(), f[2].to_string(), f[3].to_string()));
+                        }
+                        std::collections::hash_map::Entry::Occupied(mut e)
+                            if component.is_some() && !f[3].is_empty() =>
+                        {
+                            let nodes = &mut e.get_mut().2;
+                            if !nodes.is_empty() {
+                                nodes.push(',');
+                            }
+                            nodes.push_str(f[3]);
+                        }
+                        _ => {}
+                    }
                 }
             }
             "SACCT" => {
@@ -1354,8 +1383,90 @@ fn parse_poll(
                     ));
                 }
             }
+            if is_job_id(&id) && !w.job.components.is_empty() {
+                obs.components = components_of(
+                    &id,
+                    &w.job.components,
+                    &job_rows,
+                    squeue_het.get(&id).map(Vec::as_slice).unwrap_or_default(),
+                    is_final(&obs.state) && !obs.metrics_pending,
+                );
+                // A job that did not succeed names the components that did not either.
+                if is_final(&obs.state) && !matches!(obs.state, JobState::Exited { exit_code: 0 }) {
+                    let bad: Vec<String> = obs
+                        .components
+                        .iter()
+                        .filter(|c| {
+                            c.slurm_state
+                                .as_deref()
+                                .is_some_and(|st| !st.starts_with("COMPLETED"))
+                        })
+                        .map(|c| {
+                            format!(
+                                "component {} ({}) {}",
+                                c.name,
+                                c.job_id.as_deref().unwrap_or(""),
+                                c.slurm_state.as_deref().unwrap_or("")
+                            )
+                        })
+                        .collect();
+                    if !bad.is_empty() {
+                        let m = obs
+                            .message
+                            .take()
+                            .map(|m| format!("{m}; "))
+                            .unwrap_or_default();
+                        obs.message = Some(format!("{m}{}", bad.join(", ")));
+                    }
+                }
+            }
             fill_from_run_dir(&mut obs, &files, w);
             obs
+        })
+        .collect()
+}
+
+/// The components of heterogeneous job `id` (named `names`, in order) from its sacct rows
+/// (`id+N`, `id+N.step`) and squeue's; their metrics once the job's are final.
+fn components_of(
+    id: &str,
+    names: &[String],
+    rows: &[&crate::slurm::SacctRow],
+    queued: &[(u32, String, String)],
+    with_metrics: bool,
+) -> Vec<crate::api::ComponentStatus> {
+    names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let i = i as u32;
+            let own: Vec<&crate::slurm::SacctRow> = rows
+                .iter()
+                .copied()
+                .filter(|r| r.component() == Some(i))
+                .collect();
+            let alloc = own.iter().find(|r| !r.is_step());
+            let listed = queued.iter().find(|(c, _, _)| *c == i);
+            let ended = alloc.filter(|a| is_final(&map_state(&a.state, None)));
+            crate::api::ComponentStatus {
+                name: name.clone(),
+                job_id: Some(format!("{id}+{i}")),
+                nodes: alloc
+                    .map(|a| expand_nodelist(&a.node_list))
+                    .filter(|n| !n.is_empty())
+                    .or_else(|| listed.map(|(_, _, n)| expand_nodelist(n)))
+                    .unwrap_or_default(),
+                slurm_state: ended
+                    .map(|a| a.state.clone())
+                    .or_else(|| listed.map(|(_, st, _)| st.clone()))
+                    .or_else(|| alloc.map(|a| a.state.clone())),
+                exit_code: ended.and_then(|a| crate::slurm::parse_exit_code(&a.exit_code)),
+                metrics: if with_metrics {
+                    crate::slurm::job_metrics(&own, None)
+                } else {
+                    None
+                },
+            }
         })
         .collect()
 }
@@ -1372,6 +1483,7 @@ mod tests {
                 resources: Default::default(),
                 in_session: false,
                 step_id: None,
+                components: vec![],
             },
             requested_mem: None,
             track,
@@ -1444,6 +1556,7 @@ mod tests {
                 resources: Default::default(),
                 in_session: false,
                 step_id: None,
+                components: vec![],
             },
             requested_mem: None,
             track: &mut track,

@@ -1535,6 +1535,10 @@ impl Driver {
             let in_session = self.assets[&key]
                 .spec()
                 .is_some_and(|s| s.session_ref.is_some());
+            let components: Vec<String> = self.assets[&key]
+                .spec()
+                .map(|s| s.components.iter().map(|c| c.name.clone()).collect())
+                .unwrap_or_default();
             let resources = match (&rc, self.assets[&key].spec()) {
                 // A step asks for its own resources; the queue defaults shaped the allocation.
                 (_, Some(s)) if in_session => s.resources.clone(),
@@ -1569,6 +1573,7 @@ impl Driver {
                 resources,
                 in_session,
                 step_id: entry.status.step_id.clone(),
+                components,
             };
             if let Some(ckey) = worker {
                 entry.polling = true;

@@ -1,0 +1,81 @@
+//! Heterogeneous jobs (issue 14) against the real Slurm test cluster: `spec.components`
+//! become one `sbatch` submission queued once; the payload runs in component 0 and reaches
+//! the others through `srun --het-group=N` and `components.json`; status has each
+//! component's job ID, nodes and metrics, and the totals over all of them.
+
+mod common;
+use common::*;
+use std::time::Duration;
+
+/// Runs a command on component 1 through the `srun` that `components.json` gives it.
+const PAYLOAD: &str = r#"import json, os, subprocess
+from dagster_pipes import open_dagster_pipes
+with open_dagster_pipes() as p:
+    comps = json.load(open(os.environ["SAO_COMPONENTS_FILE"]))
+    other = comps["components"][1]
+    out = subprocess.run(
+        other["srun"] + ["bash", "-c", "echo $SLURMD_NODENAME $SLURM_CPUS_ON_NODE; end=$((SECONDS+2)); while [ $SECONDS -lt $end ]; do :; done"],
+        capture_output=True, text=True, check=True,
+    ).stdout.split()
+    p.report_asset_materialization(metadata={
+        "component1_host": out[0], "component1_cpus": int(out[1]),
+        "component1_nodes": ",".join(other["nodes"]), "component1_job": other["jobId"],
+        "names": ",".join(c["name"] for c in comps["components"]),
+        "here": os.environ.get("SLURMD_NODENAME", ""),
+    })
+"#;
+
+#[test]
+fn one_payload_reaches_its_second_component_through_srun_het_group() {
+    let (dir, _c) = slurm_dir("hetjob-single");
+    let d = dir.path();
+    write(d, "payload.py", PAYLOAD);
+    write(
+        d,
+        "het.yaml",
+        "apiVersion: dagster-slurm.io/v1alpha1\nkind: SlurmAsset\nmetadata: {name: het}\nspec:\n  assetKey: het/single\n  clusterRef: hpc\n  resources: {mem: 100M, timeLimit: \"00:05:00\"}\n  components:\n    - name: driver\n      resources: {cpusPerTask: 1}\n    - name: workers\n      resources: {cpusPerTask: 2, mem: 300M}\n  payload: {path: payload.py}\n",
+    );
+    let _op = Operator::start_logged(d, None);
+    let done = wait_object(d, "het", "the end", Duration::from_secs(120), terminal);
+    let s = &done["status"];
+    assert_eq!(phase(&done), "Succeeded", "{s:#}");
+    let job = s["jobId"].as_str().unwrap().to_string();
+    assert_eq!(metadata(&done, "names"), "driver,workers");
+    assert_eq!(metadata(&done, "component1_job"), format!("{job}+1"));
+    assert_eq!(metadata(&done, "component1_cpus"), 2, "{s:#}");
+    let host = metadata(&done, "component1_host");
+    assert_eq!(host, metadata(&done, "component1_nodes"), "{s:#}");
+    // Status: each component's job ID and nodes; metrics per component and in total.
+    let metered = wait_object(d, "het", "metrics", Duration::from_secs(60), |o| {
+        o["status"]["components"][1]["metrics"]["allocCpus"].is_number()
+    });
+    // One submission: the tag names one job, of two components.
+    let uid = done["metadata"]["uid"].as_str().unwrap();
+    let rows = sacct_jobs(&format!("sao.{uid}."));
+    let ids: Vec<&str> = rows.iter().map(|r| r.2.as_str()).collect();
+    assert_eq!(ids, [format!("{job}+0"), format!("{job}+1")], "{rows:?}");
+    let comps = metered["status"]["components"].as_array().unwrap();
+    assert_eq!(comps.len(), 2, "{comps:#?}");
+    for (i, name) in ["driver", "workers"].iter().enumerate() {
+        assert_eq!(comps[i]["name"], *name);
+        assert_eq!(comps[i]["jobId"], format!("{job}+{i}"));
+        assert_eq!(comps[i]["slurmState"], "COMPLETED", "{comps:#?}");
+        assert_eq!(comps[i]["nodes"].as_array().unwrap().len(), 1, "{comps:#?}");
+    }
+    assert_eq!(comps[1]["nodes"][0], host);
+    assert_eq!(comps[0]["metrics"]["allocCpus"], 1, "{comps:#?}");
+    assert_eq!(comps[1]["metrics"]["allocCpus"], 2, "{comps:#?}");
+    // The busy loop ran on component 1: its CPU time is its own.
+    assert!(
+        comps[1]["metrics"]["totalCpuSeconds"].as_f64().unwrap() > 1.0,
+        "{comps:#?}"
+    );
+    let m = &metered["status"]["metrics"];
+    assert_eq!(m["allocCpus"], 3, "the totals over both: {m:#}");
+    assert_eq!(m["allocNodes"], 2, "{m:#}");
+    let elapsed = m["elapsedSeconds"].as_f64().unwrap();
+    assert!(
+        (m["nodeHours"].as_f64().unwrap() - elapsed * 2.0 / 3600.0).abs() < 1e-6,
+        "{m:#}"
+    );
+}

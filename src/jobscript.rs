@@ -358,9 +358,11 @@ pub fn render_script(plan: &RunPlan) -> String {
         // from the agent's environment).
         LauncherType::Ray if plan.session.is_none() => {
             let ray = plan.launcher.ray.clone().unwrap_or_default();
+            let components: Vec<String> = plan.components.iter().map(|(n, _)| n.clone()).collect();
             s.push_str(&crate::launcher::ray_functions(
                 &ray,
                 plan.resources.gpus_per_node,
+                &components,
             ));
             // scancel and the time limit send SIGTERM first: the cluster goes down with it.
             s.push_str("trap '__sao_ray_down; exit 143' TERM\n");

@@ -66,7 +66,13 @@ __sao_show() { grep -E "${3:-.}" "$1" 2>/dev/null | sed "s/^/[$2] /" >&2; }
 /// The shell functions `__sao_ray_up` (start the cluster; non-zero when it could not, with
 /// the reason in the launcher file) and `__sao_ray_down` (always safe to call, idempotent).
 /// `gpus_default` is the job's `gpusPerNode`.
-pub fn ray_functions(ray: &RaySettings, gpus_default: Option<u32>) -> String {
+/// `components` names a heterogeneous job's components (empty otherwise): the cluster spans
+/// them all, each node carrying a Ray resource named after its component.
+pub fn ray_functions(
+    ray: &RaySettings,
+    gpus_default: Option<u32>,
+    components: &[String],
+) -> String {
     let mut common: Vec<String> = vec![];
     if let Some(m) = &ray.object_store_memory {
         common.push(format!("--object-store-memory={}", m.bytes()));
@@ -80,6 +86,11 @@ pub fn ray_functions(ray: &RaySettings, gpus_default: Option<u32>) -> String {
         || "${SLURM_CPUS_ON_NODE:-$(nproc)}".to_string(),
         |c| c.to_string(),
     );
+    // In a heterogeneous job a node's CPUs are its component's (`$k`).
+    let cpus_het = ray
+        .cpus_per_node
+        .map_or_else(|| "\"$k\"".to_string(), |c| c.to_string());
+    let components = join(components);
     let head_ip = ray
         .head_address
         .as_deref()
@@ -99,15 +110,31 @@ __sao_ray_tmp=/tmp/sao-ray-${{SLURM_JOB_ID:-local-$$}}
 __sao_ray_group=''
 __sao_ray_workers=''
 __sao_ray_down_done=''
+__sao_ray_components=({components})
 {helpers}
 __sao_ray_wait() {{ __sao_wait "$1" "$2" 'Ray runtime started' "$__sao_ray_deadline"; }}
 __sao_ray_show() {{ __sao_show "$1" "ray $2"; }}
 __sao_ray_up() {{
-  local nodes dash gcs dal dag met rea addr i n pid rc joined=1 missing=''
+  local nodes dash gcs dal dag met rea addr i n pid rc joined=1 missing='' g v c k
+  local -a grp=() cpu=() res=()
   if [ -n "${{SLURM_JOB_NODELIST:-}}" ]; then
     mapfile -t nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
   else
     nodes=("$(hostname -s)")
+  fi
+  for i in "${{!nodes[@]}}"; do grp[$i]=''; cpu[$i]={cpus}; res[$i]=''; done
+  # A heterogeneous job: one cluster over every component's nodes, each node carrying a
+  # custom resource named after its component (as many as its CPUs).
+  if [ ${{#__sao_ray_components[@]}} -gt 0 ] && [ -n "${{SLURM_HET_SIZE:-}}" ]; then
+    nodes=(); grp=(); cpu=(); res=()
+    for g in "${{!__sao_ray_components[@]}}"; do
+      v=SLURM_JOB_NODELIST_HET_GROUP_$g; c=SLURM_JOB_CPUS_PER_NODE_HET_GROUP_$g
+      k=${{!c:-1}}; k=${{k%%[(,]*}}
+      while read -r n; do
+        [ -n "$n" ] || continue
+        nodes+=("$n"); grp+=("$g"); cpu+=({cpus_het}); res+=("{{\"${{__sao_ray_components[$g]}}\": $k}}")
+      done < <(scontrol show hostnames "${{!v:-}}")
+    done
   fi
   printf 'type=ray\nnodes_expected=%s\n' "${{#nodes[@]}}" > {LAUNCHER_FILE}
   command -v ray >/dev/null || {{ __sao_fail "ray is not installed in the job's environment (no ray command)"; return; }}
@@ -118,7 +145,7 @@ __sao_ray_up() {{
   setsid ray start --head --block --disable-usage-stats --port="$gcs" {head_ip} {dashboard} \
     --dashboard-agent-listen-port="$dal" --dashboard-agent-grpc-port="$dag" \
     --metrics-export-port="$met" --runtime-env-agent-port="$rea" \
-    --num-cpus={cpus} --temp-dir="$__sao_ray_tmp/0" {common} > ray-head.log 2>&1 < /dev/null &
+    --num-cpus="${{cpu[0]}}" ${{res[0]:+"--resources=${{res[0]}}"}} --temp-dir="$__sao_ray_tmp/0" {common} > ray-head.log 2>&1 < /dev/null &
   __sao_ray_group=$!
   __sao_ray_wait ray-head.log "$__sao_ray_group"; rc=$?
   __sao_ray_show ray-head.log "${{nodes[0]}} head"
@@ -138,10 +165,10 @@ __sao_ray_up() {{
   for i in $(seq 1 $(( ${{#nodes[@]}} - 1 ))); do
     n=${{nodes[$i]}}
     read -r dal dag met rea <<< "$(__sao_ports 4)"
-    srun --overlap --nodes=1 --ntasks=1 -w "$n" ray start --block --disable-usage-stats \
+    srun --overlap ${{grp[$i]:+--het-group=${{grp[$i]}}}} --nodes=1 --ntasks=1 -w "$n" ray start --block --disable-usage-stats \
       --address="$RAY_ADDRESS" --dashboard-agent-listen-port="$dal" --dashboard-agent-grpc-port="$dag" \
       --metrics-export-port="$met" --runtime-env-agent-port="$rea" \
-      --num-cpus={cpus} --temp-dir="$__sao_ray_tmp/$i" {common} > "ray-$i.log" 2>&1 < /dev/null &
+      --num-cpus="${{cpu[$i]}}" ${{res[$i]:+"--resources=${{res[$i]}}"}} --temp-dir="$__sao_ray_tmp/$i" {common} > "ray-$i.log" 2>&1 < /dev/null &
     __sao_ray_workers="$__sao_ray_workers $!"
   done
   i=0
@@ -161,7 +188,7 @@ __sao_ray_up() {{
 __sao_ray_down() {{
   [ -z "$__sao_ray_down_done" ] || return 0
   __sao_ray_down_done=1
-  local pid _
+  local pid _ g v
   for pid in $__sao_ray_workers; do kill -TERM "$pid" 2>/dev/null; done
   [ -z "$__sao_ray_group" ] || kill -TERM -- "-$__sao_ray_group" 2>/dev/null
   for _ in $(seq 1 50); do
@@ -172,7 +199,14 @@ __sao_ray_down() {{
   for pid in $__sao_ray_workers; do kill -KILL "$pid" 2>/dev/null; done
   wait $__sao_ray_workers $__sao_ray_group 2>/dev/null
   if [ -n "$__sao_ray_workers" ]; then
-    srun --overlap --nodes="${{SLURM_JOB_NUM_NODES:-1}}" --ntasks-per-node=1 rm -rf "$__sao_ray_tmp" 2>/dev/null
+    if [ ${{#__sao_ray_components[@]}} -gt 0 ] && [ -n "${{SLURM_HET_SIZE:-}}" ]; then
+      for g in "${{!__sao_ray_components[@]}}"; do
+        v=SLURM_JOB_NUM_NODES_HET_GROUP_$g
+        srun --overlap --het-group="$g" --nodes="${{!v:-1}}" --ntasks-per-node=1 rm -rf "$__sao_ray_tmp" 2>/dev/null
+      done
+    else
+      srun --overlap --nodes="${{SLURM_JOB_NUM_NODES:-1}}" --ntasks-per-node=1 rm -rf "$__sao_ray_tmp" 2>/dev/null
+    fi
   fi
   rm -rf "$__sao_ray_tmp"
   return 0
@@ -434,7 +468,7 @@ mod tests {
             head_address: Some("head$(id)".into()),
             ..Default::default()
         };
-        let f = ray_functions(&ray, Some(2));
+        let f = ray_functions(&ray, Some(2), &[]);
         assert!(f.contains("'--resources={\"x\": 1}; rm -rf /'"));
         assert!(f.contains("--node-ip-address='head$(id)'"));
         assert!(f.contains("addr='head$(id)'"));

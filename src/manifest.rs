@@ -902,10 +902,10 @@ fn validate_components(s: &SlurmAssetSpec, errors: &mut Vec<FieldError>) {
             "a heterogeneous job is an allocation of its own: it cannot join a session",
         ));
     }
-    if s.launcher.type_ != LauncherType::Bash {
+    if s.launcher.type_ == LauncherType::Spark {
         errors.push(field_err(
             "spec.components",
-            "the ray and spark launchers do not span heterogeneous components in this version",
+            "the spark launcher does not span heterogeneous components in this version (ray does)",
         ));
     }
 }
@@ -1182,8 +1182,8 @@ mod tests {
             e.contains("spec.components[1].resources.extraSbatchArgs"),
             "{e}"
         );
-        let e = c("  launcher: {type: ray}\n  components: [{name: a}, {name: b}]\n");
-        assert!(e.contains("do not span heterogeneous components"), "{e}");
+        let e = c("  launcher: {type: spark}\n  components: [{name: a}, {name: b}]\n");
+        assert!(e.contains("does not span heterogeneous components"), "{e}");
         let ok = one(&format!(
             "{HEAD}spec:\n  assetKey: x\n  clusterRef: hpc\n  payload: {{inline: x}}\n  components: [{{name: a}}, {{name: b, resources: {{cpusPerTask: 2}}}}]\n"
         ))

@@ -79,3 +79,52 @@ fn one_payload_reaches_its_second_component_through_srun_het_group() {
         "{m:#}"
     );
 }
+
+/// A Ray task placed by its component's custom resource.
+const RAY_PAYLOAD: &str = r#"import json, os
+import ray
+from dagster_pipes import open_dagster_pipes
+with open_dagster_pipes() as p:
+    ray.init(address="auto")
+    comps = json.load(open(os.environ["SAO_COMPONENTS_FILE"]))
+    @ray.remote(resources={"wide": 1})
+    def where():
+        return os.environ.get("SLURMD_NODENAME", "")
+    placed = sorted(set(ray.get([where.remote() for _ in range(4)])))
+    res = ray.cluster_resources()
+    p.report_asset_materialization(metadata={
+        "placed": ",".join(placed), "wide_nodes": ",".join(comps["components"][1]["nodes"]),
+        "alive": len([n for n in ray.nodes() if n["Alive"]]),
+        "narrow": res.get("narrow", 0), "wide": res.get("wide", 0),
+    })
+"#;
+
+#[test]
+fn a_ray_cluster_spans_the_components_and_places_a_task_by_component() {
+    let (dir, c) = slurm_dir("hetjob-ray");
+    let d = dir.path();
+    write(d, "payload.py", RAY_PAYLOAD);
+    write(
+        d,
+        "rayhet.yaml",
+        &format!(
+            "apiVersion: dagster-slurm.io/v1alpha1\nkind: SlurmAsset\nmetadata: {{name: rayhet}}\nspec:\n  assetKey: het/ray\n  clusterRef: hpc\n  launcher: {{type: ray, ray: {{objectStoreMemory: 100M}}}}\n  resources: {{mem: 900M, timeLimit: \"00:10:00\"}}\n  environment: {{preDeployedEnvPath: {}}}\n  components:\n    - name: narrow\n      resources: {{cpusPerTask: 1}}\n    - name: wide\n      resources: {{cpusPerTask: 2}}\n  payload: {{path: payload.py}}\n",
+            c.ray_env
+        ),
+    );
+    let _op = Operator::start_logged(d, None);
+    let done = wait_object(d, "rayhet", "the end", Duration::from_secs(240), terminal);
+    let s = &done["status"];
+    assert_eq!(phase(&done), "Succeeded", "{s:#}");
+    assert_eq!(metadata(&done, "alive"), 2, "{s:#}");
+    // Every task asking for the `wide` resource ran on component 1's node.
+    assert_eq!(
+        metadata(&done, "placed"),
+        metadata(&done, "wide_nodes"),
+        "{s:#}"
+    );
+    assert_eq!(metadata(&done, "wide"), 2.0, "as many as its CPUs");
+    assert_eq!(metadata(&done, "narrow"), 1.0);
+    assert_eq!(s["launcher"]["nodesJoined"], 2, "{s:#}");
+    assert_nothing_left(&run_dir(&done));
+}

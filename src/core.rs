@@ -467,9 +467,7 @@ fn backfill_metrics(
     let g = Some(input.generation);
     if obs.metrics.is_some() && !obs.metrics_pending {
         s.metrics = obs.metrics.clone();
-        if !obs.components.is_empty() {
-            s.components = obs.components.clone();
-        }
+        merge_components(&mut s.components, &obs.components);
         if obs.slurm_state.is_some() {
             s.slurm_state = obs.slurm_state.clone();
         }
@@ -673,9 +671,33 @@ fn merge(s: &mut SlurmAssetStatus, o: &Observation) {
     if o.step_id.is_some() {
         s.step_id = o.step_id.clone();
     }
-    if !o.components.is_empty() {
-        s.components = o.components.clone();
+    merge_components(&mut s.components, &o.components);
+}
+
+/// A component's figures as they arrive: what an observation lacks (a run dir cleaned up
+/// after the end holds no logs any more; accounting lags) stays as seen before, and the
+/// payload's own exit code stays first.
+fn merge_components(
+    known: &mut Vec<crate::api::ComponentStatus>,
+    seen: &[crate::api::ComponentStatus],
+) {
+    if seen.is_empty() {
+        return;
     }
+    let mut merged = seen.to_vec();
+    for m in &mut merged {
+        if let Some(k) = known.iter().find(|k| k.name == m.name) {
+            m.exit_code = k.exit_code.or(m.exit_code);
+            if m.nodes.is_empty() {
+                m.nodes = k.nodes.clone();
+            }
+            m.log_tail = m.log_tail.take().or_else(|| k.log_tail.clone());
+            m.pipes = m.pipes.take().or_else(|| k.pipes.clone());
+            m.metrics = m.metrics.take().or_else(|| k.metrics.clone());
+            m.slurm_state = m.slurm_state.take().or_else(|| k.slurm_state.clone());
+        }
+    }
+    *known = merged;
 }
 
 fn update_conditions(s: &mut SlurmAssetStatus, input: &Input) {

@@ -69,6 +69,8 @@ pub struct RunPlan {
     /// A heterogeneous job: each component's name and resources (over `resources`); the
     /// first is the one the job script runs in.
     pub components: Vec<(String, Resources)>,
+    /// Components with payloads of their own: their plans (run dirs inside this one).
+    pub component_plans: Vec<RunPlan>,
     pub extras: Option<Value>,
     pub pipes_context: Option<crate::api::PipesContext>,
 }
@@ -140,6 +142,49 @@ fn resolve_path(local: bool, remote_home: Option<&str>, dir: &Path, p: &str) -> 
 
 /// Resolves a spec against its cluster into a [`RunPlan`]. Errors name the field.
 pub fn plan(spec: &SlurmAssetSpec, id: RunId, ctx: &PlanContext) -> Result<RunPlan, String> {
+    let run_dir = format!(
+        "{}/{}/{}/{}/{}-{}",
+        base_dir(ctx),
+        if id.session { "sessions" } else { "runs" },
+        id.namespace,
+        id.name,
+        id.run,
+        id.attempt
+    );
+    let mut p = plan_at(spec, id, ctx, run_dir)?;
+    // Components with payloads of their own: each a plan of its own, in a run dir inside
+    // this one, with its payload and asset key over the asset's settings.
+    if spec.components.iter().any(|c| c.payload.is_some()) {
+        for (c, (_, resources)) in spec.components.iter().zip(&p.components) {
+            let mut sub = spec.clone();
+            sub.components.clear();
+            sub.payload = c.payload.clone().unwrap_or_default();
+            sub.asset_key = c
+                .asset_key
+                .clone()
+                .unwrap_or_else(|| spec.asset_key.clone());
+            sub.resources = resources.clone();
+            if let Some(pc) = &mut sub.pipes_context {
+                pc.asset_keys = vec![sub.asset_key.clone()];
+            }
+            let dir = format!("{}/{COMPONENTS_DIR}/{}", p.run_dir, c.name);
+            let cp = plan_at(&sub, p.id.clone(), ctx, dir)
+                .map_err(|e| e.replacen("spec.", &format!("spec.components[{}].", c.name), 1))?;
+            p.component_plans.push(cp);
+        }
+    }
+    Ok(p)
+}
+
+/// Where the run dirs of components with payloads of their own are, in the job's.
+pub const COMPONENTS_DIR: &str = "components";
+
+fn plan_at(
+    spec: &SlurmAssetSpec,
+    id: RunId,
+    ctx: &PlanContext,
+    run_dir: String,
+) -> Result<RunPlan, String> {
     let cluster = ctx.cluster;
     let resources = spec.resources.merged_over(&cluster.queue);
     let environment = spec.environment.merged_over(&cluster.environment);
@@ -150,15 +195,6 @@ pub fn plan(spec: &SlurmAssetSpec, id: RunId, ctx: &PlanContext) -> Result<RunPl
         );
     }
     let resolve = |dir: &Path, p: &str| resolve_path(local, ctx.remote_home, dir, p);
-    let base = base_dir(ctx);
-    let run_dir = format!(
-        "{base}/{}/{}/{}/{}-{}",
-        if id.session { "sessions" } else { "runs" },
-        id.namespace,
-        id.name,
-        id.run,
-        id.attempt
-    );
     let env_path = environment.pre_deployed_env_path.as_ref().map(|p| {
         let dir = if spec.environment.pre_deployed_env_path.is_some() {
             ctx.asset_dir
@@ -222,6 +258,9 @@ pub fn plan(spec: &SlurmAssetSpec, id: RunId, ctx: &PlanContext) -> Result<RunPl
         ]
         .concat();
         (Some((name, text.clone().into_bytes())), argv)
+    } else if spec.components.iter().any(|c| c.payload.is_some()) {
+        // The components carry the payloads: the job script starts them.
+        (None, vec![])
     } else {
         return Err("spec.payload: no source to run (configMapRef must be resolved first)".into());
     };
@@ -260,6 +299,7 @@ pub fn plan(spec: &SlurmAssetSpec, id: RunId, ctx: &PlanContext) -> Result<RunPl
         launcher: spec.launcher.clone(),
         session: None,
         components,
+        component_plans: vec![],
         extras: spec.extras.clone(),
         pipes_context: spec.pipes_context.clone(),
     })
@@ -337,10 +377,28 @@ pub fn render_script(plan: &RunPlan) -> String {
         ));
     }
     s.push_str("  return 0\n}\n");
-    s.push_str(&format!(
-        "__sao_payload() {{\n  {} < /dev/null\n}}\n",
-        join(&plan.argv)
-    ));
+    if plan.component_plans.is_empty() {
+        s.push_str(&format!(
+            "__sao_payload() {{\n  {} < /dev/null\n}}\n",
+            join(&plan.argv)
+        ));
+    } else {
+        // Components with payloads of their own run side by side, each once on its first
+        // node; the job's exit code is the first failing one's.
+        s.push_str("__sao_payload() {\n  local pids=() i r rc=0\n");
+        for (g, cp) in plan.component_plans.iter().enumerate() {
+            let d = &cp.run_dir;
+            s.push_str(&format!(
+                "  srun --het-group={g} --nodes=1 --ntasks=1 --input=none --output={} --error={} bash {} &\n  pids+=($!)\n",
+                quote(&format!("{d}/{STDOUT_FILE}")),
+                quote(&format!("{d}/{STDERR_FILE}")),
+                quote(&format!("{d}/{JOB_SCRIPT}")),
+            ));
+        }
+        s.push_str(
+            "  for i in \"${!pids[@]}\"; do wait \"${pids[$i]}\"; r=$?; [ \"$rc\" -ne 0 ] || rc=$r; done\n  return \"$rc\"\n}\n",
+        );
+    }
     if plan.session.is_some() {
         // A step cancelled before it started ends at once; one that starts records its ID
         // (sacct's `<job>.<step>`) for its metrics.

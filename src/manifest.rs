@@ -695,31 +695,18 @@ pub fn validate_asset(
     manifest_dir: &Path,
 ) -> Vec<FieldError> {
     let mut errors = size_errors(s);
-    if s.asset_key.is_empty()
-        || s.asset_key
-            .split('/')
-            .any(|seg| seg.is_empty() || seg.chars().any(|c| c.is_whitespace() || c.is_control()))
-    {
+    validate_asset_key(&s.asset_key, "spec.assetKey", &mut errors);
+    let p = &s.payload;
+    let sources = payload_sources(p);
+    // Components with payloads of their own carry them all; the asset has none then.
+    let side_by_side = s.components.iter().any(|c| c.payload.is_some());
+    if side_by_side && !sources.is_empty() {
         errors.push(field_err(
-            "spec.assetKey",
-            format!(
-                "{:?} is not a Dagster asset key (non-empty segments joined by '/', no whitespace)",
-                crate::limits::truncate(&s.asset_key, 128)
-            ),
+            "spec.payload",
+            "the components carry their own payloads: the asset has none of its own",
         ));
     }
-    let p = &s.payload;
-    let sources: Vec<&str> = [
-        ("path", p.path.is_some()),
-        ("inline", p.inline.is_some()),
-        ("configMapRef", p.config_map_ref.is_some()),
-        ("remotePath", p.remote_path.is_some()),
-        ("command", p.command.is_some()),
-    ]
-    .into_iter()
-    .filter_map(|(n, set)| set.then_some(n))
-    .collect();
-    if sources.len() != 1 {
+    if !side_by_side && sources.len() != 1 {
         errors.push(field_err(
             "spec.payload",
             format!(
@@ -845,6 +832,36 @@ pub fn validate_asset(
     errors
 }
 
+fn validate_asset_key(key: &str, at: &str, errors: &mut Vec<FieldError>) {
+    if key.is_empty()
+        || key
+            .split('/')
+            .any(|seg| seg.is_empty() || seg.chars().any(|c| c.is_whitespace() || c.is_control()))
+    {
+        errors.push(field_err(
+            at,
+            format!(
+                "{:?} is not a Dagster asset key (non-empty segments joined by '/', no whitespace)",
+                crate::limits::truncate(key, 128)
+            ),
+        ));
+    }
+}
+
+/// The sources a payload sets (exactly one is valid).
+fn payload_sources(p: &crate::api::Payload) -> Vec<&'static str> {
+    [
+        ("path", p.path.is_some()),
+        ("inline", p.inline.is_some()),
+        ("configMapRef", p.config_map_ref.is_some()),
+        ("remotePath", p.remote_path.is_some()),
+        ("command", p.command.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(n, set)| set.then_some(n))
+    .collect()
+}
+
 /// What a heterogeneous job may be: what Slurm cannot do with one is refused here, before
 /// anything is submitted.
 fn validate_components(s: &SlurmAssetSpec, errors: &mut Vec<FieldError>) {
@@ -875,6 +892,27 @@ fn validate_components(s: &SlurmAssetSpec, errors: &mut Vec<FieldError>) {
             ));
         }
         validate_resources(&c.resources, &format!("{at}.resources"), errors);
+        if let Some(k) = &c.asset_key {
+            validate_asset_key(k, &format!("{at}.assetKey"), errors);
+        }
+        match &c.payload {
+            Some(p) => {
+                let sources = payload_sources(p);
+                if sources.len() != 1 || sources == ["configMapRef"] {
+                    errors.push(field_err(
+                        format!("{at}.payload"),
+                        "exactly one of path, inline, remotePath, command must be set",
+                    ));
+                }
+            }
+            None if s.components.iter().any(|c| c.payload.is_some()) => {
+                errors.push(field_err(
+                    format!("{at}.payload"),
+                    "every component has a payload of its own when one has (or none does)",
+                ));
+            }
+            None => {}
+        }
         if c.resources
             .extra_sbatch_args
             .iter()

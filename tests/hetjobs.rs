@@ -5,6 +5,7 @@
 
 mod common;
 use common::*;
+use serde_json::Value;
 use std::time::Duration;
 
 /// Runs a command on component 1 through the `srun` that `components.json` gives it.
@@ -127,4 +128,108 @@ fn a_ray_cluster_spans_the_components_and_places_a_task_by_component() {
     assert_eq!(metadata(&done, "narrow"), 1.0);
     assert_eq!(s["launcher"]["nodesJoined"], 2, "{s:#}");
     assert_nothing_left(&run_dir(&done));
+}
+
+/// One component's own payload: reports which component it is and where it ran; exits
+/// with `HET_EXIT` if that names it.
+const COMPONENT_PAYLOAD: &str = r#"import os, sys
+from dagster_pipes import open_dagster_pipes
+me = sys.argv[1]
+with open_dagster_pipes() as p:
+    print("component", me, flush=True)
+    if os.environ.get("HET_EXIT_" + me):
+        sys.exit(int(os.environ["HET_EXIT_" + me]))
+    p.report_asset_materialization(metadata={
+        "component": me, "node": os.environ.get("SLURMD_NODENAME", ""),
+        "job": os.environ.get("SLURM_JOB_ID", ""),
+    })
+"#;
+
+fn three_components(name: &str, extra: &str) -> String {
+    let comp = |n: &str, res: &str| {
+        format!(
+            "    - name: {n}\n      assetKey: pipeline/{n}\n      resources: {res}\n      payload: {{path: comp.py, args: [{n}]}}\n"
+        )
+    };
+    format!(
+        "apiVersion: dagster-slurm.io/v1alpha1\nkind: SlurmAsset\nmetadata: {{name: {name}}}\nspec:\n  assetKey: pipeline/all\n  clusterRef: hpc\n  resources: {{timeLimit: \"00:05:00\"}}\n{extra}  components:\n{}{}{}",
+        comp("prep", "{cpusPerTask: 1, mem: 100M}"),
+        comp("train", "{cpusPerTask: 2, mem: 300M}"),
+        comp("infer", "{cpusPerTask: 1, mem: 200M}"),
+    )
+}
+
+#[test]
+fn three_payloads_run_side_by_side_as_one_heterogeneous_job() {
+    let (dir, _c) = slurm_dir("hetjob-three");
+    let d = dir.path();
+    write(d, "comp.py", COMPONENT_PAYLOAD);
+    write(d, "three.yaml", &three_components("three", ""));
+    write(
+        d,
+        "broken.yaml",
+        &three_components("broken", "  env: [{name: HET_EXIT_infer, value: \"3\"}]\n"),
+    );
+    let _op = Operator::start_logged(d, None);
+    let done = wait_object(d, "three", "the end", Duration::from_secs(120), terminal);
+    let s = &done["status"];
+    assert_eq!(phase(&done), "Succeeded", "{s:#}");
+    let job = s["jobId"].as_str().unwrap().to_string();
+    let comps = s["components"].as_array().unwrap();
+    assert_eq!(comps.len(), 3, "{s:#}");
+    for (i, name) in ["prep", "train", "infer"].iter().enumerate() {
+        let c = &comps[i];
+        assert_eq!(c["name"], *name);
+        assert_eq!(c["jobId"], format!("{job}+{i}"));
+        assert_eq!(c["exitCode"], 0, "{c:#}");
+        assert_eq!(
+            c["logTail"]["stdout"],
+            format!("component {name}\n"),
+            "{c:#}"
+        );
+        // Its own Pipes channel: its materialization, under its own key.
+        let m = &c["pipes"]["materializations"][0];
+        assert_eq!(m["metadata"]["component"]["raw_value"], *name, "{c:#}");
+        assert_eq!(m["assetKey"], format!("pipeline/{name}"), "{c:#}");
+        assert_eq!(m["metadata"]["job"]["raw_value"], job.as_str());
+    }
+    // One submission of three components.
+    let metered = wait_object(d, "three", "metrics", Duration::from_secs(60), |o| {
+        o["status"]["components"][2]["metrics"]["allocCpus"].is_number()
+    });
+    let uid = metered["metadata"]["uid"].as_str().unwrap();
+    let ids: Vec<String> = sacct_jobs(&format!("sao.{uid}."))
+        .into_iter()
+        .map(|r| r.2)
+        .collect();
+    assert_eq!(
+        ids,
+        [0, 1, 2].map(|i| format!("{job}+{i}")),
+        "one job, three components"
+    );
+    let cpus: Vec<&Value> = (0..3)
+        .map(|i| &metered["status"]["components"][i]["metrics"]["allocCpus"])
+        .collect();
+    assert_eq!(cpus, [1, 2, 1].map(Value::from).iter().collect::<Vec<_>>());
+    assert_eq!(metered["status"]["metrics"]["allocCpus"], 4);
+    for i in 0..3 {
+        let c = &metered["status"]["components"][i];
+        assert_eq!(
+            c["nodes"][0], c["pipes"]["materializations"][0]["metadata"]["node"]["raw_value"],
+            "each payload ran on its component's node: {c:#}"
+        );
+    }
+    // One failing component fails the asset and names itself.
+    let broken = wait_object(d, "broken", "the end", Duration::from_secs(120), terminal);
+    let b = &broken["status"];
+    assert_eq!(phase(&broken), "Failed", "{b:#}");
+    assert_eq!(b["exitCode"], 3, "{b:#}");
+    assert_eq!(b["components"][2]["exitCode"], 3, "{b:#}");
+    assert_eq!(b["components"][0]["exitCode"], 0, "{b:#}");
+    assert!(
+        b["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("component infer") && m.contains("exit code 3")),
+        "{b:#}"
+    );
 }

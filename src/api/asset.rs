@@ -35,7 +35,8 @@ pub struct SlurmAssetSpec {
     /// Changing this value starts a new run, e.g. the Dagster run ID.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub run_key: Option<String>,
-    /// What to run.
+    /// What to run (unless every component has a payload of its own).
+    #[serde(default)]
     pub payload: Payload,
     /// How to launch the payload inside the allocation.
     #[serde(default)]
@@ -92,6 +93,15 @@ pub struct Component {
     /// Its resources, over the asset's `resources` (which are over the cluster's defaults).
     #[serde(default)]
     pub resources: Resources,
+    /// Its own payload: then every component has one, and they run side by side, each once
+    /// on its component's first node (`srun --het-group=N`), each with its own run dir
+    /// (`components/<name>/`), exit code, log tail and Pipes channel.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload: Option<Payload>,
+    /// The asset key its payload reports under (default: the asset's): a Dagster
+    /// multi-asset, one key per component.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub asset_key: Option<String>,
 }
 
 fn free_json(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
@@ -509,6 +519,12 @@ pub struct ComponentStatus {
     /// The component's own efficiency figures.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<Metrics>,
+    /// With a payload of its own: the end of its stdout and stderr.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_tail: Option<LogTail>,
+    /// With a payload of its own: what it reported through Dagster Pipes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pipes: Option<PipesStatus>,
 }
 
 /// seff-style efficiency figures.

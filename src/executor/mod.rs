@@ -39,6 +39,8 @@ pub struct JobTrack {
     /// Since when `squeue` has listed the job as ended while accounting has not recorded
     /// the end (and with it the exit code): bounded by a wait.
     pub squeue_end_since: Option<jiff::Timestamp>,
+    /// The Pipes readers of components with payloads of their own, by component.
+    pub components: Vec<crate::pipes::MessageReader>,
 }
 
 /// A Slurm job ID as the operator accepts it: digits only (no arrays, no het components,

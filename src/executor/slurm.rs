@@ -658,13 +658,33 @@ fn submission_block(plan: &RunPlan) -> String {
             crate::environment::RUN_ENV_FILE
         ));
     }
-    let mut files: Vec<(&str, Vec<u8>, &str)> =
-        vec![(JOB_SCRIPT, render_script(plan).into_bytes(), "700")];
-    if let Some((name, content)) = &plan.payload_file {
-        files.push((name.as_str(), content.clone(), "600"));
+    // The job's files, and those of each component with a payload of its own (in its run
+    // dir inside the job's).
+    let mut files: Vec<(String, Vec<u8>, &str)> = vec![];
+    for (prefix, p) in std::iter::once((String::new(), plan)).chain(
+        plan.component_plans
+            .iter()
+            .zip(&plan.components)
+            .map(|(cp, (name, _))| (format!("{}/{name}/", crate::jobscript::COMPONENTS_DIR), cp)),
+    ) {
+        if !prefix.is_empty() {
+            s.push_str(&format!("mkdir -p {}\n", quote(&prefix)));
+        }
+        files.push((
+            format!("{prefix}{JOB_SCRIPT}"),
+            render_script(p).into_bytes(),
+            "700",
+        ));
+        if let Some((name, content)) = &p.payload_file {
+            files.push((format!("{prefix}{name}"), content.clone(), "600"));
+        }
+        let ctx = plan_context_data(p);
+        files.push((
+            format!("{prefix}{CONTEXT_FILE}"),
+            ctx.to_string().into_bytes(),
+            "600",
+        ));
     }
-    let ctx = plan_context_data(plan);
-    files.push((CONTEXT_FILE, ctx.to_string().into_bytes(), "600"));
     for (name, content, mode) in &files {
         s.push_str(&format!(
             "base64 -d > {q} <<'SAO_EOF'\n{}\nSAO_EOF\nchmod {mode} {q}\n",
@@ -871,9 +891,32 @@ fn poll_script(jobs: &[Watched<'_>], accounting: bool) -> String {
              printf 'SIZE %s\\n' \"$(stat -c %s {MESSAGES_FILE} 2>/dev/null)\"\n\
              if [ -f {STEP_FILE} ]; then printf 'STEP %s\\n' \"$(head -c 512 {STEP_FILE} | base64 -w0)\"; fi\n\
              if [ -f {LAUNCHER_FILE} ]; then printf 'LAUNCH %s\\n' \"$(head -c {LAUNCHER_FILE_MAX} {LAUNCHER_FILE} | base64 -w0)\"; fi\n\
+             {components}\
              cd - >/dev/null\n\
              fi\n",
             w.track.reader.offset + 1,
+            components = component_reads(w),
+        ));
+    }
+    s
+}
+
+/// The poll's reads of the run dirs of components with payloads of their own (there when
+/// they do): `C<n>EXIT`, `C<n>OUT`, ... as the job's own.
+fn component_reads(w: &Watched<'_>) -> String {
+    let mut s = String::new();
+    for (c, name) in w.job.components.iter().enumerate() {
+        let d = quote(&format!("{}/{name}", crate::jobscript::COMPONENTS_DIR));
+        let offset = w.track.components.get(c).map_or(0, |r| r.offset);
+        s.push_str(&format!(
+            "if [ -d {d} ]; then\n\
+             if [ -f {d}/{EXIT_FILE} ]; then printf 'C{c}EXIT %s\\n' \"$(base64 -w0 {d}/{EXIT_FILE} 2>/dev/null)\"; fi\n\
+             sao_tail C{c}OUT {d}/{STDOUT_FILE}\n\
+             sao_tail C{c}ERR {d}/{STDERR_FILE}\n\
+             printf 'C{c}MSG %s\\n' \"$(tail -c +{} {d}/{MESSAGES_FILE} 2>/dev/null | head -c {MESSAGES_CHUNK} | base64 -w0)\"\n\
+             printf 'C{c}SIZE %s\\n' \"$(stat -c %s {d}/{MESSAGES_FILE} 2>/dev/null)\"\n\
+             fi\n",
+            offset + 1
         ));
     }
     s
@@ -1059,6 +1102,8 @@ fn parse_poll(
     let mut squeue_het: HashMap<String, Vec<(u32, String, String)>> = HashMap::new();
     let mut sacct_text = String::new();
     let mut per_job: HashMap<usize, HashMap<&str, String>> = HashMap::new();
+    // The same of components with payloads of their own, by (job, component).
+    let mut per_component: HashMap<(usize, usize), HashMap<&str, String>> = HashMap::new();
     let mut rc: HashMap<String, i32> = HashMap::new();
     let mut section = "SQUEUE";
     let mut current: Option<usize> = None;
@@ -1122,6 +1167,23 @@ fn parse_poll(
                 sacct_text.push('\n');
             }
             _ => {
+                if let (Some(i), Some((k, v))) = (current, line.split_once(' '))
+                    && let Some(rest) = k.strip_prefix('C')
+                {
+                    let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+                    if let (Ok(c), Some(what)) = (
+                        rest[..digits].parse::<usize>(),
+                        ["EXIT", "OUT", "ERR", "MSG", "SIZE"]
+                            .into_iter()
+                            .find(|w| *w == &rest[digits..]),
+                    ) {
+                        per_component
+                            .entry((i, c))
+                            .or_default()
+                            .insert(what, v.to_string());
+                    }
+                    continue;
+                }
                 if let (Some(i), Some((k, v))) = (current, line.split_once(' ')) {
                     per_job.entry(i).or_default().insert(
                         match k {
@@ -1153,6 +1215,25 @@ fn parse_poll(
             if let Some(m) = files.get("MSG") {
                 w.track.reader.feed(&decode(m));
             }
+            let component_files: Vec<HashMap<&str, String>> = (0..w.job.components.len())
+                .map(|c| per_component.remove(&(i, c)).unwrap_or_default())
+                .collect();
+            if w.track.components.len() < component_files.len() {
+                w.track
+                    .components
+                    .resize_with(component_files.len(), Default::default);
+            }
+            for (c, f) in component_files.iter().enumerate() {
+                if let Some(m) = f.get("MSG") {
+                    w.track.components[c].feed(&decode(m));
+                }
+            }
+            // A component's messages not all read yet hold the job's end, as its own do.
+            let components_unread = component_files.iter().enumerate().any(|(c, f)| {
+                f.get("SIZE")
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .is_some_and(|size| size > w.track.components[c].offset)
+            });
             let job_rows: Vec<_> = if is_job_id(&id) {
                 rows.iter().filter(|r| r.base_id() == id).collect()
             } else {
@@ -1276,10 +1357,11 @@ fn parse_poll(
             }
             // An ended job whose messages are not all read yet (one chunk per poll) ends once
             // they are: the last ones are often the materialization and `closed`.
-            let unread = files
-                .get("SIZE")
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .is_some_and(|size| size > w.track.reader.offset);
+            let unread = components_unread
+                || files
+                    .get("SIZE")
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .is_some_and(|size| size > w.track.reader.offset);
             let mut again_soon = waiting_for_batch;
             if unread && is_final(&state) {
                 state = JobState::Running;
@@ -1391,22 +1473,56 @@ fn parse_poll(
                     squeue_het.get(&id).map(Vec::as_slice).unwrap_or_default(),
                     is_final(&obs.state) && !obs.metrics_pending,
                 );
+                for (c, f) in component_files.iter().enumerate() {
+                    let Some(st) = obs.components.get_mut(c) else {
+                        continue;
+                    };
+                    if f.is_empty() {
+                        continue;
+                    }
+                    // Its own exit file is its payload's word (sacct's is the component's).
+                    if let Some(code) = f
+                        .get("EXIT")
+                        .map(|e| String::from_utf8_lossy(&decode(e)).into_owned())
+                        .and_then(|t| {
+                            t.lines()
+                                .find_map(|l| l.strip_prefix("exit_code="))
+                                .and_then(|v| v.trim().parse::<i32>().ok())
+                        })
+                    {
+                        st.exit_code = Some(code);
+                    }
+                    let (stdout_bytes, stdout) = tail_decoded(f.get("OUT"));
+                    let (stderr_bytes, stderr) = tail_decoded(f.get("ERR"));
+                    st.log_tail = Some(crate::api::LogTail {
+                        stdout,
+                        stderr,
+                        stdout_bytes,
+                        stderr_bytes,
+                    });
+                    st.pipes = Some(w.track.components[c].status.clone());
+                }
                 // A job that did not succeed names the components that did not either.
                 if is_final(&obs.state) && !matches!(obs.state, JobState::Exited { exit_code: 0 }) {
                     let bad: Vec<String> = obs
                         .components
                         .iter()
                         .filter(|c| {
-                            c.slurm_state
-                                .as_deref()
-                                .is_some_and(|st| !st.starts_with("COMPLETED"))
+                            c.exit_code.is_some_and(|e| e != 0)
+                                || c.slurm_state
+                                    .as_deref()
+                                    .is_some_and(|st| !st.starts_with("COMPLETED"))
                         })
                         .map(|c| {
                             format!(
-                                "component {} ({}) {}",
+                                "component {} ({}) {}{}",
                                 c.name,
                                 c.job_id.as_deref().unwrap_or(""),
-                                c.slurm_state.as_deref().unwrap_or("")
+                                c.slurm_state.as_deref().unwrap_or("ended"),
+                                c.exit_code
+                                    .filter(|e| *e != 0)
+                                    .map(|e| format!(" with exit code {e}"))
+                                    .unwrap_or_default()
                             )
                         })
                         .collect();
@@ -1466,6 +1582,7 @@ fn components_of(
                 } else {
                     None
                 },
+                ..Default::default()
             }
         })
         .collect()

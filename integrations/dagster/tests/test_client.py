@@ -18,6 +18,7 @@ from dagster_slurm_asset import (
     PipesSlurmAssetClient,
     SlurmAssetStore,
     SlurmJob,
+    SlurmResources,
     end_finished_run_sessions,
     object_name,
     session_name,
@@ -201,6 +202,44 @@ def test_a_multi_asset_reports_each_key(standalone) -> None:
     mats = result.asset_materializations_for_node("pair")
     got = {m.asset_key.to_user_string(): m.metadata["key"].value for m in mats}
     assert got == {"left": "left", "right": "right"}
+
+
+def test_a_multi_asset_runs_as_one_heterogeneous_job(standalone) -> None:
+    """The seed's run_hetjob: two assets, each its own component (payload and resources),
+    queued once; each materialization under its own key."""
+    d, _ = standalone()
+    store = DirectoryStore(d)
+    client = PipesSlurmAssetClient(store, cluster="hpc", poll_interval=0.2)
+
+    @dg.multi_asset(specs=[dg.AssetSpec(["het", "prep"]), dg.AssetSpec(["het", "train"])])
+    def pipeline(context: dg.AssetExecutionContext):
+        yield from client.run_hetjob(
+            context=context,
+            components={
+                "prep": ("het/prep", SlurmJob(script=PAYLOADS / "multi.py")),
+                "train": (
+                    "het/train",
+                    SlurmJob(
+                        script=PAYLOADS / "multi.py",
+                        resources=SlurmResources(cpus_per_task=2, mem="300M"),
+                    ),
+                ),
+            },
+        ).get_results()
+
+    result = dg.materialize([pipeline])
+    assert result.success
+    mats = result.asset_materializations_for_node("pipeline")
+    got = {m.asset_key.to_user_string(): m.metadata["key"].value for m in mats}
+    assert got == {"het/prep": "het/prep", "het/train": "het/train"}
+    jobs = {m.metadata["slurm/job_id"].value for m in mats}
+    assert len(jobs) == 1, jobs
+    obj = store.get(object_name("het/prep", None, result.run_id))
+    assert obj is not None
+    comps = obj["status"]["components"]
+    (job,) = jobs
+    assert [c["jobId"] for c in comps] == [f"{job}+0", f"{job}+1"]
+    assert [c["exitCode"] for c in comps] == [0, 0]
 
 
 TERMINATED = """

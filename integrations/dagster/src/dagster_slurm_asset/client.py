@@ -184,6 +184,54 @@ class PipesSlurmAssetClient(PipesClient, TreatAsResourceParam):
             self._report_results(session.message_handler, final)
         return PipesClientCompletedInvocation(session, metadata=metadata)
 
+    @public
+    def run_hetjob(
+        self,
+        *,
+        context: OpExecutionContext | AssetExecutionContext,
+        components: Mapping[str, tuple[str, SlurmJob]],
+        extras: PipesExtras | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> PipesClientCompletedInvocation:
+        """Runs several assets of one multi-asset as one heterogeneous Slurm job (the seed's
+        ``run_hetjob``): queued once, each component with its own payload and resources,
+        each reporting its materializations under its own asset key.
+
+        Args:
+            context: The multi-asset's execution context.
+            components: Component name (a DNS label) → (asset key as ``a/b``, its job). The
+                first job's cluster and environment are the job's.
+            extras: Free JSON every payload reads with ``context.get_extra(...)``.
+            env: Environment variables for every payload, over those of the jobs.
+
+        Returns:
+            The invocation; ``yield from client.run_hetjob(...).get_results()``.
+        """
+        if len(components) < 2:
+            raise ValueError("run_hetjob: a heterogeneous job has two or more components")
+        specs = {name: job.to_spec() for name, (_, job) in components.items()}
+        first = next(iter(specs.values()))
+        base: dict[str, Any] = {
+            k: v for k, v in first.items() if k in ("clusterRef", "environment", "retry", "debug")
+        }
+        merged_env: dict[str, Any] = {}
+        for spec in specs.values():
+            merged_env.update({e["name"]: e for e in spec.get("env", [])})
+        if merged_env:
+            base["env"] = list(merged_env.values())
+        base["components"] = [
+            {
+                "name": name,
+                "assetKey": key,
+                "resources": specs[name].get("resources", {}),
+                "payload": specs[name]["payload"],
+            }
+            for name, (key, _) in components.items()
+        ]
+        if self.cluster and "clusterRef" not in base:
+            base["clusterRef"] = self.cluster
+        return self.run(context=context, spec=base, extras=extras, env=env)
+
     # --- building the object ----------------------------------------------------------
 
     def _base_spec(
@@ -420,14 +468,43 @@ class PipesSlurmAssetClient(PipesClient, TreatAsResourceParam):
     def _report_results(self, handler: PipesMessageHandler, obj: SlurmAssetObject) -> None:
         """The payload's materializations, checks and custom messages, as Pipes messages."""
         status = obj.get("status") or {}
-        pipes = status.get("pipes") or {}
-        primary = (obj.get("spec") or {}).get("assetKey", "")
+        spec = obj.get("spec") or {}
+        primary = spec.get("assetKey", "")
 
         def msg(method: str, params: Mapping[str, Any]) -> None:
             handler.handle_message(
                 {"__dagster_pipes_version": "0.1", "method": method, "params": params}
             )
 
+        # A heterogeneous job's components with payloads of their own report through their
+        # own channels, each under its own asset key.
+        keys = {c.get("name"): c.get("assetKey") for c in spec.get("components") or []}
+        channels = [(status.get("pipes") or {}, primary)]
+        for c in status.get("components") or []:
+            if c.get("pipes"):
+                channels.append((c["pipes"], keys.get(c.get("name")) or primary))
+        if len(channels) > 1:
+            opened = any(p.get("opened") for p, _ in channels[1:])
+            if opened and not (status.get("pipes") or {}).get("opened"):
+                msg("opened", {})
+            for p, _ in channels[1:]:
+                for entry in p.get("logs") or []:
+                    msg(
+                        "log",
+                        {"message": entry.get("message", ""), "level": entry.get("level", "INFO")},
+                    )
+            closed = all(p.get("closed") for p, _ in channels[1:])
+            channels = channels[1:]
+        else:
+            closed = bool(channels[0][0].get("closed"))
+        for pipes, key in channels:
+            self._report_channel(msg, pipes, key)
+        if closed:
+            msg("closed", {})
+
+    @staticmethod
+    def _report_channel(msg: Any, pipes: Mapping[str, Any], primary: str) -> None:
+        """One Pipes channel's results: materializations, checks and custom messages."""
         for m in pipes.get("materializations") or []:
             msg(
                 "report_asset_materialization",
@@ -450,8 +527,6 @@ class PipesSlurmAssetClient(PipesClient, TreatAsResourceParam):
             )
         for payload in pipes.get("customMessages") or []:
             msg("report_custom_message", {"payload": payload})
-        if pipes.get("closed"):
-            msg("closed", {})
 
 
 def new_output(

@@ -190,3 +190,31 @@ fn local_mode_runs_local_star() {
     assert_eq!(metadata(&done, "count"), 33334);
     assert_eq!(done["status"]["launcher"]["headAddress"], "local[*]");
 }
+
+#[test]
+fn spark_submit_runs_a_python_file_on_the_cluster() {
+    let (dir, c) = slurm_dir("spark-submit");
+    write(
+        dir.path(),
+        "job.py",
+        "from pyspark.sql import SparkSession\nspark = SparkSession.builder.getOrCreate()\nprint('master', spark.sparkContext.master, 'count', spark.sparkContext.parallelize(range(1000), 4).count(), flush=True)\nspark.stop()\n",
+    );
+    write(
+        dir.path(),
+        "submit.yaml",
+        &format!(
+            "apiVersion: dagster-slurm.io/v1alpha1\nkind: SlurmAsset\nmetadata: {{name: submit}}\nspec:\n  assetKey: spark/submit\n  clusterRef: hpc\n  launcher: {{type: spark}}\n  resources: {{nodes: 1, mem: 1800M, timeLimit: \"00:10:00\"}}\n  environment: {{preDeployedEnvPath: {}}}\n  payload: {{path: job.py, interpreter: [spark-submit]}}\n",
+            c.spark_env
+        ),
+    );
+    let _op = Operator::start_logged(dir.path(), None);
+    let done = wait_object(dir.path(), "submit", "the end", LONG, terminal);
+    let s = &done["status"];
+    assert_eq!(phase(&done), "Succeeded", "{s:#}");
+    let out = s["logTail"]["stdout"].as_str().unwrap_or("");
+    let master = s["launcher"]["headAddress"].as_str().unwrap();
+    assert!(
+        out.contains(&format!("master {master} count 1000")),
+        "spark-submit used the job's cluster: {out}"
+    );
+}

@@ -78,6 +78,11 @@ fn tidy(schema: &mut Value, path: &str) {
     if let Some((_, note)) = NOT_YET.iter().find(|(p, _)| *p == path) {
         obj.insert("description".into(), (*note).into());
     }
+    // An absent payload (every component has its own) is not an empty one: its rule (exactly
+    // one source) would refuse the default the API server checks it against.
+    if path == ".spec.payload" {
+        obj.remove("default");
+    }
     if let Some(props) = obj.get_mut("properties").and_then(Value::as_object_mut) {
         for (k, v) in props.iter_mut() {
             tidy(v, &format!("{path}.{k}"));

@@ -461,6 +461,26 @@ fn crds_install_without_warnings_and_bound_their_integers() {
             "the refusal names no field: {err}"
         );
     }
+    // A heterogeneous job whose components carry the payloads has none of its own; an
+    // empty payload is still refused.
+    let side_by_side = |payload: Option<Value>| {
+        let mut spec = json!({"assetKey": "t/het", "clusterRef": "hpc", "components": [
+            {"name": "a", "payload": {"inline": "true"}},
+            {"name": "b", "payload": {"inline": "true"}}]});
+        if let Some(p) = payload {
+            spec["payload"] = p;
+        }
+        let mut obj = asset("het", spec);
+        obj["metadata"]["namespace"] = json!(ns.0);
+        common::k8s::kubectl_run(
+            &["apply", "--server-side", "--dry-run=server", "-f", "-"],
+            Some(&obj.to_string()),
+        )
+    };
+    let (ok, _, err) = side_by_side(None);
+    assert!(ok, "{err}");
+    let (ok, _, err) = side_by_side(Some(json!({})));
+    assert!(!ok && err.contains("spec.payload"), "{err}");
 }
 
 /// The chart rendered by the real Helm engine (tests/helm/render.py, in the venv that

@@ -1407,11 +1407,18 @@ fn parse_poll(
             let batch_recorded = job_rows
                 .iter()
                 .any(|r| r.job_id.ends_with(".batch") && is_final(&map_state(&r.state, None)));
+            // A heterogeneous job's figures are complete once every component's are.
+            let components_recorded = (0..w.job.components.len() as u32).all(|c| {
+                job_rows.iter().any(|r| {
+                    r.component() == Some(c) && !r.is_step() && is_final(&map_state(&r.state, None))
+                })
+            });
             obs.metrics_pending = accounting
                 && is_final(&obs.state)
                 && (!sacct_answered
                     || !alloc.is_some_and(|a| is_final(&map_state(&a.state, None)))
-                    || !batch_recorded);
+                    || !batch_recorded
+                    || !components_recorded);
             // Just ended: accounting was not asked yet (it records the end a moment later).
             // Bounded by the time since the end, so that lagging accounting is not asked
             // every few seconds for ever; a scheduler that did not answer is not asked sooner.

@@ -28,6 +28,46 @@ pub struct SshTarget {
     pub totp_seed: Option<String>,
 }
 
+impl SshTarget {
+    /// The target of a cluster's `ssh` settings once its address and credentials are
+    /// resolved (each mode reads those from its own sources): jump hosts (the user's name by
+    /// default), options and the connect timeout (10 s by default) are the same in both.
+    pub fn from_settings(
+        ssh: &crate::api::SshSettings,
+        (host, port, user): (String, u16, String),
+        auth: SshAuth,
+        known_hosts: Option<PathBuf>,
+        totp_seed: Option<String>,
+    ) -> SshTarget {
+        SshTarget {
+            jump_hosts: ssh
+                .jump_hosts
+                .iter()
+                .map(|j| {
+                    format!(
+                        "{}@{}:{}",
+                        j.user.clone().unwrap_or_else(|| user.clone()),
+                        j.host,
+                        j.port
+                    )
+                })
+                .collect(),
+            host,
+            port,
+            user,
+            auth,
+            known_hosts,
+            extra_options: ssh.extra_options.clone().into_iter().collect(),
+            connect_timeout: ssh
+                .connect_timeout
+                .as_ref()
+                .map(|t| t.duration())
+                .unwrap_or(Duration::from_secs(10)),
+            totp_seed,
+        }
+    }
+}
+
 #[derive(Clone, PartialEq)]
 pub enum SshAuth {
     KeyFile(PathBuf),

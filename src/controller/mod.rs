@@ -480,27 +480,57 @@ async fn field_of_error(ctx: &Context, ns: &str, name: &str) -> Option<String> {
     Some(format!("{field}: {}", err.into_inner()))
 }
 
-/// Marks a SlurmAsset whose spec does not parse: `Failed` with an `Invalid` condition and one
-/// Warning Event (again only when the error or the generation changes).
-async fn report_malformed(invalid: &InvalidObject, ctx: &Context) -> Result<(), Error> {
-    let ns = invalid
-        .metadata
-        .namespace
-        .clone()
-        .unwrap_or_else(|| "default".into());
-    let name = invalid.metadata.name.clone().unwrap_or_default();
-    // serde's position ("at line 1 column 345") moves with every status write: drop it.
+/// A malformed object to report: where it is, its error and what identifies the report.
+pub(crate) struct Malformed {
+    pub ns: String,
+    pub name: String,
+    pub uid: String,
+    /// The parse error, without serde's position ("at line 1 column 345"), which moves with
+    /// every status write.
+    pub error: String,
+    /// (generation, error): reported again only when either changes.
+    pub seen: (Option<i64>, String),
+}
+
+/// The report a malformed object is due, `None` when it was made already (the guard keeps
+/// no status to compare with: what was written is remembered instead, so that a resync
+/// writes, tells and reads nothing new).
+pub(crate) async fn unreported(invalid: &InvalidObject, ctx: &Context) -> Option<Malformed> {
     let error = match invalid.error.rfind(" at line ") {
         Some(i) => invalid.error[..i].to_string(),
         None => invalid.error.clone(),
     };
-    // The guard keeps no status to compare with: remember what was written instead,
-    // so that a resync writes (and tells, and reads) nothing new.
     let seen = (invalid.metadata.generation, error.clone());
     let uid = invalid.metadata.uid.clone().unwrap_or_default();
     if ctx.invalid.lock().await.get(&uid) == Some(&seen) {
-        return Ok(());
+        return None;
     }
+    Some(Malformed {
+        ns: invalid
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into()),
+        name: invalid.metadata.name.clone().unwrap_or_default(),
+        uid,
+        error,
+        seen,
+    })
+}
+
+/// Marks a SlurmAsset whose spec does not parse: `Failed` with an `Invalid` condition and one
+/// Warning Event (again only when the error or the generation changes).
+async fn report_malformed(invalid: &InvalidObject, ctx: &Context) -> Result<(), Error> {
+    let Some(Malformed {
+        ns,
+        name,
+        uid,
+        error,
+        seen,
+    }) = unreported(invalid, ctx).await
+    else {
+        return Ok(());
+    };
     // Name the field: parse the spec again, with its path this time.
     let error = match field_of_error(ctx, &ns, &name).await {
         Some(located) => located,

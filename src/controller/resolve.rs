@@ -289,29 +289,11 @@ async fn ssh_target(
         Some(kh) => kh.path.as_ref().map(PathBuf::from),
         None => None,
     };
-    Ok(SshTarget {
-        jump_hosts: ssh
-            .jump_hosts
-            .iter()
-            .map(|j| {
-                format!(
-                    "{}@{}:{}",
-                    j.user.clone().unwrap_or_else(|| ssh.user.clone()),
-                    j.host,
-                    j.port
-                )
-            })
-            .collect(),
-        host: ssh.host,
-        port: ssh.port,
-        user: ssh.user,
+    Ok(SshTarget::from_settings(
+        &ssh,
+        (ssh.host.clone(), ssh.port, ssh.user.clone()),
         auth,
         known_hosts,
-        extra_options: ssh.extra_options.into_iter().collect(),
-        connect_timeout: ssh
-            .connect_timeout
-            .map(|t| t.duration())
-            .unwrap_or(Duration::from_secs(10)),
         totp_seed,
-    })
+    ))
 }

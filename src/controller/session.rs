@@ -182,17 +182,16 @@ async fn report_malformed(
     invalid: &kube::core::error_boundary::InvalidObject,
     ctx: &Context,
 ) -> Result<(), Error> {
-    let ns = invalid.metadata.namespace.clone().unwrap_or_default();
-    let name = invalid.metadata.name.clone().unwrap_or_default();
-    let error = match invalid.error.rfind(" at line ") {
-        Some(i) => invalid.error[..i].to_string(),
-        None => invalid.error.clone(),
-    };
-    let seen = (invalid.metadata.generation, error.clone());
-    let uid = invalid.metadata.uid.clone().unwrap_or_default();
-    if ctx.invalid.lock().await.get(&uid) == Some(&seen) {
+    let Some(super::Malformed {
+        ns,
+        name,
+        uid,
+        error,
+        seen,
+    }) = super::unreported(invalid, ctx).await
+    else {
         return Ok(());
-    }
+    };
     let status = SlurmSessionStatus {
         phase: SessionPhase::Failed,
         reason: Some(crate::core::REASON_INVALID.into()),

@@ -5,7 +5,6 @@ use super::store::ObjectKey;
 use crate::api::SlurmClusterSpec;
 use crate::transport::{SshAuth, SshTarget};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 /// Resolves a Slurm cluster's SSH settings (standalone mode: files and environment variables;
 /// the Python tool's `SLURM_EDGE_NODE_*` names fill what the manifest leaves out).
@@ -81,32 +80,13 @@ pub fn ssh_target(
         }
         _ => env("SLURM_EDGE_NODE_KNOWN_HOSTS").map(PathBuf::from),
     };
-    let jump_hosts = ssh
-        .jump_hosts
-        .iter()
-        .map(|j| {
-            format!(
-                "{}@{}:{}",
-                j.user.clone().unwrap_or_else(|| user.clone()),
-                j.host,
-                j.port
-            )
-        })
-        .collect();
-    Ok(SshTarget {
-        host,
-        port,
-        user,
+    Ok(SshTarget::from_settings(
+        &ssh,
+        (host, port, user),
         auth,
         known_hosts,
-        jump_hosts,
-        extra_options: ssh.extra_options.into_iter().collect(),
-        connect_timeout: ssh
-            .connect_timeout
-            .map(|t| t.duration())
-            .unwrap_or(Duration::from_secs(10)),
         totp_seed,
-    })
+    ))
 }
 
 /// The platform name in conda/pixi's spelling.

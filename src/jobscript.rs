@@ -485,13 +485,11 @@ pub fn sbatch_argv(plan: &RunPlan) -> Vec<String> {
     // The user's options come first: sbatch keeps the last value of an option, so the
     // operator's own (the tag above all) always win, whatever the validation let through.
     let mut a = vec!["sbatch".to_string()];
-    a.extend(r.extra_sbatch_args.iter().cloned());
-    match plan.components.split_first() {
-        None => resource_options(&mut a, r),
-        // A heterogeneous job: the first component's options, then the operator's own
-        // (which apply to the job), then `:` and each further component's.
-        Some(((_, first), _)) => resource_options(&mut a, first),
-    }
+    // A heterogeneous job: the first component's options, then the operator's own (which
+    // apply to the job), then `:` and each further component's.
+    let first = plan.components.first().map_or(r, |(_, c)| c);
+    a.extend(first.extra_sbatch_args.iter().cloned());
+    resource_options(&mut a, first);
     a.extend([
         "--parsable".into(),
         // The tag is the job name: squeue and sacct can both find it by name after a restart.
@@ -604,7 +602,7 @@ mod tests {
         });
         s.resources.mem = Some(crate::quantity::Memory::parse("100M").unwrap());
         s.components = serde_json::from_value(serde_json::json!([
-            {"name": "cpu", "resources": {"ntasks": 1}},
+            {"name": "cpu", "resources": {"ntasks": 1, "extraSbatchArgs": ["--exclusive"]}},
             {"name": "gpu", "resources": {"gpusPerNode": 1, "mem": "2G"}},
         ]))
         .unwrap();
@@ -619,6 +617,7 @@ mod tests {
         // resources, the asset's as their defaults.
         assert!(first.contains(&"--ntasks=1".to_string()), "{argv:?}");
         assert!(first.contains(&"--mem=100M".to_string()), "{argv:?}");
+        assert!(first.contains(&"--exclusive".to_string()), "{argv:?}");
         assert!(first.iter().any(|a| a.starts_with("--output=")));
         assert!(
             second.contains(&"--gpus-per-node=1".to_string()),

@@ -1227,27 +1227,21 @@ def report(
             table(["scenario", "n", "seconds", "vs A", "vs B", *RPC_HEAD], rows),
             "",
         ]
+
+    def versus(o: ConcResult, base: ConcResult | None) -> list[str]:
+        """A table row: `o`, and how it compares with `base` (none: it is the base)."""
+        return [
+            o.label,
+            str(o.n),
+            o.wall.fmt(),
+            ratio(o.wall, base.wall) if base else "x1.00",
+            *rpc_cells(o.rpc, base.rpc if base else None),
+        ]
+
     if conc:
         rows = []
         for floor, o in conc:
-            rows.append(
-                [
-                    floor.label,
-                    str(floor.n),
-                    floor.wall.fmt(),
-                    "x1.00",
-                    *rpc_cells(floor.rpc, None),
-                ]
-            )
-            rows.append(
-                [
-                    o.label,
-                    str(o.n),
-                    o.wall.fmt(),
-                    ratio(o.wall, floor.wall),
-                    *rpc_cells(o.rpc, floor.rpc),
-                ]
-            )
+            rows += [versus(floor, None), versus(o, floor)]
         out += [
             (
                 "Concurrent: wall seconds until all N succeeded; "
@@ -1260,24 +1254,8 @@ def report(
         rows = []
         for i, (jobs, sess) in enumerate(sessions):
             if i == 0:
-                rows.append(
-                    [
-                        jobs.label,
-                        str(jobs.n),
-                        jobs.wall.fmt(),
-                        "x1.00",
-                        *rpc_cells(jobs.rpc, None),
-                    ]
-                )
-            rows.append(
-                [
-                    sess.label,
-                    str(sess.n),
-                    sess.wall.fmt(),
-                    ratio(sess.wall, jobs.wall),
-                    *rpc_cells(sess.rpc, jobs.rpc),
-                ]
-            )
+                rows.append(versus(jobs, None))
+            rows.append(versus(sess, jobs))
         out += [
             (
                 "Sessions: N small assets written at once, as N jobs or as steps of one "

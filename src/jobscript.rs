@@ -422,25 +422,12 @@ pub fn render_script(plan: &RunPlan) -> String {
                 plan.resources.gpus_per_node,
                 &components,
             ));
-            // scancel and the time limit send SIGTERM first: the cluster goes down with it.
-            s.push_str("trap '__sao_ray_down; exit 143' TERM\n");
-            s.push_str(
-                "if ! __sao_activate; then __sao_rc=127\n\
-                 elif __sao_ray_up; then __sao_payload; __sao_rc=$?\n\
-                 else __sao_rc=1; fi\n\
-                 __sao_ray_down\n",
-            );
+            s.push_str(&payload_in_cluster("ray"));
         }
         LauncherType::Spark => {
             let spark = plan.launcher.spark.clone().unwrap_or_default();
             s.push_str(&crate::launcher::spark_functions(&spark));
-            s.push_str("trap '__sao_spark_down; exit 143' TERM\n");
-            s.push_str(
-                "if ! __sao_activate; then __sao_rc=127\n\
-                 elif __sao_spark_up; then __sao_payload; __sao_rc=$?\n\
-                 else __sao_rc=1; fi\n\
-                 __sao_spark_down\n",
-            );
+            s.push_str(&payload_in_cluster("spark"));
         }
         _ => s.push_str("__sao_activate && __sao_payload\n__sao_rc=$?\n"),
     }
@@ -449,6 +436,18 @@ pub fn render_script(plan: &RunPlan) -> String {
     ));
     s.push_str("exit \"$__sao_rc\"\n");
     s
+}
+
+/// Runs the payload in the cluster a launcher's `__sao_<name>_up` starts, and always takes
+/// it down: scancel and the time limit send SIGTERM first, so the trap does it too.
+fn payload_in_cluster(name: &str) -> String {
+    format!(
+        "trap '__sao_{name}_down; exit 143' TERM\n\
+         if ! __sao_activate; then __sao_rc=127\n\
+         elif __sao_{name}_up; then __sao_payload; __sao_rc=$?\n\
+         else __sao_rc=1; fi\n\
+         __sao_{name}_down\n"
+    )
 }
 
 /// The file a heterogeneous job's payload reads to reach every component:

@@ -37,16 +37,11 @@ pub(super) async fn asset_transition(
                     .clone()
                     .unwrap_or_else(|| after.phase.as_str().to_string())
             }),
-            note: Some(format!(
-                "run {}: {} → {}{}",
-                after.run,
+            note: Some(transition_note(
+                &format!("run {}: ", after.run),
                 before.phase.as_str(),
                 after.phase.as_str(),
-                after
-                    .message
-                    .as_deref()
-                    .map(|m| format!(": {m}"))
-                    .unwrap_or_default()
+                after.message.as_deref(),
             )),
             // Events are folded by (type, reason, action): naming the run keeps each run's
             // own Event instead of counting later runs into the first one's.
@@ -90,20 +85,22 @@ pub(super) async fn session_transition(
             .reason
             .clone()
             .unwrap_or_else(|| after.phase.as_str().to_string()),
-        note: Some(format!(
-            "{} → {}{}",
+        note: Some(transition_note(
+            "",
             before.phase.as_str(),
             after.phase.as_str(),
-            after
-                .message
-                .as_deref()
-                .map(|m| format!(": {m}"))
-                .unwrap_or_default()
+            after.message.as_deref(),
         )),
         action: format!("Run{}", after.allocation.run),
         secondary: None,
     };
     publish(ctx, reference, ev).await;
+}
+
+/// `<prefix><from> → <to>[: <message>]`.
+fn transition_note(prefix: &str, from: &str, to: &str, message: Option<&str>) -> String {
+    let message = message.map(|m| format!(": {m}")).unwrap_or_default();
+    format!("{prefix}{from} → {to}{message}")
 }
 
 /// The Event reason of a status message that asks a user to act, if it does.

@@ -693,6 +693,7 @@ fn merge_components(
             }
             m.log_tail = m.log_tail.take().or_else(|| k.log_tail.clone());
             m.pipes = m.pipes.take().or_else(|| k.pipes.clone());
+            m.launcher = m.launcher.take().or_else(|| k.launcher.clone());
             m.metrics = m.metrics.take().or_else(|| k.metrics.clone());
             m.slurm_state = m.slurm_state.take().or_else(|| k.slurm_state.clone());
         }

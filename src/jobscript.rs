@@ -71,6 +71,9 @@ pub struct RunPlan {
     pub components: Vec<(String, Resources)>,
     /// Components with payloads of their own: their plans (run dirs inside this one).
     pub component_plans: Vec<RunPlan>,
+    /// The plan of a component with a payload of its own: its het group and name; its
+    /// launcher spans the group's nodes (its script runs in a step on the first).
+    pub het_group: Option<(usize, String)>,
     pub extras: Option<Value>,
     pub pipes_context: Option<crate::api::PipesContext>,
 }
@@ -155,10 +158,13 @@ pub fn plan(spec: &SlurmAssetSpec, id: RunId, ctx: &PlanContext) -> Result<RunPl
     // Components with payloads of their own: each a plan of its own, in a run dir inside
     // this one, with its payload and asset key over the asset's settings.
     if spec.components.iter().any(|c| c.payload.is_some()) {
-        for (c, (_, resources)) in spec.components.iter().zip(&p.components) {
+        for (g, (c, (_, resources))) in spec.components.iter().zip(&p.components).enumerate() {
             let mut sub = spec.clone();
             sub.components.clear();
             sub.payload = c.payload.clone().unwrap_or_default();
+            if let Some(l) = &c.launcher {
+                sub.launcher = l.clone();
+            }
             sub.asset_key = c
                 .asset_key
                 .clone()
@@ -168,8 +174,9 @@ pub fn plan(spec: &SlurmAssetSpec, id: RunId, ctx: &PlanContext) -> Result<RunPl
                 pc.asset_keys = vec![sub.asset_key.clone()];
             }
             let dir = format!("{}/{COMPONENTS_DIR}/{}", p.run_dir, c.name);
-            let cp = plan_at(&sub, p.id.clone(), ctx, dir)
+            let mut cp = plan_at(&sub, p.id.clone(), ctx, dir)
                 .map_err(|e| e.replacen("spec.", &format!("spec.components[{}].", c.name), 1))?;
+            cp.het_group = Some((g, c.name.clone()));
             p.component_plans.push(cp);
         }
     }
@@ -300,6 +307,7 @@ fn plan_at(
         session: None,
         components,
         component_plans: vec![],
+        het_group: None,
         extras: spec.extras.clone(),
         pipes_context: spec.pipes_context.clone(),
     })
@@ -384,12 +392,13 @@ pub fn render_script(plan: &RunPlan) -> String {
         ));
     } else {
         // Components with payloads of their own run side by side, each once on its first
-        // node; the job's exit code is the first failing one's.
+        // node (where its launcher, if any, starts its head); the job's exit code is the
+        // first failing one's.
         s.push_str("__sao_payload() {\n  local pids=() i r rc=0\n");
         for (g, cp) in plan.component_plans.iter().enumerate() {
             let d = &cp.run_dir;
             s.push_str(&format!(
-                "  srun --het-group={g} --nodes=1 --ntasks=1 --input=none --output={} --error={} bash {} &\n  pids+=($!)\n",
+                "  srun --het-group={g} --nodes=1 --ntasks=1 -w \"$(scontrol show hostnames \"$SLURM_JOB_NODELIST_HET_GROUP_{g}\" | head -n1)\" --input=none --output={} --error={} bash {} &\n  pids+=($!)\n",
                 quote(&format!("{d}/{STDOUT_FILE}")),
                 quote(&format!("{d}/{STDERR_FILE}")),
                 quote(&format!("{d}/{JOB_SCRIPT}")),
@@ -412,11 +421,25 @@ pub fn render_script(plan: &RunPlan) -> String {
         ));
     }
     match plan.launcher.type_ {
+        // Components with payloads of their own start their own launchers, each over its
+        // component's nodes.
+        _ if !plan.component_plans.is_empty() => {
+            s.push_str("__sao_activate && __sao_payload\n__sao_rc=$?\n")
+        }
         // In a session a Ray asset uses the session's warm cluster (RAY_ADDRESS comes
         // from the agent's environment).
         LauncherType::Ray if plan.session.is_none() => {
             let ray = plan.launcher.ray.clone().unwrap_or_default();
-            let components: Vec<String> = plan.components.iter().map(|(n, _)| n.clone()).collect();
+            // A component's own cluster spans its group only, named after it.
+            let components: Vec<(usize, String)> = match &plan.het_group {
+                Some(group) => vec![group.clone()],
+                None => plan
+                    .components
+                    .iter()
+                    .enumerate()
+                    .map(|(g, (n, _))| (g, n.clone()))
+                    .collect(),
+            };
             s.push_str(&crate::launcher::ray_functions(
                 &ray,
                 plan.resources.gpus_per_node,
@@ -426,7 +449,10 @@ pub fn render_script(plan: &RunPlan) -> String {
         }
         LauncherType::Spark => {
             let spark = plan.launcher.spark.clone().unwrap_or_default();
-            s.push_str(&crate::launcher::spark_functions(&spark));
+            s.push_str(&crate::launcher::spark_functions(
+                &spark,
+                plan.het_group.as_ref().map(|(g, _)| *g),
+            ));
             s.push_str(&payload_in_cluster("spark"));
         }
         _ => s.push_str("__sao_activate && __sao_payload\n__sao_rc=$?\n"),
@@ -643,6 +669,38 @@ mod tests {
                 .unwrap_err()
                 .starts_with("spec.components:")
         );
+    }
+
+    #[test]
+    fn components_with_payloads_start_their_own_launchers_over_their_own_groups() {
+        let mut s = spec(Payload::default());
+        s.launcher.type_ = LauncherType::Ray;
+        s.components = serde_json::from_value(serde_json::json!([
+            {"name": "etl", "payload": {"inline": "a"}, "launcher": {"type": "spark"}},
+            {"name": "tune", "payload": {"inline": "b"}},
+            {"name": "plain", "payload": {"inline": "c"}, "launcher": {"type": "bash"}},
+        ]))
+        .unwrap();
+        let p = slurm_plan(&s, "/b");
+        let job = render_script(&p);
+        // The job starts no cluster of its own: each component starts its own, pinned to
+        // its group's first node.
+        assert!(!job.contains("__sao_ray_up"), "{job}");
+        assert!(!job.contains("__sao_spark_up"), "{job}");
+        assert!(job.contains(
+            "srun --het-group=1 --nodes=1 --ntasks=1 -w \"$(scontrol show hostnames \"$SLURM_JOB_NODELIST_HET_GROUP_1\" | head -n1)\""
+        ), "{job}");
+        let [etl, tune, plain] = &p.component_plans[..] else {
+            panic!("three component plans");
+        };
+        let etl = render_script(etl);
+        assert!(etl.contains("__sao_spark_up"));
+        assert!(etl.contains("SLURM_JOB_NODELIST_HET_GROUP_0"));
+        // The asset's launcher is the default of a component's.
+        let tune = render_script(tune);
+        assert!(tune.contains("__sao_ray_components=([1]=tune)"), "{tune}");
+        let plain = render_script(plain);
+        assert!(!plain.contains("__sao_ray_up") && !plain.contains("__sao_spark_up"));
     }
 
     #[test]

@@ -66,12 +66,13 @@ __sao_show() { grep -E "${3:-.}" "$1" 2>/dev/null | sed "s/^/[$2] /" >&2; }
 /// The shell functions `__sao_ray_up` (start the cluster; non-zero when it could not, with
 /// the reason in the launcher file) and `__sao_ray_down` (always safe to call, idempotent).
 /// `gpus_default` is the job's `gpusPerNode`.
-/// `components` names a heterogeneous job's components (empty otherwise): the cluster spans
-/// them all, each node carrying a Ray resource named after its component.
+/// `components` names a heterogeneous job's components by het group (empty otherwise): the
+/// cluster spans them, each node carrying a Ray resource named after its component. A
+/// component's own launcher passes its group alone.
 pub fn ray_functions(
     ray: &RaySettings,
     gpus_default: Option<u32>,
-    components: &[String],
+    components: &[(usize, String)],
 ) -> String {
     let mut common: Vec<String> = vec![];
     if let Some(m) = &ray.object_store_memory {
@@ -90,7 +91,16 @@ pub fn ray_functions(
     let cpus_het = ray
         .cpus_per_node
         .map_or_else(|| "\"$k\"".to_string(), |c| c.to_string());
-    let components = join(components);
+    // Sparse by group: `([1]=wide)` is component 1 alone.
+    let tmp_suffix = match components {
+        [(g, _)] => format!("-c{g}"),
+        _ => String::new(),
+    };
+    let components = components
+        .iter()
+        .map(|(g, n)| format!("[{g}]={}", quote(n)))
+        .collect::<Vec<_>>()
+        .join(" ");
     let head_ip = ray
         .head_address
         .as_deref()
@@ -106,7 +116,7 @@ pub fn ray_functions(
         r#"# Ray: a head here, a worker on every other node; torn down before the exit file.
 export RAY_USAGE_STATS_ENABLED=0
 # Per job and short: Ray's socket paths live under it and must stay under 108 bytes.
-__sao_ray_tmp=/tmp/sao-ray-${{SLURM_JOB_ID:-local-$$}}
+__sao_ray_tmp=/tmp/sao-ray-${{SLURM_JOB_ID:-local-$$}}{tmp_suffix}
 __sao_ray_group=''
 __sao_ray_workers=''
 __sao_ray_down_done=''
@@ -234,8 +244,27 @@ fn spark_mem(m: &crate::quantity::Memory) -> String {
 /// every node, registered with it; `spark-defaults.conf` in the run dir) and
 /// `__sao_spark_down` (always safe to call, idempotent). Without Slurm (local mode) the
 /// payload gets `local[*]`; with `masterUrl` it gets that master and nothing is started.
-pub fn spark_functions(spark: &SparkSettings) -> String {
+/// `het_group`: a heterogeneous job's component with a launcher of its own: the cluster
+/// spans that group's nodes, sized by its allocation.
+pub fn spark_functions(spark: &SparkSettings, het_group: Option<usize>) -> String {
     let timeout = spark.start_timeout_secs();
+    // Where the nodes, CPUs and memory are: the job's, or the group's (a step's own
+    // `SLURM_JOB_NODELIST` is the step's one node).
+    let (suffix, srun_group, tmp_suffix) = match het_group {
+        Some(g) => (
+            format!("_HET_GROUP_{g}"),
+            format!(" --het-group={g}"),
+            format!("-c{g}"),
+        ),
+        None => (String::new(), String::new(), String::new()),
+    };
+    let cores = match het_group {
+        // `2(x2)` or `2,1`: the first node's, as in the cluster's homogeneous groups.
+        Some(g) => {
+            format!("cores=${{SLURM_JOB_CPUS_PER_NODE_HET_GROUP_{g}:-1}}; cores=${{cores%%[(,]*}}")
+        }
+        None => "cores=${SLURM_CPUS_ON_NODE:-$(nproc)}".to_string(),
+    };
     let driver_mem = spark
         .driver_memory
         .as_ref()
@@ -261,7 +290,7 @@ pub fn spark_functions(spark: &SparkSettings) -> String {
     let host = quote(spark.master_host.as_deref().unwrap_or_default());
     format!(
         r#"# Spark: a standalone master here, a worker on every node; torn down before the exit file.
-__sao_spark_tmp=/tmp/sao-spark-${{SLURM_JOB_ID:-local-$$}}
+__sao_spark_tmp=/tmp/sao-spark-${{SLURM_JOB_ID:-local-$$}}{tmp_suffix}
 __sao_spark_group=''
 __sao_spark_workers=''
 __sao_spark_down_done=''
@@ -301,7 +330,7 @@ __sao_spark_up() {{
     __sao_spark_conf 'local[*]'
     return 0
   fi
-  mapfile -t nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
+  mapfile -t nodes < <(scontrol show hostnames "${{SLURM_JOB_NODELIST{suffix}:-}}")
   printf 'type=spark\nnodes_expected=%s\n' "${{#nodes[@]}}" > {LAUNCHER_FILE}
   SPARK_HOME={home_q}
   [ -n "$SPARK_HOME" ] || SPARK_HOME=$(python3 -c 'import os, pyspark; print(os.path.dirname(pyspark.__file__))' 2>/dev/null)
@@ -325,15 +354,15 @@ __sao_spark_up() {{
     *) __sao_fail "the Spark master on ${{nodes[0]}} did not start within {timeout}s"; return ;;
   esac
   __sao_fact dashboard_port "$ui"
-  cores=${{SLURM_CPUS_ON_NODE:-$(nproc)}}
+  {cores}
   # Three quarters of the node's allocation for executors: the worker's own JVM, the master's
   # and the driver's need the rest.
-  mem=${{SLURM_MEM_PER_NODE:-$(( ${{SLURM_MEM_PER_CPU:-1024}} * cores ))}}
+  mem=${{SLURM_MEM_PER_NODE{suffix}:-$(( ${{SLURM_MEM_PER_CPU{suffix}:-1024}} * cores ))}}
   mem=$(( mem * 3 / 4 )); [ "$mem" -ge 256 ] || mem=256
   for i in $(seq 0 $(( ${{#nodes[@]}} - 1 ))); do
     n=${{nodes[$i]}}
     read -r wui <<< "$(__sao_ports 1)"
-    srun --overlap --nodes=1 --ntasks=1 -w "$n" "$SPARK_HOME/bin/spark-class" \
+    srun --overlap{srun_group} --nodes=1 --ntasks=1 -w "$n" "$SPARK_HOME/bin/spark-class" \
       org.apache.spark.deploy.worker.Worker --cores "$cores" --memory "${{mem}}m" \
       --webui-port "$wui" --work-dir "$PWD/spark-work/$i" "spark://$host:$port" \
       > "spark-worker-$i.log" 2>&1 < /dev/null &
@@ -380,7 +409,7 @@ __sao_spark_down() {{
   for pid in $__sao_spark_workers; do kill -KILL "$pid" 2>/dev/null; done
   wait $__sao_spark_workers $__sao_spark_group 2>/dev/null
   if [ -n "$__sao_spark_workers" ]; then
-    srun --overlap --nodes="${{SLURM_JOB_NUM_NODES:-1}}" --ntasks-per-node=1 rm -rf "$__sao_spark_tmp" 2>/dev/null
+    srun --overlap{srun_group} --nodes="${{SLURM_JOB_NUM_NODES{suffix}:-1}}" --ntasks-per-node=1 rm -rf "$__sao_spark_tmp" 2>/dev/null
   fi
   rm -rf "$__sao_spark_tmp"
   return 0
@@ -489,7 +518,7 @@ mod tests {
             num_executors: Some(3),
             ..Default::default()
         };
-        let f = spark_functions(&spark);
+        let f = spark_functions(&spark, None);
         assert!(f.contains("host='h$(id)'"), "{f}");
         assert!(f.contains("SPARK_HOME='/opt/spark dir'"));
         assert!(f.contains("__sao_spark_exec_mem=1024m"));
@@ -497,15 +526,33 @@ mod tests {
         assert!(f.contains("__sao_spark_exec_cores=2"));
         assert!(f.contains("$(( 3 * ${__sao_spark_exec_cores:-$cores} ))"));
         // Defaults: the job's SPARK_HOME (else pyspark's), the first node's address.
-        let f = spark_functions(&SparkSettings::default());
+        let f = spark_functions(&SparkSettings::default(), None);
         assert!(f.contains("SPARK_HOME=\"${SPARK_HOME:-}\""));
         assert!(f.contains("host=''"));
         assert!(f.contains("if [ -n '' ]; then"), "no external master");
-        let f = spark_functions(&SparkSettings {
-            master_url: Some("spark://m:7077".into()),
-            ..Default::default()
-        });
+        let f = spark_functions(
+            &SparkSettings {
+                master_url: Some("spark://m:7077".into()),
+                ..Default::default()
+            },
+            None,
+        );
         assert!(f.contains("__sao_spark_conf spark://m:7077"));
+    }
+
+    #[test]
+    fn a_components_own_cluster_spans_its_het_group_only() {
+        let f = spark_functions(&SparkSettings::default(), Some(1));
+        assert!(f.contains("scontrol show hostnames \"${SLURM_JOB_NODELIST_HET_GROUP_1:-}\""));
+        assert!(f.contains("srun --overlap --het-group=1 --nodes=1 --ntasks=1 -w \"$n\""));
+        assert!(f.contains("${SLURM_JOB_CPUS_PER_NODE_HET_GROUP_1:-1}"));
+        assert!(f.contains("${SLURM_MEM_PER_NODE_HET_GROUP_1:-"));
+        assert!(f.contains("--het-group=1 --nodes=\"${SLURM_JOB_NUM_NODES_HET_GROUP_1:-1}\""));
+        // Two components' clusters on one node keep apart.
+        assert!(f.contains("sao-spark-${SLURM_JOB_ID:-local-$$}-c1"));
+        let f = ray_functions(&RaySettings::default(), None, &[(2, "gpu's".into())]);
+        assert!(f.contains("__sao_ray_components=([2]='gpu'\\''s')"), "{f}");
+        assert!(f.contains("sao-ray-${SLURM_JOB_ID:-local-$$}-c2"));
     }
 
     #[test]

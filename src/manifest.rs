@@ -913,6 +913,22 @@ fn validate_components(s: &SlurmAssetSpec, errors: &mut Vec<FieldError>) {
             }
             None => {}
         }
+        if let Some(l) = &c.launcher {
+            if c.payload.is_none() {
+                errors.push(field_err(
+                    format!("{at}.launcher"),
+                    "only a component with a payload of its own has a launcher of its own (the asset's one payload takes spec.launcher)",
+                ));
+            }
+            let mut own = vec![];
+            validate_launcher(l, &mut own);
+            errors.extend(own.into_iter().map(|mut e| {
+                e.field = e
+                    .field
+                    .replacen("spec.launcher", &format!("{at}.launcher"), 1);
+                e
+            }));
+        }
         if c.resources
             .extra_sbatch_args
             .iter()
@@ -940,10 +956,11 @@ fn validate_components(s: &SlurmAssetSpec, errors: &mut Vec<FieldError>) {
             "a heterogeneous job is an allocation of its own: it cannot join a session",
         ));
     }
-    if s.launcher.type_ == LauncherType::Spark {
+    let side_by_side = s.components.iter().any(|c| c.payload.is_some());
+    if s.launcher.type_ == LauncherType::Spark && !side_by_side {
         errors.push(field_err(
             "spec.components",
-            "the spark launcher does not span heterogeneous components in this version (ray does)",
+            "the spark launcher does not span heterogeneous components in this version (ray does; or give each component its payload and launcher)",
         ));
     }
 }
@@ -1222,6 +1239,32 @@ mod tests {
         );
         let e = c("  launcher: {type: spark}\n  components: [{name: a}, {name: b}]\n");
         assert!(e.contains("does not span heterogeneous components"), "{e}");
+        // A component's own launcher: only with its own payload, checked as the asset's.
+        let e = c(
+            "  components: [{name: a, launcher: {type: spark}}, {name: b, launcher: {type: ray, spark: {executorCores: 0}}}]\n",
+        );
+        assert!(
+            e.contains("spec.components[0].launcher: only a component with a payload of its own"),
+            "{e}"
+        );
+        assert!(
+            e.contains("spec.components[1].launcher.spark: needs type: spark"),
+            "{e}"
+        );
+        assert!(
+            e.contains("spec.components[1].launcher.spark.executorCores: must be at least 1"),
+            "{e}"
+        );
+        let ok = one(&format!(
+            "{HEAD}spec:\n  assetKey: x\n  clusterRef: hpc\n  launcher: {{type: spark}}\n  components: [{{name: a, payload: {{inline: echo a}}}}, {{name: b, payload: {{inline: echo b}}, launcher: {{type: ray}}}}]\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            ok.asset().map(|a| a.components.len()),
+            Some(2),
+            "{:?}",
+            ok.spec.as_ref().err().map(|e| describe(e))
+        );
         let ok = one(&format!(
             "{HEAD}spec:\n  assetKey: x\n  clusterRef: hpc\n  payload: {{inline: x}}\n  components: [{{name: a}}, {{name: b, resources: {{cpusPerTask: 2}}}}]\n"
         ))

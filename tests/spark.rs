@@ -218,3 +218,52 @@ fn spark_submit_runs_a_python_file_on_the_cluster() {
         "spark-submit used the job's cluster: {out}"
     );
 }
+
+#[test]
+fn a_heterogeneous_jobs_component_runs_its_own_spark_cluster_over_its_own_nodes() {
+    let (dir, c) = slurm_dir("spark-hetjob");
+    let d = dir.path();
+    write(d, "payload.py", PAYLOAD);
+    write(
+        d,
+        "pipeline.yaml",
+        &format!(
+            "apiVersion: dagster-slurm.io/v1alpha1\nkind: SlurmAsset\nmetadata: {{name: pipeline}}\nspec:\n  assetKey: het/all\n  clusterRef: hpc\n  resources: {{timeLimit: \"00:10:00\"}}\n  environment: {{preDeployedEnvPath: {env}}}\n  env: [{{name: SPARKTEST_EXECUTORS, value: \"2\"}}]\n  components:\n    - name: note\n      assetKey: het/note\n      resources: {{mem: 100M}}\n      payload: {{command: [bash, -c, 'echo note on $SLURMD_NODENAME']}}\n    - name: etl\n      assetKey: het/etl\n      resources: {{nodes: 2, mem: 1800M}}\n      launcher: {{type: spark, spark: {{executorMemory: 600M, driverMemory: 600M}}}}\n      payload: {{path: payload.py}}\n",
+            env = c.spark_env
+        ),
+    );
+    let _op = Operator::start_logged(d, None);
+    let done = wait_object(d, "pipeline", "the end", LONG, terminal);
+    let s = &done["status"];
+    assert_eq!(phase(&done), "Succeeded", "{s:#}");
+    let [note, etl] = &s["components"].as_array().expect("components")[..] else {
+        panic!("two components: {s:#}");
+    };
+    // The plain component started no cluster; the Spark one spanned its two nodes only.
+    assert!(note["launcher"].is_null(), "{note:#}");
+    assert!(
+        note["logTail"]["stdout"]
+            .as_str()
+            .is_some_and(|o| o.starts_with("note on n")),
+        "{note:#}"
+    );
+    assert_eq!(etl["launcher"]["type"], "spark", "{etl:#}");
+    assert_eq!(etl["launcher"]["nodesJoined"], 2, "{etl:#}");
+    let m = &etl["pipes"]["materializations"][0];
+    assert_eq!(m["assetKey"], "het/etl", "{etl:#}");
+    assert_eq!(m["metadata"]["count"]["raw_value"], 33334);
+    let etl_nodes: Vec<&str> = etl["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert_eq!(etl_nodes.len(), 2, "{etl:#}");
+    assert_eq!(
+        m["metadata"]["nodes"]["raw_value"],
+        etl_nodes.join(","),
+        "executors on both of the component's nodes, none on the other's"
+    );
+    assert!(!etl_nodes.contains(&note["nodes"][0].as_str().unwrap()));
+    assert_nothing_left(&run_dir(&done));
+}

@@ -102,6 +102,11 @@ pub struct Component {
     /// multi-asset, one key per component.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub asset_key: Option<String>,
+    /// How its own payload is started (default: the asset's `launcher`): a Ray cluster or a
+    /// Spark standalone cluster over this component's nodes only. Only with a payload of its
+    /// own: the asset's one payload takes the asset's `launcher`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub launcher: Option<Launcher>,
 }
 
 fn free_json(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
@@ -525,6 +530,9 @@ pub struct ComponentStatus {
     /// With a payload of its own: what it reported through Dagster Pipes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pipes: Option<PipesStatus>,
+    /// With a launcher of its own: what it started over the component's nodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub launcher: Option<LauncherStatus>,
 }
 
 /// seff-style efficiency figures.

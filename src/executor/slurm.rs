@@ -915,6 +915,7 @@ fn component_reads(w: &Watched<'_>) -> String {
              sao_tail C{c}ERR {d}/{STDERR_FILE}\n\
              printf 'C{c}MSG %s\\n' \"$(tail -c +{} {d}/{MESSAGES_FILE} 2>/dev/null | head -c {MESSAGES_CHUNK} | base64 -w0)\"\n\
              printf 'C{c}SIZE %s\\n' \"$(stat -c %s {d}/{MESSAGES_FILE} 2>/dev/null)\"\n\
+             if [ -f {d}/{LAUNCHER_FILE} ]; then printf 'C{c}LAUNCH %s\\n' \"$(head -c {LAUNCHER_FILE_MAX} {d}/{LAUNCHER_FILE} | base64 -w0)\"; fi\n\
              fi\n",
             offset + 1
         ));
@@ -1173,7 +1174,7 @@ fn parse_poll(
                     let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
                     if let (Ok(c), Some(what)) = (
                         rest[..digits].parse::<usize>(),
-                        ["EXIT", "OUT", "ERR", "MSG", "SIZE"]
+                        ["EXIT", "OUT", "ERR", "MSG", "SIZE", "LAUNCH"]
                             .into_iter()
                             .find(|w| *w == &rest[digits..]),
                     ) {
@@ -1508,6 +1509,9 @@ fn parse_poll(
                         stderr_bytes,
                     });
                     st.pipes = Some(w.track.components[c].status.clone());
+                    st.launcher = f
+                        .get("LAUNCH")
+                        .and_then(|b| crate::launcher::parse_facts(&decode(b)));
                 }
                 // A job that did not succeed names the components that did not either.
                 if is_final(&obs.state) && !matches!(obs.state, JobState::Exited { exit_code: 0 }) {
@@ -1522,13 +1526,18 @@ fn parse_poll(
                         })
                         .map(|c| {
                             format!(
-                                "component {} ({}) {}{}",
+                                "component {} ({}) {}{}{}",
                                 c.name,
                                 c.job_id.as_deref().unwrap_or(""),
                                 c.slurm_state.as_deref().unwrap_or("ended"),
                                 c.exit_code
                                     .filter(|e| *e != 0)
                                     .map(|e| format!(" with exit code {e}"))
+                                    .unwrap_or_default(),
+                                c.launcher
+                                    .as_ref()
+                                    .and_then(|l| l.error.as_deref())
+                                    .map(|e| format!(": {e}"))
                                     .unwrap_or_default()
                             )
                         })

@@ -5,7 +5,7 @@ import re
 import pytest
 
 from dagster_slurm_asset import label_value, object_name
-from dagster_slurm_asset.client import new_output
+from dagster_slurm_asset.client import hetjob_spec, new_output
 from dagster_slurm_asset.spec import SlurmJob, SlurmResources
 from dagster_slurm_asset.store import matches_selector
 
@@ -79,3 +79,18 @@ def test_slurm_job_spec() -> None:
     }
     with pytest.raises(ValueError):
         SlurmJob(inline="x", command=["y"]).to_spec()
+
+
+def test_each_hetjob_component_keeps_its_own_launcher() -> None:
+    spec = hetjob_spec(
+        {
+            "etl": ("p/etl", SlurmJob(command=["etl"], launcher={"type": "spark"}, env={"A": "1"})),
+            "fit": ("p/fit", SlurmJob(command=["fit"], env={"B": "2"})),
+        }
+    )
+    etl, fit = spec["components"]
+    assert etl["launcher"] == {"type": "spark"}
+    assert "launcher" not in fit
+    assert [e["name"] for e in spec["env"]] == ["A", "B"]
+    with pytest.raises(ValueError):
+        hetjob_spec({"one": ("p/one", SlurmJob(command=["x"]))})

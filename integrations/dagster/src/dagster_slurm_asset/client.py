@@ -83,6 +83,36 @@ class _Follower:
     opened: bool = False
 
 
+def hetjob_spec(components: Mapping[str, tuple[str, SlurmJob]]) -> dict[str, Any]:
+    """The spec of one heterogeneous job of ``components`` (name → (asset key, job)): each
+    job's payload, resources and launcher become its component; the first job's cluster,
+    environment, retries and debug flag are the job's; the jobs' env variables are merged."""
+    if len(components) < 2:
+        raise ValueError("run_hetjob: a heterogeneous job has two or more components")
+    specs = {name: job.to_spec() for name, (_, job) in components.items()}
+    first = next(iter(specs.values()))
+    base: dict[str, Any] = {
+        k: v for k, v in first.items() if k in ("clusterRef", "environment", "retry", "debug")
+    }
+    merged_env: dict[str, Any] = {}
+    for spec in specs.values():
+        merged_env.update({e["name"]: e for e in spec.get("env", [])})
+    if merged_env:
+        base["env"] = list(merged_env.values())
+    base["components"] = []
+    for name, (key, _) in components.items():
+        component: dict[str, Any] = {
+            "name": name,
+            "assetKey": key,
+            "resources": specs[name].get("resources", {}),
+            "payload": specs[name]["payload"],
+        }
+        if "launcher" in specs[name]:
+            component["launcher"] = specs[name]["launcher"]
+        base["components"].append(component)
+    return base
+
+
 class PipesSlurmAssetClient(PipesClient, TreatAsResourceParam):
     """A Dagster Pipes client that runs the payload as a `SlurmAsset`.
 
@@ -207,27 +237,7 @@ class PipesSlurmAssetClient(PipesClient, TreatAsResourceParam):
         Returns:
             The invocation; ``yield from client.run_hetjob(...).get_results()``.
         """
-        if len(components) < 2:
-            raise ValueError("run_hetjob: a heterogeneous job has two or more components")
-        specs = {name: job.to_spec() for name, (_, job) in components.items()}
-        first = next(iter(specs.values()))
-        base: dict[str, Any] = {
-            k: v for k, v in first.items() if k in ("clusterRef", "environment", "retry", "debug")
-        }
-        merged_env: dict[str, Any] = {}
-        for spec in specs.values():
-            merged_env.update({e["name"]: e for e in spec.get("env", [])})
-        if merged_env:
-            base["env"] = list(merged_env.values())
-        base["components"] = [
-            {
-                "name": name,
-                "assetKey": key,
-                "resources": specs[name].get("resources", {}),
-                "payload": specs[name]["payload"],
-            }
-            for name, (key, _) in components.items()
-        ]
+        base = hetjob_spec(components)
         if self.cluster and "clusterRef" not in base:
             base["clusterRef"] = self.cluster
         return self.run(context=context, spec=base, extras=extras, env=env)

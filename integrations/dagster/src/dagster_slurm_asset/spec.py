@@ -66,6 +66,9 @@ class SlurmJob:
     retry_limit: int | None = None
     #: Keep the run directory on the cluster whatever the outcome.
     debug: bool = False
+    #: How the payload starts (the manifest's ``launcher``), e.g. ``{"type": "ray"}`` or
+    #: ``{"type": "spark", "spark": {"executorMemory": "2G"}}``; default: directly.
+    launcher: dict[str, Any] | None = None
 
     def to_spec(self) -> dict[str, Any]:
         given = [x is not None for x in (self.script, self.inline, self.command, self.remote_path)]
@@ -101,4 +104,6 @@ class SlurmJob:
             spec["retry"] = {"limit": self.retry_limit}
         if self.debug:
             spec["debug"] = True
+        if self.launcher is not None:
+            spec["launcher"] = dict(self.launcher)
         return spec

@@ -23,6 +23,26 @@ pub enum ReadError {
     Io(String, String),
 }
 
+/// A local path as users write it (no shell expands it for us): `~`, `~/x`, `$HOME/x` and
+/// `${HOME}/x` start at the home directory (`HOME`); relative paths at `dir`.
+pub fn expand_home(dir: &Path, p: &str) -> PathBuf {
+    let rest = ["~", "$HOME", "${HOME}"].iter().find_map(|h| {
+        let r = p.strip_prefix(h)?;
+        (r.is_empty() || r.starts_with('/')).then(|| r.trim_start_matches('/'))
+    });
+    match rest {
+        Some(rest) => {
+            let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/"), PathBuf::from);
+            if rest.is_empty() {
+                home
+            } else {
+                home.join(rest)
+            }
+        }
+        None => dir.join(p),
+    }
+}
+
 /// Reads `path` (relative paths are taken from `root`) when it resolves, after following
 /// every symlink, to a regular file under `root`, of at most `cap` bytes.
 pub fn read_confined(root: &Path, path: &Path, cap: u64) -> Result<Vec<u8>, ReadError> {
@@ -130,6 +150,21 @@ pub fn write_private_once(path: &Path, content: &[u8]) -> std::io::Result<()> {
 mod tests {
     use super::*;
     use std::os::unix::fs::symlink;
+
+    #[test]
+    fn home_is_expanded_in_local_paths() {
+        let home = PathBuf::from(std::env::var_os("HOME").unwrap());
+        let dir = Path::new("/manifests");
+        assert_eq!(expand_home(dir, "~/.ssh/id"), home.join(".ssh/id"));
+        assert_eq!(expand_home(dir, "$HOME/.ssh/id"), home.join(".ssh/id"));
+        assert_eq!(expand_home(dir, "${HOME}/k"), home.join("k"));
+        assert_eq!(expand_home(dir, "~"), home);
+        assert_eq!(expand_home(dir, "keys/id"), dir.join("keys/id"));
+        assert_eq!(expand_home(dir, "/etc/k"), PathBuf::from("/etc/k"));
+        // Another user's home and look-alikes are not ours to guess.
+        assert_eq!(expand_home(dir, "~bob/k"), dir.join("~bob/k"));
+        assert_eq!(expand_home(dir, "$HOMEX/k"), dir.join("$HOMEX/k"));
+    }
 
     #[test]
     fn confinement_size_and_special_files() {

@@ -133,8 +133,7 @@ fn resolve_path(local: bool, remote_home: Option<&str>, dir: &Path, p: &str) -> 
         p.strip_prefix("~/")
     };
     match (local, remote_home, home_rel) {
-        (true, _, Some(rest)) => absolutize(&home_dir().join(rest)),
-        (true, _, None) => absolutize(&dir.join(p)),
+        (true, _, _) => absolutize(&crate::files::expand_home(dir, p)),
         (false, Some(home), Some(rest)) => {
             format!("{home}/{rest}").trim_end_matches('/').to_string()
         }
@@ -311,12 +310,6 @@ fn plan_at(
         extras: spec.extras.clone(),
         pipes_context: spec.pipes_context.clone(),
     })
-}
-
-fn home_dir() -> PathBuf {
-    std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/"))
 }
 
 fn absolutize(p: &Path) -> String {

@@ -31,12 +31,10 @@ pub mod worker;
 /// Errors of the operator's library code.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{path}: {source}")]
-    Io {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
+    /// The OS error is part of the message, not a `source` too: a chain printed with
+    /// `{:#}` would say it twice.
+    #[error("{path}: {error}")]
+    Io { path: String, error: std::io::Error },
     #[error("{0}")]
     Manifest(#[from] manifest::ManifestError),
     #[error("serializing {what}: {reason}")]
@@ -52,6 +50,10 @@ pub enum Error {
     Fenced { epoch: u64, fence: u64 },
     #[error("file watcher: {0}")]
     Watch(#[from] notify::Error),
+    /// A command given something it cannot work with (a directory without manifests or
+    /// status, say): the message says what and where.
+    #[error("{0}")]
+    Usage(String),
 }
 
 /// Errors of one reconcile in Kubernetes mode (counted by kind on `/metrics`).
@@ -86,7 +88,7 @@ impl Error {
     pub fn io(path: impl AsRef<std::path::Path>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.as_ref().display().to_string(),
-            source,
+            error: source,
         }
     }
 }

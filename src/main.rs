@@ -15,7 +15,7 @@ use std::process::ExitCode;
     about = "Runs Dagster assets on Slurm: reconciles SlurmAsset manifests"
 )]
 struct Cli {
-    /// Log as JSON lines instead of text.
+    /// Log as JSON lines instead of text (RUST_LOG filters, e.g. RUST_LOG=debug).
     #[arg(long, global = true)]
     log_json: bool,
     #[command(subcommand)]
@@ -26,6 +26,8 @@ struct Cli {
 enum Command {
     /// Reconcile the manifests in a directory; status files go to DIR/.status.
     Standalone {
+        /// Directory of manifests (*.yaml, *.yml, also in subdirectories); status goes to
+        /// DIR/.status.
         #[arg(long)]
         dir: PathBuf,
         /// Exit when every asset is terminal: 0 if all succeeded, 1 if any failed or a manifest
@@ -35,6 +37,7 @@ enum Command {
     },
     /// Print the job script and the exact submit command a manifest would produce. No side effects.
     Render {
+        /// A manifest file holding the asset (its cluster may be in the same directory).
         file: PathBuf,
         /// Which asset of the file (default: the only one).
         #[arg(long)]
@@ -73,6 +76,7 @@ enum Command {
         /// Take a Lease before reconciling, so that several replicas can run.
         #[arg(long)]
         leader_election: bool,
+        /// Name of the Lease that elects the leader.
         #[arg(long, default_value = "slurm-asset-operator")]
         lease_name: String,
         /// Namespace of the Lease (default: the namespace of the service account).
@@ -84,6 +88,7 @@ enum Command {
     },
     /// Print a table of every asset's status under DIR.
     Status {
+        /// The directory `standalone --dir` reconciles.
         #[arg(long)]
         dir: PathBuf,
     },
@@ -141,7 +146,11 @@ fn init_logging(json: bool) {
     if json {
         builder.json().init();
     } else {
-        builder.init();
+        // Colour only for a person at a terminal (and never under NO_COLOR): a log file or CI
+        // log would get the escape codes as text.
+        use std::io::IsTerminal;
+        let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+        builder.with_ansi(colour).init();
     }
 }
 
@@ -200,7 +209,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Status { dir } => {
-            print!("{}", status_table::render(&dir));
+            print!("{}", status_table::render(&dir)?);
             Ok(ExitCode::SUCCESS)
         }
         Command::LocalSupervise { .. } => unreachable!("handled before logging starts"),
@@ -449,8 +458,14 @@ fn lease_epoch(created_seconds: u64, transitions: i32) -> u64 {
 /// Renders the job script and submit command of one asset in `file`; its cluster is looked up
 /// in the same file, then in the other manifests of the file's directory.
 fn render(file: &std::path::Path, name: Option<&str>) -> anyhow::Result<String> {
+    if file.is_dir() {
+        anyhow::bail!(
+            "{} is a directory: render takes one manifest file (status --dir shows a directory's assets)",
+            file.display()
+        );
+    }
     let text =
-        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+        std::fs::read_to_string(file).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
     let mut objects = vec![];
     for doc in parse_file(file, &text, StoreKind::Standalone) {
         objects.push(doc?);
@@ -459,15 +474,47 @@ fn render(file: &std::path::Path, name: Option<&str>) -> anyhow::Result<String> 
         .parent()
         .unwrap_or(std::path::Path::new("."))
         .to_path_buf();
-    let asset = objects
+    let assets: Vec<_> = objects
         .iter()
-        .filter(|o| o.kind == Kind::SlurmAsset && name.is_none_or(|n| o.name == n))
-        .collect::<Vec<_>>();
-    let [asset] = asset.as_slice() else {
-        anyhow::bail!(
-            "{}: expected exactly one SlurmAsset (use --name to pick one)",
-            file.display()
-        );
+        .filter(|o| o.kind == Kind::SlurmAsset)
+        .collect();
+    let names = || {
+        assets
+            .iter()
+            .map(|o| o.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let picked: Vec<_> = assets
+        .iter()
+        .filter(|o| name.is_none_or(|n| o.name == n))
+        .collect();
+    let asset = match (picked.as_slice(), name) {
+        ([one], _) => **one,
+        ([], _) if assets.is_empty() => anyhow::bail!(
+            "{}: no SlurmAsset in this file (it has {})",
+            file.display(),
+            if objects.is_empty() {
+                "no objects".to_string()
+            } else {
+                objects
+                    .iter()
+                    .map(|o| format!("{} {}", o.kind.as_str(), o.name))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            }
+        ),
+        ([], Some(n)) => anyhow::bail!(
+            "{}: no SlurmAsset named {n:?} (the file has: {})",
+            file.display(),
+            names()
+        ),
+        _ => anyhow::bail!(
+            "{}: {} SlurmAssets ({}): pick one with --name",
+            file.display(),
+            assets.len(),
+            names()
+        ),
     };
     let spec = match &asset.spec {
         Ok(_) => asset.asset().context("not a SlurmAsset")?,

@@ -1,12 +1,77 @@
 //! The `status` command: one line per asset, read from the status files.
 
 use crate::manifest::Kind;
-use crate::standalone::store::{ANN_ASSET_KEY, list_status_files};
+use crate::standalone::store::{ANN_ASSET_KEY, ERRORS_FILE, STATUS_DIR, list_status_files};
 use serde_json::Value;
 use std::path::Path;
 
-/// Renders the table of every asset's status under `dir`.
-pub fn render(dir: &Path) -> String {
+/// Renders the table of every asset's status under `dir`, then the manifest errors of
+/// `errors.yaml` and what each failed asset's status says went wrong. A directory the
+/// operator has not written status into is an error (a mistyped `--dir`, say).
+pub fn render(dir: &Path) -> crate::Result<String> {
+    let meta = std::fs::metadata(dir).map_err(|e| crate::Error::io(dir, e))?;
+    if !meta.is_dir() {
+        return Err(crate::Error::Usage(format!(
+            "{}: not a directory",
+            dir.display()
+        )));
+    }
+    if !dir.join(STATUS_DIR).is_dir() {
+        return Err(crate::Error::Usage(format!(
+            "{}: no status here ({STATUS_DIR}/ is missing): run `slurm-asset-operator standalone --dir {}` first",
+            dir.display(),
+            dir.display()
+        )));
+    }
+    let mut out = table(dir);
+    let errors = std::fs::read_to_string(dir.join(STATUS_DIR).join(ERRORS_FILE))
+        .ok()
+        .and_then(|t| serde_saphyr::from_str::<Value>(&t).ok());
+    let errors = errors
+        .as_ref()
+        .and_then(|v| v["errors"].as_array())
+        .cloned()
+        .unwrap_or_default();
+    if !errors.is_empty() {
+        out.push_str(&format!("\nmanifest errors ({ERRORS_FILE}):\n"));
+        for e in &errors {
+            out.push_str(&format!(
+                "  {}: {}\n",
+                e["file"].as_str().unwrap_or("?"),
+                one_line(e["message"].as_str().unwrap_or(""))
+            ));
+        }
+    }
+    let failed: Vec<String> = list_status_files(dir, Kind::SlurmAsset)
+        .into_iter()
+        .filter(|(_, v)| matches!(v["status"]["phase"].as_str(), Some("Failed" | "Cancelled")))
+        .map(|(_, v)| {
+            format!(
+                "  {}/{}: {}: {}\n",
+                v["metadata"]["namespace"].as_str().unwrap_or("default"),
+                v["metadata"]["name"].as_str().unwrap_or("?"),
+                v["status"]["reason"].as_str().unwrap_or("-"),
+                one_line(v["status"]["message"].as_str().unwrap_or(""))
+            )
+        })
+        .collect();
+    if !failed.is_empty() {
+        out.push_str("\nfailed:\n");
+        out.extend(failed);
+    }
+    Ok(out)
+}
+
+/// A status message on one line, bounded (it may quote a payload's output).
+fn one_line(s: &str) -> String {
+    let flat: String = s
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    crate::limits::truncate(flat.trim(), 400)
+}
+
+fn table(dir: &Path) -> String {
     let mut rows = vec![
         [
             "NAMESPACE",

@@ -8,14 +8,15 @@ use common::*;
 use serde_json::Value;
 use std::time::Duration;
 
-/// Runs a command on component 1 through the `srun` that `components.json` gives it.
+/// Runs a command on component 1 through the `srun` that `components.json` gives it: a busy
+/// loop of at least 2 s (bash's `SECONDS` steps in whole seconds of the wall clock).
 const PAYLOAD: &str = r#"import json, os, subprocess
 from dagster_pipes import open_dagster_pipes
 with open_dagster_pipes() as p:
     comps = json.load(open(os.environ["SAO_COMPONENTS_FILE"]))
     other = comps["components"][1]
     out = subprocess.run(
-        other["srun"] + ["bash", "-c", "echo $SLURMD_NODENAME $SLURM_CPUS_ON_NODE; end=$((SECONDS+2)); while [ $SECONDS -lt $end ]; do :; done"],
+        other["srun"] + ["bash", "-c", "echo $SLURMD_NODENAME $SLURM_CPUS_ON_NODE; while [ $SECONDS -lt 3 ]; do :; done"],
         capture_output=True, text=True, check=True,
     ).stdout.split()
     p.report_asset_materialization(metadata={

@@ -36,7 +36,7 @@ pub fn ssh_target(
         ));
     }
     let auth = if let Some(k) = &ssh.key_path {
-        SshAuth::KeyFile(dir.join(k))
+        SshAuth::KeyFile(local_file(dir, k, key, "spec.ssh.keyPath")?)
     } else if let Some(var) = &ssh.password_env {
         SshAuth::Password(env(var).ok_or_else(|| {
             format!("{key}: spec.ssh.passwordEnv: environment variable {var} is not set")
@@ -46,7 +46,7 @@ pub fn ssh_target(
             "{key}: spec.ssh: Secret references need Kubernetes mode"
         ));
     } else if let Some(k) = env("SLURM_EDGE_NODE_KEY_PATH") {
-        SshAuth::KeyFile(PathBuf::from(k))
+        SshAuth::KeyFile(local_file(dir, &k, key, "SLURM_EDGE_NODE_KEY_PATH")?)
     } else if let Some(p) = env("SLURM_EDGE_NODE_PASSWORD") {
         SshAuth::Password(p)
     } else {
@@ -66,7 +66,12 @@ pub fn ssh_target(
         None => None,
     };
     let known_hosts = match ssh.known_hosts.as_ref() {
-        Some(kh) if kh.path.is_some() => kh.path.as_ref().map(|p| dir.join(p)),
+        Some(kh) if kh.path.is_some() => Some(local_file(
+            dir,
+            kh.path.as_deref().unwrap_or_default(),
+            key,
+            "spec.ssh.knownHosts.path",
+        )?),
         Some(kh) if kh.entries.is_some() => {
             let lines = kh.entries.clone().unwrap_or_default().join("\n") + "\n";
             let path = std::env::temp_dir().join(format!(
@@ -78,7 +83,10 @@ pub fn ssh_target(
                 .map_err(|e| format!("{key}: writing known hosts: {e}"))?;
             Some(path)
         }
-        _ => env("SLURM_EDGE_NODE_KNOWN_HOSTS").map(PathBuf::from),
+        _ => match env("SLURM_EDGE_NODE_KNOWN_HOSTS") {
+            Some(p) => Some(local_file(dir, &p, key, "SLURM_EDGE_NODE_KNOWN_HOSTS")?),
+            None => None,
+        },
     };
     Ok(SshTarget::from_settings(
         &ssh,
@@ -87,6 +95,23 @@ pub fn ssh_target(
         known_hosts,
         totp_seed,
     ))
+}
+
+/// A key or known-hosts file named in a manifest or the environment (`~` and `$HOME`
+/// expanded, relative to the manifest's directory): it must be a readable file now, since
+/// ssh would only fail to connect, again and again, without saying why.
+fn local_file(
+    dir: &Path,
+    p: &str,
+    key: &ObjectKey,
+    field: &str,
+) -> std::result::Result<PathBuf, String> {
+    let path = crate::files::expand_home(dir, p);
+    match std::fs::File::open(&path).and_then(|f| f.metadata()) {
+        Ok(m) if m.is_file() => Ok(path),
+        Ok(_) => Err(format!("{key}: {field}: {}: not a file", path.display())),
+        Err(e) => Err(format!("{key}: {field}: {}: {e}", path.display())),
+    }
 }
 
 /// The platform name in conda/pixi's spelling.

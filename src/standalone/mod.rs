@@ -307,6 +307,16 @@ pub async fn run(opts: Options) -> Result<Outcome> {
     })?;
     notify::Watcher::watch(&mut watcher, &dir, notify::RecursiveMode::Recursive)?;
     driver.rescan(true).await;
+    if driver.assets.is_empty() && driver.clusters.is_empty() && driver.errors.is_empty() {
+        let what = format!(
+            "{}: no manifests found (*.yaml or *.yml files with SlurmAsset, SlurmCluster or SlurmSession objects)",
+            dir.display()
+        );
+        if opts.once {
+            return Err(Error::Usage(what));
+        }
+        warn!("{what}; watching for them");
+    }
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| Error::Executor(format!("installing the SIGTERM handler: {e}")))?;
     loop {

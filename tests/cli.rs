@@ -153,6 +153,24 @@ fn status_shows_manifest_errors_and_why_each_asset_failed_without_colour() {
     );
     assert!(!out.contains("default/fine:"), "{out}");
     assert!(!out.contains('\x1b'));
+    // Local clusters alone: no SSH or scheduler counters (they do not apply), and every
+    // timestamp in whole seconds.
+    let m = operator_metrics(d.path());
+    assert!(m["envPacks"].is_number(), "{m:#}");
+    assert!(
+        m.get("sshConnects").is_none() && m.get("schedulerPolls").is_none(),
+        "{m:#}"
+    );
+    let text =
+        std::fs::read_to_string(d.path().join(".status/default/SlurmAsset/boom.yaml")).unwrap();
+    let stamps: Vec<&str> = text
+        .split('"')
+        .filter(|w| w.len() >= 20 && w.as_bytes()[4] == b'-' && w.ends_with('Z'))
+        .collect();
+    assert!(!stamps.is_empty(), "{text}");
+    for t in stamps {
+        assert_eq!(t.len(), 20, "whole seconds: {t}");
+    }
 }
 
 /// Processes whose command line holds `needle`, but not the `pgrep` itself.

@@ -466,13 +466,28 @@ pub struct SlurmAssetStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit_code: Option<i32>,
     /// When the job was submitted.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "crate::api::time::option"
+    )]
+    #[schemars(with = "Option<Timestamp>")]
     pub submit_time: Option<Timestamp>,
     /// When the job started.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "crate::api::time::option"
+    )]
+    #[schemars(with = "Option<Timestamp>")]
     pub start_time: Option<Timestamp>,
     /// When the job ended.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "crate::api::time::option"
+    )]
+    #[schemars(with = "Option<Timestamp>")]
     pub end_time: Option<Timestamp>,
     /// Nodes the job ran on.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -769,9 +784,19 @@ pub struct RunSummary {
     #[serde(default)]
     pub attempts: u32,
     /// Start time.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "crate::api::time::option"
+    )]
+    #[schemars(with = "Option<Timestamp>")]
     pub start_time: Option<Timestamp>,
     /// End time.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "crate::api::time::option"
+    )]
+    #[schemars(with = "Option<Timestamp>")]
     pub end_time: Option<Timestamp>,
 }

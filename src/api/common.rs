@@ -313,6 +313,8 @@ pub struct Condition {
     #[serde(default)]
     pub message: String,
     /// When `status` last changed.
+    #[serde(with = "crate::api::time")]
+    #[schemars(with = "Timestamp")]
     pub last_transition_time: Timestamp,
     /// The generation this condition was computed for.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -4,6 +4,7 @@ pub mod asset;
 pub mod cluster;
 pub mod common;
 pub mod session;
+pub mod time;
 
 pub use asset::*;
 pub use cluster::*;

@@ -131,10 +131,20 @@ pub struct SlurmSessionStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nodes: Vec<String>,
     /// When the allocation started.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "crate::api::time::option"
+    )]
+    #[schemars(with = "Option<Timestamp>")]
     pub start_time: Option<Timestamp>,
     /// When the allocation's time limit runs out (or its maximum lifetime, if sooner).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "crate::api::time::option"
+    )]
+    #[schemars(with = "Option<Timestamp>")]
     pub deadline: Option<Timestamp>,
     /// Seconds left until `deadline`, when the status was written.
     #[serde(default, skip_serializing_if = "Option::is_none")]

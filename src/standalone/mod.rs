@@ -1606,21 +1606,35 @@ impl Driver {
         self.write_operator_metrics();
     }
 
-    /// `.status/operator-metrics.yaml`: counters of the operator's own work.
+    /// `.status/operator-metrics.yaml`: counters of the operator's own work. Those of SSH,
+    /// the scheduler and uploads appear once a Slurm cluster is in use: with local clusters
+    /// alone they do not apply (a 0 would read as "none needed").
     fn write_operator_metrics(&mut self) {
         let c = &self.counters;
-        let v = serde_json::json!({
-            "sshConnects": c.ssh_connects.load(Ordering::Relaxed),
-            "sshReconnects": c.ssh_reconnects.load(Ordering::Relaxed),
-            "schedulerPolls": c.scheduler_polls.load(Ordering::Relaxed),
-            "schedulerQueries": c.scheduler_queries.load(Ordering::Relaxed),
-            "exitNotices": c.exit_notices.load(Ordering::Relaxed),
-            "remoteCommands": c.remote_commands.load(Ordering::Relaxed),
-            "envPacks": crate::environment::COUNTERS.packs.load(Ordering::Relaxed),
-            "envUploads": crate::environment::COUNTERS.uploads.load(Ordering::Relaxed),
-            "envCacheHits": crate::environment::COUNTERS.hits.load(Ordering::Relaxed),
-            "envBytesUploaded": crate::environment::COUNTERS.bytes_uploaded.load(Ordering::Relaxed),
+        let env = &crate::environment::COUNTERS;
+        let mut v = serde_json::json!({
+            "envPacks": env.packs.load(Ordering::Relaxed),
+            "envCacheHits": env.hits.load(Ordering::Relaxed),
         });
+        let slurm = !self.workers.is_empty()
+            || self
+                .clusters
+                .values()
+                .any(|l| l.cluster().is_some_and(|c| c.mode == ClusterMode::Slurm));
+        if slurm {
+            for (k, n) in [
+                ("sshConnects", &c.ssh_connects),
+                ("sshReconnects", &c.ssh_reconnects),
+                ("schedulerPolls", &c.scheduler_polls),
+                ("schedulerQueries", &c.scheduler_queries),
+                ("exitNotices", &c.exit_notices),
+                ("remoteCommands", &c.remote_commands),
+                ("envUploads", &env.uploads),
+                ("envBytesUploaded", &env.bytes_uploaded),
+            ] {
+                v[k] = n.load(Ordering::Relaxed).into();
+            }
+        }
         let path = self
             .dir
             .join(store::STATUS_DIR)

@@ -488,6 +488,7 @@ fn backfill_metrics(
             g,
             input.now,
         );
+        forget_removed_run_dir(s, input);
         return;
     }
     let ended = s.end_time.unwrap_or(input.now);
@@ -502,6 +503,7 @@ fn backfill_metrics(
             g,
             input.now,
         );
+        forget_removed_run_dir(s, input);
         return;
     }
     actions.push(Action::Watch);
@@ -544,14 +546,31 @@ fn finish(
     if s.end_time.is_none() && s.job_id.is_some() {
         s.end_time = Some(input.now);
     }
-    let remove = !input.debug && (phase == Phase::Succeeded || input.cleanup_on_failure);
-    if remove && let Some(dir) = &s.remote_run_dir {
+    if run_dir_removed(phase, input)
+        && let Some(dir) = &s.remote_run_dir
+    {
         actions.push(Action::Cleanup {
             run_dir: dir.clone(),
         });
     }
     if metrics_awaited(s) && !input.deleted {
         actions.push(Action::Watch);
+    } else {
+        forget_removed_run_dir(s, input);
+    }
+}
+
+/// Whether a run that ended in `phase` has its run dir removed (kept for debugging, and
+/// after a failure unless `cleanupOnFailure`).
+fn run_dir_removed(phase: Phase, input: &Input) -> bool {
+    !input.debug && (phase == Phase::Succeeded || input.cleanup_on_failure)
+}
+
+/// Once nothing more is read from a removed run dir (its metrics come from accounting),
+/// status stops naming it: a user would look for a directory that is not there.
+fn forget_removed_run_dir(s: &mut SlurmAssetStatus, input: &Input) {
+    if s.phase.is_terminal() && run_dir_removed(s.phase, input) {
+        s.remote_run_dir = None;
     }
 }
 
@@ -920,6 +939,8 @@ mod tests {
         );
         assert!(conditions::is_true(&d.status.conditions, "Complete"));
         assert!(!conditions::is_true(&d.status.conditions, "Running"));
+        // Removed, it is no longer named.
+        assert_eq!(d.status.remote_run_dir, None);
     }
 
     #[test]
@@ -931,6 +952,8 @@ mod tests {
         let d = reconcile(&s, &i, Event::Observed(Box::new(obs)));
         assert_eq!(d.status.phase, Phase::Succeeded);
         assert!(d.actions.contains(&Action::Watch));
+        // Still watched, the job is still found by its run dir; with the metrics it is not.
+        assert!(d.status.remote_run_dir.is_some());
         // A later reconcile (Kubernetes reconciles each object afresh) still watches.
         let d = reconcile(&d.status, &i, Event::Resync);
         assert_eq!(d.actions, vec![Action::Watch]);
@@ -941,6 +964,7 @@ mod tests {
         obs.start_time = Some(t(1));
         let d = reconcile(&d.status, &i, Event::Observed(Box::new(obs)));
         assert!(conditions::is_true(&d.status.conditions, METRICS_CONDITION));
+        assert_eq!(d.status.remote_run_dir, None);
         // With them, what only accounting knew: the nodes and the start.
         assert_eq!(d.status.nodes, vec!["n2".to_string()]);
         assert_eq!(d.status.start_time, Some(t(1)));
@@ -958,11 +982,9 @@ mod tests {
                 .is_empty()
         );
         let i = input(1);
-        assert!(
-            reconcile(&s, &i, observed(JobState::Exited { exit_code: 1 }))
-                .actions
-                .is_empty()
-        );
+        let kept = reconcile(&s, &i, observed(JobState::Exited { exit_code: 1 }));
+        assert!(kept.actions.is_empty());
+        assert_eq!(kept.status.remote_run_dir.as_deref(), Some("/runs/100"));
         let mut i = input(1);
         i.cleanup_on_failure = true;
         assert_eq!(

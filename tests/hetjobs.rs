@@ -128,7 +128,7 @@ fn a_ray_cluster_spans_the_components_and_places_a_task_by_component() {
     assert_eq!(metadata(&done, "wide"), 2.0, "as many as its CPUs");
     assert_eq!(metadata(&done, "narrow"), 1.0);
     assert_eq!(s["launcher"]["nodesJoined"], 2, "{s:#}");
-    assert_nothing_left(&run_dir(&done));
+    assert_nothing_left_under(&remote_base("hetjob-ray"));
 }
 
 /// One component's own payload: reports which component it is and where it ran; exits

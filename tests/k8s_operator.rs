@@ -647,7 +647,7 @@ async fn kubectl_apply_runs_on_slurm_to_succeeded_and_delete_cancels() {
                     "data": {"token": b64(SECRET_TOKEN)}}),
     );
     ns.apply(json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "payloads"},
-        "data": {"busy.sh": "end=$((SECONDS+3)); while [ $SECONDS -lt $end ]; do :; done\necho \"greeting=$GREETING token-length=${#TOKEN}\"\n"}}));
+        "data": {"busy.sh": "while [ $SECONDS -lt 4 ]; do :; done\necho \"greeting=$GREETING token-length=${#TOKEN}\"\n"}}));
     let op = Operator::start(&ns, work.path(), &[]);
     ns.apply(asset(
         "busy",
@@ -661,6 +661,10 @@ async fn kubectl_apply_runs_on_slurm_to_succeeded_and_delete_cancels() {
             "resources": {"mem": "100M", "timeLimit": "00:05:00"},
         }),
     ));
+    // Its run dir while it runs (bash's SECONDS steps in whole seconds: at least 3 s).
+    let running = ns
+        .wait("slurmasset", "busy", "Running", phase_is("Running"))
+        .await;
     ns.wait("slurmasset", "busy", "Succeeded", phase_is("Succeeded"))
         .await;
     // The end comes from the exit file; accounting's metrics follow within seconds.
@@ -692,10 +696,14 @@ async fn kubectl_apply_runs_on_slurm_to_succeeded_and_delete_cancels() {
         )
     );
     assert!(
-        s["remoteRunDir"]
+        running["status"]["remoteRunDir"]
             .as_str()
             .unwrap()
             .starts_with(&format!("/home/{}/{base}/runs/{}/busy/1-1", c.user, ns.0))
+    );
+    assert!(
+        s.get("remoteRunDir").is_none(),
+        "removed, no longer named: {s:#}"
     );
     let tag = format!("sao.{}.1.1", done["metadata"]["uid"].as_str().unwrap());
     let deadline = Instant::now() + Duration::from_secs(15);

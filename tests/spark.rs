@@ -95,7 +95,7 @@ fn a_pyspark_payload_counts_with_executors_on_both_nodes_and_leaves_nothing_behi
     assert!(err.contains("[spark n1 master]"), "{err}");
     let err = done["status"]["logTail"]["stderr"].as_str().unwrap_or("");
     assert!(err.contains("[spark n2] "), "{err}");
-    assert_nothing_left(&run_dir(&done));
+    assert_nothing_left(&run_dir(&running));
 }
 
 #[test]
@@ -265,5 +265,5 @@ fn a_heterogeneous_jobs_component_runs_its_own_spark_cluster_over_its_own_nodes(
         "executors on both of the component's nodes, none on the other's"
     );
     assert!(!etl_nodes.contains(&note["nodes"][0].as_str().unwrap()));
-    assert_nothing_left(&run_dir(&done));
+    assert_nothing_left_under(&remote_base("spark-hetjob"));
 }

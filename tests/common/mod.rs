@@ -369,6 +369,52 @@ pub fn processes_of(run_dir: &str) -> Vec<String> {
     found
 }
 
+/// Processes of any run under the remote base `base` (a test's [`remote_base`]): for runs
+/// whose status no longer names their run dir (removed after a success).
+pub fn processes_under(base: &str) -> Vec<String> {
+    let needle = format!("/{base}/");
+    let mut found = vec![];
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let pid = e.file_name().to_string_lossy().into_owned();
+        if !pid.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let env = std::fs::read(e.path().join("environ")).unwrap_or_default();
+        let ours = env.split(|b| *b == 0).any(|var| {
+            var.strip_prefix(b"SAO_RUN_DIR=")
+                .is_some_and(|d| String::from_utf8_lossy(d).contains(&needle))
+        });
+        let zombie = std::fs::read_to_string(e.path().join("stat"))
+            .unwrap_or_default()
+            .rsplit_once(") ")
+            .is_some_and(|(_, r)| r.starts_with('Z'));
+        if ours && !zombie {
+            let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            found.push(format!(
+                "{pid}: {}",
+                String::from_utf8_lossy(&cmd).replace('\0', " ")
+            ));
+        }
+    }
+    found
+}
+
+/// [`assert_nothing_left`] for every run of the test that used remote base `base`.
+pub fn assert_nothing_left_under(base: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = processes_under(base);
+        if left.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "processes left behind: {left:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
 /// Asserts that nothing of the run is left, allowing Slurm a moment to end its steps.
 pub fn assert_nothing_left(run_dir: &str) {
     let deadline = Instant::now() + Duration::from_secs(20);

@@ -187,6 +187,30 @@ def test_a_failing_payload_fails_the_step_with_its_exit_code_and_log_tail(standa
     assert md["slurm/job_id"].isdigit()
 
 
+def test_the_pending_reason_of_a_queued_job_reaches_the_run_log(standalone) -> None:
+    """A job Slurm holds (here: not before a begin time) says why in the Dagster run's log."""
+    d, _ = standalone()
+    client = PipesSlurmAssetClient(DirectoryStore(d), cluster="hpc", poll_interval=0.2)
+
+    @dg.asset
+    def held(context: dg.AssetExecutionContext):
+        yield from client.run(
+            context=context,
+            spec=SlurmJob(
+                inline="echo released",
+                resources=SlurmResources(extra_sbatch_args=["--begin=now+4"]),
+            ),
+        ).get_results()
+
+    instance = dg.DagsterInstance.ephemeral()
+    result = dg.materialize([held], instance=instance)
+    assert result.success
+    messages = _user_messages(instance)
+    assert any("Queued" in m and "pending in the queue: BeginTime" in m for m in messages), [
+        m for m in messages if "[slurm]" in m
+    ]
+
+
 def test_a_multi_asset_reports_each_key(standalone) -> None:
     d, _ = standalone()
     client = PipesSlurmAssetClient(DirectoryStore(d), cluster="laptop", poll_interval=0.2)

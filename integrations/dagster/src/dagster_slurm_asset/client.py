@@ -389,7 +389,7 @@ class PipesSlurmAssetClient(PipesClient, TreatAsResourceParam):
     ) -> SlurmAssetObject:
         follower = _Follower()
         ended_at: float | None = None
-        last_phase = None
+        last_phase: tuple[Any, Any] | None = None
         while True:
             obj = self.store.get(name)
             if obj is None or (obj.get("metadata") or {}).get("deletionTimestamp"):
@@ -403,9 +403,14 @@ class PipesSlurmAssetClient(PipesClient, TreatAsResourceParam):
             ours = status.get("runKey") == run_key
             if ours:
                 phase = status.get("phase")
-                if phase != last_phase:
-                    context.log.debug(f"[slurm] {name}: {phase} (job {status.get('jobId', '-')})")
-                    last_phase = phase
+                # A queued job's pending reason (squeue's: Priority, Resources, ...) is news too.
+                seen = (phase, status.get("reason"))
+                if seen != last_phase:
+                    detail = f": {status['message']}" if status.get("message") else ""
+                    context.log.info(
+                        f"[slurm] {name}: {phase} (job {status.get('jobId', '-')}){detail}"
+                    )
+                    last_phase = seen
                 terminal = phase in TERMINAL
                 self._pass_on(context, handler, status, follower, final=terminal)
                 if terminal:

@@ -396,8 +396,9 @@ impl Connection {
             .map_err(|e| Error::Transport(format!("remote command: {e}")))
     }
 
-    /// Stops the master.
-    pub async fn close(self) {
+    /// Stops the master, also while a command still holds the connection (that command
+    /// then fails): at a shutdown nothing may keep it up for its ControlPersist time.
+    pub async fn close(&self) {
         tracing::info!("closing the connection {}", self.ctl.display());
         let _ = tokio::process::Command::new("ssh")
             .arg("-S")

@@ -226,6 +226,27 @@ fn home_expands_in_key_paths_a_missing_key_fails_at_once_and_exit_closes_the_ssh
     let left = processes_with(&format!("sao-ssh-{pid}-"));
     assert!(left.is_empty(), "SSH master left behind: {left:?}");
 
+    // Stopped by SIGTERM while a job runs and polls are under way: the master goes too.
+    let d = tempfile::tempdir().unwrap();
+    write(d.path(), "cluster.yaml", &cluster("hpc", "~/.ssh/id_test", "$HOME/known_hosts"));
+    write(d.path(), "a.yaml", &slurm_asset("long", "sleep 30", ""));
+    let mut child = Command::new(BIN)
+        .args(["standalone", "--dir", s(d.path())])
+        .env("HOME", home.path())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    wait_object(d.path(), "long", "running", std::time::Duration::from_secs(60), |o| {
+        phase(o) == "Running"
+    });
+    assert!(!processes_with(&format!("sao-ssh-{pid}-")).is_empty(), "a master while it runs");
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let left = processes_with(&format!("sao-ssh-{pid}-"));
+    assert!(left.is_empty(), "SSH master left behind after SIGTERM: {left:?}");
+
     // A key file that is not there fails the asset at once, naming the field and the file.
     let d = tempfile::tempdir().unwrap();
     write(

@@ -570,14 +570,11 @@ fi
             .map(|_| ())
     }
 
+    /// Ends the master connection (at a shutdown, or when a replaced worker has drained its
+    /// queue); a command still under way with it fails, as after a lost connection.
     pub async fn close(&self) {
         if let Some(c) = self.conn.lock().await.take() {
-            match Arc::try_unwrap(c) {
-                Ok(c) => c.close().await,
-                // Still in use by a command (not after a shutdown): it ends with that
-                // command's handle, and the master after its ControlPersist time.
-                Err(c) => drop(c),
-            }
+            c.close().await;
         }
     }
 }

@@ -470,8 +470,10 @@ fn render(file: &std::path::Path, name: Option<&str>) -> anyhow::Result<String> 
     for doc in parse_file(file, &text, StoreKind::Standalone) {
         objects.push(doc?);
     }
+    // A bare file name's parent is "", not ".".
     let dir = file
         .parent()
+        .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(std::path::Path::new("."))
         .to_path_buf();
     let assets: Vec<_> = objects

@@ -1075,6 +1075,30 @@ pub fn validate_cluster(s: &SlurmClusterSpec, store: StoreKind) -> Vec<FieldErro
                 "set at most one of totpSecretRef, totpEnv",
             ));
         }
+        if let Some(kh) = &ssh.known_hosts {
+            let given = [
+                kh.path.is_some(),
+                kh.secret_ref.is_some(),
+                kh.entries.is_some(),
+            ];
+            if given.iter().filter(|g| **g).count() != 1 {
+                errors.push(field_err(
+                    "spec.ssh.knownHosts",
+                    "exactly one of path, secretRef, entries must be set",
+                ));
+            }
+            match store {
+                StoreKind::Kubernetes if kh.path.is_some() => errors.push(field_err(
+                    "spec.ssh.knownHosts.path",
+                    "is for standalone mode (a file on the operator's host); use secretRef or entries",
+                )),
+                StoreKind::Standalone if kh.secret_ref.is_some() => errors.push(field_err(
+                    "spec.ssh.knownHosts.secretRef",
+                    "Secret references need Kubernetes mode; use path or entries",
+                )),
+                _ => {}
+            }
+        }
         if ssh.host.is_empty()
             || ssh.host.starts_with('-')
             || ssh.host.contains(char::is_whitespace)
@@ -1412,6 +1436,27 @@ mod tests {
             e.contains("spec.ssh: exactly one of") && e.contains("found keyPath, passwordEnv"),
             "{e}"
         );
+        let kh = |known: &str, store| {
+            let y = format!(
+                "apiVersion: dagster-slurm.io/v1alpha1\nkind: SlurmCluster\nmetadata: {{name: c}}\nspec:\n  mode: slurm\n  ssh: {{host: h, user: u, keyPath: /k, knownHosts: {known}}}\n"
+            );
+            let l = parse_file(Path::new("/m/c.yaml"), &y, store)
+                .pop()
+                .unwrap()
+                .unwrap();
+            l.spec.err().map(|e| describe(&e)).unwrap_or_default()
+        };
+        let e = kh("{path: /kh, entries: [x]}", StoreKind::Standalone);
+        assert!(
+            e.contains("spec.ssh.knownHosts: exactly one of path, secretRef, entries"),
+            "{e}"
+        );
+        let e = kh("{secretRef: {name: s, key: k}}", StoreKind::Standalone);
+        assert!(
+            e.contains("spec.ssh.knownHosts.secretRef: Secret references need Kubernetes"),
+            "{e}"
+        );
+        assert_eq!(kh("{path: /kh}", StoreKind::Standalone), "");
     }
 
     #[test]

@@ -246,7 +246,7 @@ string_schema!(
 string_schema!(
     Interval,
     "Interval",
-    "^[0-9]+(ms|s|m|h)$",
+    "^[0-9]+(ms|s|m|h|d)$",
     "A duration: a number followed by ms, s, m, h or d, e.g. 10s."
 );
 

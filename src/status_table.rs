@@ -35,11 +35,15 @@ pub fn render(dir: &Path) -> crate::Result<String> {
     if !errors.is_empty() {
         out.push_str(&format!("\nmanifest errors ({ERRORS_FILE}):\n"));
         for e in &errors {
-            out.push_str(&format!(
-                "  {}: {}\n",
-                e["file"].as_str().unwrap_or("?"),
-                one_line(e["message"].as_str().unwrap_or(""))
-            ));
+            // The message names its file first already.
+            let file = e["file"].as_str().unwrap_or("?");
+            let message = e["message"].as_str().unwrap_or("");
+            let line = if message.starts_with(file) {
+                one_line(message)
+            } else {
+                one_line(&format!("{file}: {message}"))
+            };
+            out.push_str(&format!("  {line}\n"));
         }
     }
     let failed: Vec<String> = list_status_files(dir, Kind::SlurmAsset)

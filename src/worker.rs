@@ -172,7 +172,9 @@ async fn submit_all<K>(ex: &SlurmExecutor, requests: Vec<Request<K>>) -> Vec<Rep
                 }
                 Err(message) => Ok(Err(message)),
             },
-            Err(e) => Err(crate::Error::Transport(e.to_string())),
+            // Every request of the batch gets the error (an `ssh:` one stays one, not `ssh: ssh:`).
+            Err(crate::Error::Transport(m)) => Err(crate::Error::Transport(m.clone())),
+            Err(e) => Err(crate::Error::Executor(e.to_string())),
         };
         replies.push(Reply::Submitted {
             key,

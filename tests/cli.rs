@@ -125,6 +125,20 @@ fn render_says_what_is_wrong_with_the_file_it_was_given() {
     let o = run(&["render", s(&two), "--name", "b"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(String::from_utf8_lossy(&o.stdout).contains("/runs/default/b/"));
+    // A bare file name finds its cluster beside it, as ./FILE does.
+    write(d.path(), "c.yaml", CLUSTER);
+    let onc = write(
+        d.path(),
+        "onc.yaml",
+        &asset("onc", "echo c").replace("  payload:", "  clusterRef: c\n  payload:"),
+    );
+    assert!(onc.exists());
+    let o = Command::new(BIN)
+        .args(["render", "onc.yaml"])
+        .current_dir(d.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
 }
 
 #[test]
@@ -228,7 +242,11 @@ fn home_expands_in_key_paths_a_missing_key_fails_at_once_and_exit_closes_the_ssh
 
     // Stopped by SIGTERM while a job runs and polls are under way: the master goes too.
     let d = tempfile::tempdir().unwrap();
-    write(d.path(), "cluster.yaml", &cluster("hpc", "~/.ssh/id_test", "$HOME/known_hosts"));
+    write(
+        d.path(),
+        "cluster.yaml",
+        &cluster("hpc", "~/.ssh/id_test", "$HOME/known_hosts"),
+    );
     write(d.path(), "a.yaml", &slurm_asset("long", "sleep 30", ""));
     let mut child = Command::new(BIN)
         .args(["standalone", "--dir", s(d.path())])
@@ -237,15 +255,25 @@ fn home_expands_in_key_paths_a_missing_key_fails_at_once_and_exit_closes_the_ssh
         .spawn()
         .unwrap();
     let pid = child.id();
-    wait_object(d.path(), "long", "running", std::time::Duration::from_secs(60), |o| {
-        phase(o) == "Running"
-    });
-    assert!(!processes_with(&format!("sao-ssh-{pid}-")).is_empty(), "a master while it runs");
+    wait_object(
+        d.path(),
+        "long",
+        "running",
+        std::time::Duration::from_secs(60),
+        |o| phase(o) == "Running",
+    );
+    assert!(
+        !processes_with(&format!("sao-ssh-{pid}-")).is_empty(),
+        "a master while it runs"
+    );
     unsafe { libc::kill(pid as i32, libc::SIGTERM) };
     assert!(child.wait().unwrap().success());
     std::thread::sleep(std::time::Duration::from_millis(500));
     let left = processes_with(&format!("sao-ssh-{pid}-"));
-    assert!(left.is_empty(), "SSH master left behind after SIGTERM: {left:?}");
+    assert!(
+        left.is_empty(),
+        "SSH master left behind after SIGTERM: {left:?}"
+    );
 
     // A key file that is not there fails the asset at once, naming the field and the file.
     let d = tempfile::tempdir().unwrap();

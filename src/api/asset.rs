@@ -52,7 +52,7 @@ pub struct SlurmAssetSpec {
     #[schemars(schema_with = "free_json")]
     pub extras: Option<serde_json::Value>,
     /// Dagster's Pipes context for the payload, as the Dagster step that launched this asset
-    /// sees it (the `dagster-slurm` package fills it in); absent fields default to this
+    /// sees it (the `dagster-slurm-asset` package fills it in); absent fields default to this
     /// asset's key, `runKey` and attempt.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pipes_context: Option<PipesContext>,

@@ -315,4 +315,28 @@ fn home_expands_in_key_paths_a_missing_key_fails_at_once_and_exit_closes_the_ssh
             && msg.contains("No such file"),
         "{msg}"
     );
+    // Fixing the cluster runs the asset again.
+    // Killed on drop, also when an assertion fails.
+    let _op = Operator(
+        Command::new(BIN)
+            .args(["standalone", "--dir", s(d.path())])
+            .env("HOME", home.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    write(
+        d.path(),
+        "cluster.yaml",
+        &cluster("hpc", "~/.ssh/id_test", "$HOME/known_hosts"),
+    );
+    let done = wait_object(
+        d.path(),
+        "nokey",
+        "a run after the fix",
+        std::time::Duration::from_secs(60),
+        |o| phase(o) == "Succeeded",
+    );
+    assert_eq!(done["status"]["logTail"]["stdout"], "hi\n");
 }

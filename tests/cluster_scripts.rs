@@ -63,12 +63,20 @@ fn up_refuses_beside_a_slurm_it_did_not_start_and_down_ends_only_its_own() {
     // else, neither the foreign one nor the real test cluster's.
     let state = tempfile::tempdir().unwrap();
     let mut own = Fake::start(dir.path(), "slurmd");
-    std::fs::write(state.path().join("slurmd-n9.pid"), format!("{}\n", own.pid())).unwrap();
+    std::fs::write(
+        state.path().join("slurmd-n9.pid"),
+        format!("{}\n", own.pid()),
+    )
+    .unwrap();
     let out = Command::new(format!("{SCRIPTS}/down"))
         .env("SAO_TEST_CLUSTER_STATE", state.path())
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while own.alive() && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(50));

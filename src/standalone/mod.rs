@@ -768,9 +768,18 @@ impl Driver {
                     std::env::var("CI_DEPLOYED_ENVIRONMENT_PATH").ok();
             }
         }
+        let dir = c.file.parent().unwrap_or(&self.dir).to_path_buf();
+        // SSH settings that cannot work (a missing key file, an unset variable) make the
+        // cluster invalid for its assets, which run again once it is fixed, instead of each
+        // failing its submission for good. A cluster with a worker was checked when it got it.
+        let has_worker =
+            self.workers.contains_key(&ckey) && self.worker_specs.get(&ckey) == Some(&c.spec_hash);
+        if spec.mode == ClusterMode::Slurm && !has_worker {
+            ssh_target(&spec, &dir, &ckey)?;
+        }
         Ok(ResolvedCluster {
             spec,
-            dir: c.file.parent().unwrap_or(&self.dir).to_path_buf(),
+            dir,
             key: Some(ckey),
             spec_hash: c.spec_hash.clone(),
         })

@@ -26,3 +26,12 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- default "default" .Values.serviceAccount.name -}}
 {{- end -}}
 {{- end -}}
+
+{{/* PromQL label matchers of this release's operator series (prometheusRule.selector). */}}
+{{- define "sao.metricsSelector" -}}
+{{- if .Values.prometheusRule.selector -}}
+{{- .Values.prometheusRule.selector -}}
+{{- else -}}
+{{- printf "job=%q, namespace=%q" (printf "%s-metrics" (include "sao.fullname" .)) .Release.Namespace -}}
+{{- end -}}
+{{- end -}}

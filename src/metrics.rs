@@ -20,6 +20,13 @@ pub struct PhaseLabels {
     pub phase: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClusterLabels {
+    /// Not `namespace`: Prometheus' own target label of that name would displace it.
+    pub cluster_namespace: String,
+    pub cluster: String,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub reconciles: Counter,
@@ -27,6 +34,8 @@ pub struct Metrics {
     pub phases: Family<PhaseLabels, Counter>,
     /// Assets currently in each phase (Kubernetes mode), from the last reconcile of each.
     pub assets: Family<PhaseLabels, Gauge>,
+    /// 1 while a SlurmCluster's last connection attempt succeeded, 0 while it fails.
+    pub cluster_reachable: Family<ClusterLabels, Gauge>,
     current: std::sync::Mutex<std::collections::HashMap<String, Phase>>,
     /// Transport and scheduler counters shared with the executors.
     pub counters: Arc<Counters>,
@@ -55,6 +64,12 @@ impl Default for Metrics {
             phases.clone(),
         );
         registry.register("assets", "Assets currently in each phase", assets.clone());
+        let cluster_reachable = Family::<ClusterLabels, Gauge>::default();
+        registry.register(
+            "cluster_reachable",
+            "Whether each SlurmCluster answers over SSH (1) or not (0)",
+            cluster_reachable.clone(),
+        );
         registry.register(
             "submit_latency_seconds",
             "Time from the start of a Slurm submission to its job ID",
@@ -66,6 +81,7 @@ impl Default for Metrics {
             errors,
             phases,
             assets,
+            cluster_reachable,
             current: Default::default(),
             counters,
             ready: AtomicBool::new(false),
@@ -114,6 +130,16 @@ impl Metrics {
         }
     }
 
+    /// Records whether SlurmCluster `namespace/cluster` answers.
+    pub fn cluster_reachable(&self, namespace: &str, cluster: &str, reachable: bool) {
+        self.cluster_reachable
+            .get_or_create(&ClusterLabels {
+                cluster_namespace: namespace.into(),
+                cluster: cluster.into(),
+            })
+            .set(i64::from(reachable));
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -151,6 +177,11 @@ impl Metrics {
                 "Remote commands run over SSH",
                 &c.remote_commands,
             ),
+            (
+                "scheduler_poll_failures",
+                "Polls whose connection, squeue or sacct failed",
+                &c.scheduler_poll_failures,
+            ),
         ] {
             out.push_str(&format!(
                 "# HELP slurm_asset_operator_{name} {help}.\n# TYPE slurm_asset_operator_{name} counter\nslurm_asset_operator_{name}_total {}\n",
@@ -175,7 +206,16 @@ pub async fn serve(metrics: Arc<Metrics>, port: u16) -> std::io::Result<()> {
             "/metrics",
             get(move || {
                 let m = m.clone();
-                async move { m.render() }
+                // The body is OpenMetrics (`# EOF`, counters' TYPE without `_total`).
+                async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        m.render(),
+                    )
+                }
             }),
         )
         .route("/healthz", get(|| async { "ok" }))

@@ -340,3 +340,20 @@ fn home_expands_in_key_paths_a_missing_key_fails_at_once_and_exit_closes_the_ssh
     );
     assert_eq!(done["status"]["logTail"]["stdout"], "hi\n");
 }
+
+#[test]
+fn the_binary_the_chart_and_the_image_share_one_version() {
+    let o = run(&["--version"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    let version = env!("CARGO_PKG_VERSION");
+    assert_eq!(out.trim(), format!("slurm-asset-operator {version}"));
+    let chart = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/charts/slurm-asset-operator/Chart.yaml"
+    ))
+    .unwrap();
+    assert!(
+        chart.contains(&format!("appVersion: \"{version}\"")),
+        "Chart.yaml's appVersion (the image tag's default) is Cargo's version"
+    );
+}

@@ -281,6 +281,12 @@ async fn the_dashboard_and_the_alerts_use_only_metrics_the_operator_exports() {
         "the chart's PromQL uses what /metrics does not have:\n  {}\n/metrics:\n{text}",
         lacking.join("\n  ")
     );
+    // The cluster that never answers is reported so, under its own name and namespace.
+    let unreachable = format!(
+        "slurm_asset_operator_cluster_reachable{{cluster_namespace=\"{}\",cluster=\"nowhere\"}} 0",
+        ns.0
+    );
+    assert!(text.contains(&unreachable), "{unreachable} not in:\n{text}");
     // Histogram series are used as the histogram's own (_bucket, _sum, _count).
     assert_eq!(
         exposed.family("slurm_asset_operator_submit_latency_seconds_bucket"),

@@ -870,6 +870,7 @@ async fn update_cluster_status(
     let Some(reach) = ex.reachability() else {
         return;
     };
+    ctx.metrics.cluster_reachable(ns, name, reach.is_ok());
     let key = format!("{ns}/{name}");
     let mut cache = ctx.cluster_status.lock().await;
     let before = cache.get(&key).cloned().unwrap_or_default();

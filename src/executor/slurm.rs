@@ -60,6 +60,8 @@ pub struct Counters {
     /// Job ends learnt from the exit-file watcher.
     pub exit_notices: AtomicU64,
     pub remote_commands: AtomicU64,
+    /// Polls that got no answer (the connection failed) or whose squeue or sacct failed.
+    pub scheduler_poll_failures: AtomicU64,
     /// Seconds from the start of a submission to Slurm's job ID (one SSH round trip).
     pub submit_latency: Histogram,
 }
@@ -73,6 +75,7 @@ impl Default for Counters {
             scheduler_queries: AtomicU64::new(0),
             exit_notices: AtomicU64::new(0),
             remote_commands: AtomicU64::new(0),
+            scheduler_poll_failures: AtomicU64::new(0),
             submit_latency: Histogram::new(exponential_buckets(0.05, 2.0, 10)),
         }
     }
@@ -485,12 +488,23 @@ impl SlurmExecutor {
         }
         let accounting = self.facts().await.map(|f| f.accounting).unwrap_or(false);
         let s = poll_script(jobs, accounting);
-        let out = self.run(&s).await?;
+        let failed = || {
+            self.counters
+                .scheduler_poll_failures
+                .fetch_add(1, Ordering::Relaxed)
+        };
+        let out = self.run(&s).await.inspect_err(|_| {
+            failed();
+        })?;
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let queries = text
+        let rcs: Vec<&str> = text
             .lines()
             .filter(|l| l.starts_with("@@SAO RC squeue") || l.starts_with("@@SAO RC sacct"))
-            .count() as u64;
+            .collect();
+        if rcs.iter().any(|l| !l.ends_with(" 0")) {
+            failed();
+        }
+        let queries = rcs.len() as u64;
         if queries > 0 {
             self.counters
                 .scheduler_polls

@@ -1636,6 +1636,7 @@ impl Driver {
                 ("sshReconnects", &c.ssh_reconnects),
                 ("schedulerPolls", &c.scheduler_polls),
                 ("schedulerQueries", &c.scheduler_queries),
+                ("schedulerPollFailures", &c.scheduler_poll_failures),
                 ("exitNotices", &c.exit_notices),
                 ("remoteCommands", &c.remote_commands),
                 ("envUploads", &env.uploads),

@@ -315,7 +315,8 @@ def test_uninstall_leaves_the_crds_and_keeps_the_ssh_secret():
 
 # --- observability -------------------------------------------------------------------------------
 
-ALERTS = ["SlurmAssetOperatorDown", "SlurmAssetOperatorNoLeader", "SlurmAssetOperatorReconcileErrors",
+ALERTS = ["SlurmAssetOperatorDown", "SlurmAssetOperatorNoLeader", "SlurmAssetOperatorClusterUnreachable",
+          "SlurmAssetOperatorSchedulerPollFailures", "SlurmAssetOperatorReconcileErrors",
           "SlurmAssetOperatorAssetsStuck", "SlurmAssetOperatorSchedulerPollsStalled",
           "SlurmAssetOperatorSshReconnecting", "SlurmAssetOperatorSubmitSlow"]
 

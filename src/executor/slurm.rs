@@ -1412,7 +1412,6 @@ fn parse_poll(
                 JobState::Queued => obs.queue_reason = queued.map(|(_, r, _)| r.clone()),
                 _ => {}
             }
-            // Ended, but accounting (which holds the metrics) could not answer for it.
             // Ended, but accounting (which holds the metrics) has not recorded the end: it was
             // down, or lags behind the controller.
             // The batch step's record (its CPU time and memory) can come later still.

@@ -23,14 +23,19 @@ pub enum ReadError {
     Io(String, String),
 }
 
+/// The rest of `p` after a leading `~`, `$HOME` or `${HOME}` (and its `/`), if it has one:
+/// the one spelling of "in the home directory", locally and on a cluster.
+pub fn home_relative(p: &str) -> Option<&str> {
+    ["~", "$HOME", "${HOME}"].iter().find_map(|h| {
+        let r = p.strip_prefix(h)?;
+        (r.is_empty() || r.starts_with('/')).then(|| r.trim_start_matches('/'))
+    })
+}
+
 /// A local path as users write it (no shell expands it for us): `~`, `~/x`, `$HOME/x` and
 /// `${HOME}/x` start at the home directory (`HOME`); relative paths at `dir`.
 pub fn expand_home(dir: &Path, p: &str) -> PathBuf {
-    let rest = ["~", "$HOME", "${HOME}"].iter().find_map(|h| {
-        let r = p.strip_prefix(h)?;
-        (r.is_empty() || r.starts_with('/')).then(|| r.trim_start_matches('/'))
-    });
-    match rest {
+    match home_relative(p) {
         Some(rest) => {
             let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/"), PathBuf::from);
             if rest.is_empty() {

@@ -124,14 +124,10 @@ pub fn base_dir(ctx: &PlanContext) -> String {
     }
 }
 
-/// `~` and `~/x` are the login user's home on a cluster (no shell expands them for us);
-/// other relative paths start there too. Locally they are relative to `dir`.
+/// `~`, `~/x` and `$HOME/x` are the login user's home on a cluster (no shell expands them
+/// for us); other relative paths start there too. Locally they are relative to `dir`.
 fn resolve_path(local: bool, remote_home: Option<&str>, dir: &Path, p: &str) -> String {
-    let home_rel = if p == "~" {
-        Some("")
-    } else {
-        p.strip_prefix("~/")
-    };
+    let home_rel = crate::files::home_relative(p);
     match (local, remote_home, home_rel) {
         (true, _, _) => absolutize(&crate::files::expand_home(dir, p)),
         (false, Some(home), Some(rest)) => {
@@ -731,6 +727,8 @@ mod tests {
             ("~", "/home/u/runs/default/a/2-1"),
             ("~/", "/home/u/runs/default/a/2-1"),
             ("~/scratch", "/home/u/scratch/runs/default/a/2-1"),
+            ("$HOME/scratch", "/home/u/scratch/runs/default/a/2-1"),
+            ("${HOME}", "/home/u/runs/default/a/2-1"),
             ("scratch", "/home/u/scratch/runs/default/a/2-1"),
             ("/abs", "/abs/runs/default/a/2-1"),
         ] {

@@ -182,12 +182,6 @@ fn a_controller_outage_is_no_failure() {
             "a failed poll is not an outcome: {o:#}"
         );
     }
-    // The failed polls are counted (the alerts' scheduler_poll_failures).
-    let m = operator_metrics(d);
-    assert!(
-        m["schedulerPollFailures"].as_u64().unwrap_or(0) >= 1,
-        "{m:#}"
-    );
     assert!(start_slurmctld());
     for name in &names {
         let o = wait_for(d, name, "ended", terminal);

@@ -497,14 +497,10 @@ impl SlurmExecutor {
             failed();
         })?;
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let rcs: Vec<&str> = text
-            .lines()
-            .filter(|l| l.starts_with("@@SAO RC squeue") || l.starts_with("@@SAO RC sacct"))
-            .collect();
-        if rcs.iter().any(|l| !l.ends_with(" 0")) {
+        let (queries, query_failed) = scheduler_answers(&text);
+        if query_failed {
             failed();
         }
-        let queries = rcs.len() as u64;
         if queries > 0 {
             self.counters
                 .scheduler_polls
@@ -813,6 +809,19 @@ fn submission_answer(
 const ACCOUNTING_SETTLE_SECS: u64 = 2;
 /// For how long after a job's end its missing metrics are asked for again soon.
 const SETTLE_WINDOW: jiff::SignedDuration = jiff::SignedDuration::from_secs(30);
+
+/// How many scheduler queries (`squeue`, `sacct`) a poll's output reports, and whether one
+/// of them failed.
+fn scheduler_answers(text: &str) -> (u64, bool) {
+    let rcs: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("@@SAO RC squeue") || l.starts_with("@@SAO RC sacct"))
+        .collect();
+    (
+        rcs.len() as u64,
+        rcs.iter().any(|l| l.rsplit(' ').next() != Some("0")),
+    )
+}
 
 /// The script of one batched poll. The job's own files come first: a job whose exit file
 /// exists has ended, and needs no `squeue`. `squeue` runs only when some job has not written
@@ -1810,6 +1819,20 @@ mod tests {
                 .contains("not a Slurm job ID")
         );
         assert_eq!(obs[1].state, JobState::Running);
+    }
+
+    #[test]
+    fn a_poll_whose_squeue_or_sacct_failed_is_a_failed_poll() {
+        assert_eq!(
+            scheduler_answers("@@SAO RC squeue 0\n@@SAO SACCT\n@@SAO RC sacct 0\n"),
+            (2, false)
+        );
+        assert_eq!(
+            scheduler_answers("@@SAO RC squeue 1\n@@SAO SACCT\n@@SAO RC sacct 0\n"),
+            (2, true)
+        );
+        assert_eq!(scheduler_answers("@@SAO RC sacct 10\n"), (1, true));
+        assert_eq!(scheduler_answers("@@SAO JOB 0\nEXIT x\n"), (0, false));
     }
 
     #[test]

@@ -23,11 +23,7 @@ impl Operator {
         extra: &[&str],
         log: impl Into<Stdio>,
     ) -> Operator {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let child = Command::new(BIN)
             .args(["run", &format!("--namespace={}", ns.0)])
             .arg(format!("--metrics-port={port}"))
@@ -46,16 +42,8 @@ impl Operator {
 
     /// The value of one metric on /metrics (`None` until the server answers).
     fn metric(&self, name: &str) -> Option<f64> {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.1)).ok()?;
-        write!(
-            s,
-            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )
-        .ok()?;
-        let mut text = String::new();
-        s.read_to_string(&mut text).ok()?;
-        text.lines()
+        scrape_metrics(self.1)?
+            .lines()
             .find_map(|l| l.strip_prefix(&format!("{name} ")))
             .and_then(|v| v.trim().parse().ok())
     }
@@ -541,22 +529,9 @@ async fn the_charts_service_account_is_enough_and_no_more() {
         .unwrap()
         .to_string();
     let token = kubectl_ok(&["create", "token", &sa, "-n", &ns.0], None);
-    let admin: Value =
-        serde_saphyr::from_str(&std::fs::read_to_string(kubeconfig()).unwrap()).unwrap();
-    let cluster = &admin["clusters"][0]["cluster"];
     let work = tempfile::tempdir().unwrap();
     let sa_config = work.path().join("sa-kubeconfig");
-    std::fs::write(
-        &sa_config,
-        json!({
-            "apiVersion": "v1", "kind": "Config", "current-context": "sa",
-            "clusters": [{"name": "t", "cluster": cluster}],
-            "users": [{"name": "sa", "user": {"token": token.trim()}}],
-            "contexts": [{"name": "sa", "context": {"cluster": "t", "user": "sa", "namespace": ns.0}}],
-        })
-        .to_string(),
-    )
-    .unwrap();
+    common::k8s::token_kubeconfig(&kubeconfig(), &token, &ns.0, &sa_config);
     // Nothing more than it needs.
     let can = |verb: &str, what: &str| -> bool {
         let (resource, sub) = what.split_once('/').unwrap_or((what, ""));
@@ -598,11 +573,7 @@ async fn the_charts_service_account_is_enough_and_no_more() {
     // And enough: the operator, with the Deployment's own arguments and only this account,
     // runs an asset on the real Slurm.
     slurm_cluster(&ns, "k8s-chartrbac");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let mut op = Command::new(BIN)
         .args(&args)
         .arg(format!("--metrics-port={port}"))

@@ -12,7 +12,7 @@
 
 mod common;
 use common::*;
-use serde_json::{Value, json};
+use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -142,14 +142,6 @@ impl Drop for ApiServer {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn bindable(port: u16) -> bool {
     std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
 }
@@ -251,30 +243,7 @@ impl Shell {
     }
 
     fn kubectl(&self, args: &[&str], input: Option<&str>) -> (bool, String, String) {
-        let mut child = Command::new("kubectl")
-            .args(args)
-            .env("KUBECONFIG", &self.kubeconfig)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        if let Some(text) = input {
-            use std::io::Write;
-            child
-                .stdin
-                .take()
-                .unwrap()
-                .write_all(text.as_bytes())
-                .unwrap();
-        }
-        drop(child.stdin.take());
-        let out = child.wait_with_output().unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        common::k8s::kubectl_run_at(&self.kubeconfig, args, input)
     }
 
     fn kubectl_ok(&self, args: &[&str], input: Option<&str>) -> String {
@@ -344,35 +313,8 @@ impl Shell {
             &["create", "token", sa, "-n", &self.ns, "--duration=2h"],
             None,
         );
-        let admin: Value =
-            serde_saphyr::from_str(&std::fs::read_to_string(&self.kubeconfig).unwrap()).unwrap();
-        let ctx = admin["current-context"].as_str().unwrap_or_default();
-        let cluster_name = admin["contexts"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["name"] == ctx)
-            .map(|c| c["context"]["cluster"].clone())
-            .unwrap_or(Value::Null);
-        let cluster = admin["clusters"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["name"] == cluster_name)
-            .unwrap_or(&admin["clusters"][0])["cluster"]
-            .clone();
         let sa_config = self.dir().join("sa-kubeconfig");
-        std::fs::write(
-            &sa_config,
-            json!({
-                "apiVersion": "v1", "kind": "Config", "current-context": "sa",
-                "clusters": [{"name": "c", "cluster": cluster}],
-                "users": [{"name": "sa", "user": {"token": token.trim()}}],
-                "contexts": [{"name": "sa", "context": {"cluster": "c", "user": "sa", "namespace": self.ns}}],
-            })
-            .to_string(),
-        )
-        .unwrap();
+        common::k8s::token_kubeconfig(&self.kubeconfig, &token, &self.ns, &sa_config);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)

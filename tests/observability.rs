@@ -154,17 +154,7 @@ struct Operator(Child, u16);
 
 impl Operator {
     fn scrape(&self) -> Option<String> {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.1)).ok()?;
-        write!(
-            s,
-            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )
-        .ok()?;
-        let mut text = String::new();
-        s.read_to_string(&mut text).ok()?;
-        let (head, body) = text.split_once("\r\n\r\n")?;
-        head.starts_with("HTTP/1.1 200").then(|| body.to_string())
+        scrape_metrics(self.1)
     }
 }
 
@@ -227,11 +217,7 @@ async fn the_dashboard_and_the_alerts_use_only_metrics_the_operator_exports() {
         "spec": {"mode": "slurm", "ssh": {"host": "127.0.0.1", "port": 1, "user": "u",
                  "keySecretRef": {"name": "ssh", "key": "key"}, "connectTimeout": "1s"}}}),
     );
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let op = Operator(
         Command::new(BIN)
             .args(["run", &format!("--namespace={}", ns.0)])

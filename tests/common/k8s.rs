@@ -5,7 +5,7 @@
 
 use serde_json::Value;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -23,10 +23,32 @@ pub fn kubeconfig() -> PathBuf {
     PathBuf::from(path)
 }
 
-fn kubectl() -> Command {
-    let mut c = Command::new("kubectl");
-    c.env("KUBECONFIG", kubeconfig());
-    c
+/// Writes to `out` a kubeconfig that reaches the API server of `admin`'s current context as
+/// a ServiceAccount's `token`, in `namespace` (what a pod with that account has).
+pub fn token_kubeconfig(admin: &Path, token: &str, namespace: &str, out: &Path) {
+    let admin: Value = serde_saphyr::from_str(&std::fs::read_to_string(admin).unwrap()).unwrap();
+    let ctx = admin["current-context"].as_str().unwrap_or_default();
+    let cluster_name = admin["contexts"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["name"] == ctx))
+        .map(|c| c["context"]["cluster"].clone())
+        .unwrap_or(Value::Null);
+    let cluster = admin["clusters"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["name"] == cluster_name))
+        .unwrap_or(&admin["clusters"][0])["cluster"]
+        .clone();
+    std::fs::write(
+        out,
+        serde_json::json!({
+            "apiVersion": "v1", "kind": "Config", "current-context": "sa",
+            "clusters": [{"name": "c", "cluster": cluster}],
+            "users": [{"name": "sa", "user": {"token": token.trim()}}],
+            "contexts": [{"name": "sa", "context": {"cluster": "c", "user": "sa", "namespace": namespace}}],
+        })
+        .to_string(),
+    )
+    .unwrap();
 }
 
 /// Runs kubectl with `args` and `input` on stdin; panics with its stderr on failure.
@@ -38,7 +60,17 @@ pub fn kubectl_ok(args: &[&str], input: Option<&str>) -> String {
 
 /// Runs kubectl; returns (success, stdout, stderr).
 pub fn kubectl_run(args: &[&str], input: Option<&str>) -> (bool, String, String) {
-    let mut child = kubectl()
+    kubectl_run_at(&kubeconfig(), args, input)
+}
+
+/// [`kubectl_run`] against the API server of another kubeconfig.
+pub fn kubectl_run_at(
+    kubeconfig: &Path,
+    args: &[&str],
+    input: Option<&str>,
+) -> (bool, String, String) {
+    let mut child = Command::new("kubectl")
+        .env("KUBECONFIG", kubeconfig)
         .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

@@ -343,36 +343,18 @@ pub fn operator_metrics(dir: &Path) -> Value {
 /// script exports it before a launcher starts its cluster, and `srun` hands it to the
 /// workers (and they to their children: Ray's workers, Spark's executors).
 pub fn processes_of(run_dir: &str) -> Vec<String> {
-    let needle = format!("SAO_RUN_DIR={run_dir}\0");
-    let mut found = vec![];
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let pid = e.file_name().to_string_lossy().into_owned();
-        if !pid.bytes().all(|b| b.is_ascii_digit()) {
-            continue;
-        }
-        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
-        if stat
-            .rsplit_once(") ")
-            .is_some_and(|(_, r)| r.starts_with('Z'))
-        {
-            continue;
-        }
-        let env = std::fs::read(e.path().join("environ")).unwrap_or_default();
-        if env.windows(needle.len()).any(|w| w == needle.as_bytes()) {
-            let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-            found.push(format!(
-                "{pid}: {}",
-                String::from_utf8_lossy(&cmd).replace('\0', " ")
-            ));
-        }
-    }
-    found
+    processes_with_run_dir(|d| d == run_dir)
 }
 
 /// Processes of any run under the remote base `base` (a test's [`remote_base`]): for runs
 /// whose status no longer names their run dir (removed after a success).
 pub fn processes_under(base: &str) -> Vec<String> {
     let needle = format!("/{base}/");
+    processes_with_run_dir(|d| d.contains(&needle))
+}
+
+/// Live processes whose `SAO_RUN_DIR` satisfies `pred`, as `pid: command line`.
+fn processes_with_run_dir(pred: impl Fn(&str) -> bool) -> Vec<String> {
     let mut found = vec![];
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
         let pid = e.file_name().to_string_lossy().into_owned();
@@ -382,7 +364,7 @@ pub fn processes_under(base: &str) -> Vec<String> {
         let env = std::fs::read(e.path().join("environ")).unwrap_or_default();
         let ours = env.split(|b| *b == 0).any(|var| {
             var.strip_prefix(b"SAO_RUN_DIR=")
-                .is_some_and(|d| String::from_utf8_lossy(d).contains(&needle))
+                .is_some_and(|d| pred(&String::from_utf8_lossy(d)))
         });
         let zombie = std::fs::read_to_string(e.path().join("stat"))
             .unwrap_or_default()
@@ -399,11 +381,11 @@ pub fn processes_under(base: &str) -> Vec<String> {
     found
 }
 
-/// [`assert_nothing_left`] for every run of the test that used remote base `base`.
-pub fn assert_nothing_left_under(base: &str) {
+/// Waits until `left` finds nothing, allowing Slurm a moment to end its steps.
+fn assert_none_left(left: impl Fn() -> Vec<String>) {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let left = processes_under(base);
+        let left = left();
         if left.is_empty() {
             return;
         }
@@ -415,20 +397,38 @@ pub fn assert_nothing_left_under(base: &str) {
     }
 }
 
+/// [`assert_nothing_left`] for every run of the test that used remote base `base`.
+pub fn assert_nothing_left_under(base: &str) {
+    assert_none_left(|| processes_under(base));
+}
+
 /// Asserts that nothing of the run is left, allowing Slurm a moment to end its steps.
 pub fn assert_nothing_left(run_dir: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let left = processes_of(run_dir);
-        if left.is_empty() {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "processes left behind: {left:#?}"
-        );
-        std::thread::sleep(Duration::from_millis(250));
-    }
+    assert_none_left(|| processes_of(run_dir));
+}
+
+/// A TCP port free on the loopback now (for an operator's /metrics, a test server).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The body of `/metrics` on `127.0.0.1:port` (`None` until the server answers 200).
+pub fn scrape_metrics(port: u16) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200").then(|| body.to_string())
 }
 
 pub fn run_dir(obj: &Value) -> String {

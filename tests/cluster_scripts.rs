@@ -90,3 +90,89 @@ fn up_refuses_beside_a_slurm_it_did_not_start_and_down_ends_only_its_own() {
         String::from_utf8_lossy(&status.stdout)
     );
 }
+
+/// Two free loopback ports in a row (etcd's client and peer ports), and one more for the API.
+fn free_ports() -> (u16, u16) {
+    let bindable = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
+    let base = 21000 + (std::process::id() % 4000) as u16 * 2;
+    let etcd = (0..400)
+        .map(|i| base + i * 7)
+        .find(|p| bindable(*p) && bindable(p + 1))
+        .expect("two free ports for etcd");
+    let api = (0..400)
+        .map(|i| etcd + 3 + i * 5)
+        .find(|p| bindable(*p))
+        .expect("a free port for the API server");
+    (etcd, api)
+}
+
+/// Ends the processes the pid files under `state/run` name, if they run the state's own
+/// binaries (never the stranger of the test below).
+fn stop_own_servers(state: &Path) {
+    for name in ["kube-apiserver", "etcd"] {
+        let Ok(pid) = std::fs::read_to_string(state.join(format!("run/{name}.pid"))) else {
+            continue;
+        };
+        let pid = pid.trim();
+        let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
+        if !exe.starts_with(state.join("bin")) {
+            continue;
+        }
+        // kube-apiserver can sit out SIGTERM without its etcd: as the workplace's `down`, wait
+        // a while, then kill.
+        let _ = Command::new("kill").arg(pid).status();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while Path::new(&format!("/proc/{pid}")).exists() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        let _ = Command::new("kill").args(["-KILL", pid]).status();
+    }
+}
+
+/// The CI failure of stop 20: the API server's state dir outlived the processes it names, and
+/// one of their pids had since gone to another process, so the workplace's `up` took etcd for
+/// running and started kube-apiserver against nothing. `scripts/k8s-up` starts a fresh pair
+/// then, and leaves the process that now has the pid alone.
+#[test]
+fn k8s_up_starts_a_server_when_its_pid_files_name_other_processes() {
+    let state = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut stranger = Fake::start(dir.path(), "stranger");
+    std::fs::create_dir_all(state.path().join("run")).unwrap();
+    for name in ["etcd", "kube-apiserver"] {
+        std::fs::write(
+            state.path().join(format!("run/{name}.pid")),
+            format!("{}\n", stranger.pid()),
+        )
+        .unwrap();
+    }
+    let (etcd, api) = free_ports();
+    let root = env!("CARGO_MANIFEST_DIR");
+    let out = Command::new(format!("{root}/scripts/k8s-up"))
+        .arg(state.path())
+        .env("K8S_API_PORT", api.to_string())
+        .env("K8S_ETCD_PORT", etcd.to_string())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    let kubeconfig = state.path().join("kubeconfig");
+    let ready = Command::new("kubectl")
+        .args(["--kubeconfig", kubeconfig.to_str().unwrap()])
+        .args(["get", "--raw", "/readyz"])
+        .output();
+    let alive = stranger.alive();
+    stop_own_servers(state.path());
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).lines().last(),
+        kubeconfig.to_str(),
+        "prints the kubeconfig path last"
+    );
+    let ready = ready.unwrap();
+    assert!(
+        ready.status.success() && String::from_utf8_lossy(&ready.stdout).trim() == "ok",
+        "the API server answers: {}",
+        String::from_utf8_lossy(&ready.stderr)
+    );
+    assert!(alive, "the process that has the old pid is left alone");
+}

@@ -574,7 +574,13 @@ fn forget_removed_run_dir(s: &mut SlurmAssetStatus, input: &Input) {
     }
 }
 
-fn cancel_current(s: &SlurmAssetStatus, report: bool) -> Action {
+/// The action that cancels the current attempt. Its job, if Slurm gave it one, is cancelled
+/// by that action: no later poll reads its state, so the last polled state (say PENDING) must
+/// not stand.
+fn cancel_current(s: &mut SlurmAssetStatus, report: bool) -> Action {
+    if s.job_id.is_some() {
+        s.slurm_state = Some("CANCELLED".into());
+    }
     Action::Cancel {
         job_id: s.job_id.clone(),
         run_dir: s.remote_run_dir.clone(),
@@ -1286,6 +1292,37 @@ mod tests {
                 report: true
             }]
         );
+    }
+
+    #[test]
+    fn a_job_the_operator_cancels_reads_cancelled_not_its_last_polled_state() {
+        let mut queued = at(Phase::Queued);
+        queued.slurm_state = Some("PENDING".into());
+        let mut i = input(1);
+        i.deleted = true;
+        let d = reconcile(&queued, &i, Event::Resync);
+        let d = reconcile(
+            &d.status,
+            &i,
+            Event::CancelDone {
+                message: "terminated".into(),
+            },
+        );
+        assert_eq!(d.status.phase, Phase::Cancelled);
+        assert_eq!(d.status.slurm_state.as_deref(), Some("CANCELLED"));
+
+        // A submission cancelled before Slurm gave a job ID has no Slurm state.
+        let mut i = input(1);
+        i.deleted = true;
+        let d = reconcile(&at(Phase::Submitting), &i, Event::Resync);
+        let d = reconcile(
+            &d.status,
+            &i,
+            Event::CancelDone {
+                message: "terminated".into(),
+            },
+        );
+        assert_eq!(d.status.slurm_state, None);
     }
 
     #[test]

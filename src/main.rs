@@ -104,6 +104,27 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Invoked by ssh as the ProxyCommand of a login behind jump hosts (`jump-proxy HOST PORT`,
+    // the hops in the environment): run the ssh to the next hop. Before askpass, whose
+    // secrets may be in the same environment: the tunnel is this process's stdout.
+    {
+        use slurm_asset_operator::transport::{JUMP_CHAIN_ENV, run_jump_proxy};
+        // args_os: an ssh prompt (askpass's argument) need not be UTF-8.
+        let args: Vec<String> = std::env::args_os()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        if let ([_, mode, host, port], Ok(chain)) = (&args[..], std::env::var(JUMP_CHAIN_ENV))
+            && mode == "jump-proxy"
+        {
+            return match run_jump_proxy(&chain, host, port) {
+                Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::from(255)
+                }
+            };
+        }
+    }
     // Invoked by ssh as SSH_ASKPASS (with the prompt as the only argument): answer with the
     // password or a one-time code from the secrets the operator put into this one ssh
     // process's environment.

@@ -21,7 +21,8 @@ pub struct SshTarget {
     pub auth: SshAuth,
     /// known_hosts file for strict checking; `None`: the user's default files, still strict.
     pub known_hosts: Option<PathBuf>,
-    pub jump_hosts: Vec<String>,
+    /// Outermost first.
+    pub jump_hosts: Vec<JumpTarget>,
     pub extra_options: Vec<(String, String)>,
     pub connect_timeout: Duration,
     /// Base32 TOTP seed: one-time codes answer the server's code prompt (keyboard-interactive).
@@ -43,13 +44,10 @@ impl SshTarget {
             jump_hosts: ssh
                 .jump_hosts
                 .iter()
-                .map(|j| {
-                    format!(
-                        "{}@{}:{}",
-                        j.user.clone().unwrap_or_else(|| user.clone()),
-                        j.host,
-                        j.port
-                    )
+                .map(|j| JumpTarget {
+                    host: j.host.clone(),
+                    port: j.port,
+                    user: j.user.clone().unwrap_or_else(|| user.clone()),
                 })
                 .collect(),
             host,
@@ -66,6 +64,15 @@ impl SshTarget {
             totp_seed,
         }
     }
+}
+
+/// One jump host, logged in to with the cluster's own key or password and checked against its
+/// own known hosts.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct JumpTarget {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
 }
 
 #[derive(Clone, PartialEq)]
@@ -212,6 +219,184 @@ pub fn askpass_answer(
     }
 }
 
+/// The `ssh` options of a login to the cluster or to one of its jump hosts: strict host-key
+/// checking against the cluster's known hosts, its key or password, its connect timeout and
+/// its `extraOptions`. Jump hosts get the same, as OpenSSH's `-J` would not give them.
+fn login_options(target: &SshTarget) -> Result<Vec<String>> {
+    let mut o: Vec<String> = [
+        "StrictHostKeyChecking=yes",
+        "ServerAliveInterval=15",
+        "ServerAliveCountMax=3",
+    ]
+    .iter()
+    .flat_map(|v| ["-o".to_string(), v.to_string()])
+    .collect();
+    let mut opt = |v: String| {
+        o.push("-o".into());
+        o.push(v);
+    };
+    opt(format!(
+        "ConnectTimeout={}",
+        target.connect_timeout.as_secs().max(1)
+    ));
+    if let Some(kh) = &target.known_hosts {
+        opt(path_option("UserKnownHostsFile", kh)?);
+    }
+    for (k, v) in &target.extra_options {
+        // Validated with the manifest; checked again here, where it matters.
+        if let Some(why) = ssh_option_problem(k, v) {
+            return Err(Error::Transport(format!("spec.ssh.extraOptions: {why}")));
+        }
+        opt(format!("{k}={v}"));
+    }
+    let key = match &target.auth {
+        SshAuth::KeyFile(key) if target.totp_seed.is_some() => {
+            // Key, then a one-time code: keyboard-interactive must stay possible.
+            opt("IdentitiesOnly=yes".into());
+            opt("PreferredAuthentications=publickey,keyboard-interactive".into());
+            opt("PasswordAuthentication=no".into());
+            Some(key)
+        }
+        SshAuth::KeyFile(key) => {
+            opt("BatchMode=yes".into());
+            opt("IdentitiesOnly=yes".into());
+            opt("PreferredAuthentications=publickey".into());
+            Some(key)
+        }
+        SshAuth::Password(_) => {
+            opt("PreferredAuthentications=password,keyboard-interactive".into());
+            opt("PubkeyAuthentication=no".into());
+            opt("NumberOfPasswordPrompts=1".into());
+            None
+        }
+    };
+    if let Some(key) = key {
+        // Not `-i`: ssh drops an `-i` file it cannot stat before expanding its `%` tokens.
+        o.push("-o".into());
+        o.push(path_option("IdentityFile", key)?);
+    }
+    Ok(o)
+}
+
+/// `Name="path"`: a path option as ssh parses it, double-quoted (blanks would split it) with its
+/// `%` doubled (ssh expands `%` tokens in these paths: `%h` in a directory name must stay `%h`).
+fn path_option(name: &str, path: &Path) -> Result<String> {
+    let path = literal_path(path)?;
+    if path.contains(['"', '\\']) || path.chars().any(char::is_control) {
+        return Err(Error::Transport(format!(
+            "{path:?}: ssh cannot take a path with a double quote, backslash or control character"
+        )));
+    }
+    Ok(format!("{name}=\"{path}\""))
+}
+
+/// A path with each `%` doubled, where ssh would expand `%` tokens.
+fn literal_path(p: &Path) -> Result<String> {
+    let s = p
+        .to_str()
+        .ok_or_else(|| Error::Transport(format!("{}: ssh needs a UTF-8 path", p.display())))?;
+    Ok(s.replace('%', "%%"))
+}
+
+/// The environment variable that hands the jump proxy (below) the hops still to go.
+pub const JUMP_CHAIN_ENV: &str = "SAO_JUMP_CHAIN";
+
+/// The jump hosts still to go through, outermost first, and the login options for each.
+#[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct JumpChain {
+    pub options: Vec<String>,
+    pub hops: Vec<JumpTarget>,
+    /// Where the hops' ssh write their errors: a master with `ControlPersist` sends its
+    /// `ProxyCommand`'s stderr to /dev/null, which would hide why a jump host refused.
+    #[serde(default)]
+    pub log: Option<PathBuf>,
+}
+
+/// The `ProxyCommand` through which ssh reaches a host behind jump hosts: this binary's
+/// `jump-proxy %h %p`, which runs `ssh -W` to the last hop of [`JUMP_CHAIN_ENV`] with argv
+/// built here, not shell text (OpenSSH's `-J` would give the hops none of the cluster's
+/// options). ssh expands `%` tokens in the command and runs it with the shell, so the path
+/// is [`quote`](crate::shell::quote)d and its `%` doubled.
+fn proxy_command(exe: &Path) -> Result<String> {
+    let exe = literal_path(exe)?;
+    Ok(format!("{} jump-proxy %h %p", crate::shell::quote(&exe)))
+}
+
+/// What the jump proxy runs to reach `host:port`: `ssh -W host:port` to the chain's last hop,
+/// with the chain's options, and the chain left for that ssh's own jump proxy (`None` when
+/// the hop is the outermost).
+pub fn jump_proxy_argv(
+    chain: &JumpChain,
+    host: &str,
+    port: &str,
+    exe: &Path,
+) -> Result<(Vec<String>, Option<JumpChain>)> {
+    let Some((hop, rest)) = chain.hops.split_last() else {
+        return Err(Error::Transport("jump-proxy: no jump host left".into()));
+    };
+    if host.is_empty() || host.starts_with('-') || port.parse::<u16>().is_err() {
+        return Err(Error::Transport("jump-proxy: not a host and port".into()));
+    }
+    let mut argv = chain.options.clone();
+    argv.extend([
+        "-p".into(),
+        hop.port.to_string(),
+        "-l".into(),
+        hop.user.clone(),
+    ]);
+    let rest = (!rest.is_empty()).then(|| JumpChain {
+        options: chain.options.clone(),
+        hops: rest.to_vec(),
+        log: chain.log.clone(),
+    });
+    if rest.is_some() {
+        argv.push("-o".into());
+        argv.push(format!("ProxyCommand={}", proxy_command(exe)?));
+    }
+    // An IPv6 address as %h comes bare; -W wants it in brackets.
+    let target = if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    };
+    argv.extend(["-W".into(), target, "--".into(), hop.host.clone()]);
+    Ok((argv, rest))
+}
+
+/// The jump proxy, run by ssh as the `ProxyCommand` of a login behind jump hosts: runs the
+/// `ssh -W` of [`jump_proxy_argv`] with this process's stdin and stdout as the tunnel, and
+/// exits with its code. It waits rather than `exec`s so that the tunnel closes only after
+/// that ssh has written why it failed (say, an unknown jump host key): the login's ssh, which
+/// ends on the close, must find the reason in its log.
+pub fn run_jump_proxy(chain: &str, host: &str, port: &str) -> std::result::Result<i32, Error> {
+    let chain: JumpChain = serde_json::from_str(chain)
+        .map_err(|_| Error::Transport(format!("jump-proxy: {JUMP_CHAIN_ENV} is not a chain")))?;
+    let exe = std::env::current_exe()
+        .map_err(|e| Error::Transport(format!("jump-proxy: own path: {e}")))?;
+    let (argv, rest) = jump_proxy_argv(&chain, host, port, &exe)?;
+    let mut cmd = std::process::Command::new("ssh");
+    cmd.args(argv);
+    if let Some(log) = &chain.log {
+        use std::os::unix::fs::OpenOptionsExt;
+        if let Ok(f) = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .open(log)
+        {
+            cmd.stderr(f);
+        }
+    }
+    match rest.map(|r| serde_json::to_string(&r)) {
+        Some(Ok(rest)) => cmd.env(JUMP_CHAIN_ENV, rest),
+        _ => cmd.env_remove(JUMP_CHAIN_ENV),
+    };
+    let status = cmd
+        .status()
+        .map_err(|e| Error::Transport(format!("jump-proxy: running ssh: {e}")))?;
+    Ok(status.code().unwrap_or(255))
+}
+
 impl Connection {
     /// Starts a master connection (`ssh -M -N -f`), waiting until it is authenticated.
     pub async fn open(target: &SshTarget, operator_exe: &Path) -> Result<Connection> {
@@ -222,6 +407,7 @@ impl Connection {
             .map_err(|e| Error::Transport(format!("creating the control directory: {e}")))?;
         let ctl = dir.path().join("master");
         let log = dir.path().join("master.log");
+        let jump_log = dir.path().join("jump.log");
         let mut cmd = tokio::process::Command::new("ssh");
         cmd.arg("-M")
             .arg("-N")
@@ -232,31 +418,20 @@ impl Connection {
             .arg(&log)
             .args(["-o", "ControlPersist=300"])
             .args(["-o", "StrictHostKeyChecking=yes"])
-            .args([
-                "-o",
-                "ServerAliveInterval=15",
-                "-o",
-                "ServerAliveCountMax=3",
-            ])
-            .args([
-                "-o",
-                &format!("ConnectTimeout={}", target.connect_timeout.as_secs().max(1)),
-            ])
+            .args(login_options(target)?)
             .args(["-p", &target.port.to_string()])
             .args(["-l", &target.user]);
-        if let Some(kh) = &target.known_hosts {
-            cmd.arg("-o")
-                .arg(format!("UserKnownHostsFile={}", kh.display()));
-        }
         if !target.jump_hosts.is_empty() {
-            cmd.arg("-J").arg(target.jump_hosts.join(","));
-        }
-        for (k, v) in &target.extra_options {
-            // Validated with the manifest; checked again here, where it matters.
-            if let Some(why) = ssh_option_problem(k, v) {
-                return Err(Error::Transport(format!("spec.ssh.extraOptions: {why}")));
-            }
-            cmd.arg("-o").arg(format!("{k}={v}"));
+            let chain = JumpChain {
+                options: login_options(target)?,
+                hops: target.jump_hosts.clone(),
+                log: Some(jump_log.clone()),
+            };
+            let chain = serde_json::to_string(&chain)
+                .map_err(|e| Error::Transport(format!("the jump chain: {e}")))?;
+            cmd.arg("-o")
+                .arg(format!("ProxyCommand={}", proxy_command(operator_exe)?))
+                .env(JUMP_CHAIN_ENV, chain);
         }
         // Secrets reach ssh only through the askpass answer, from this one process's environment.
         let password = match &target.auth {
@@ -274,36 +449,6 @@ impl Connection {
         if let Some(seed) = &target.totp_seed {
             cmd.env(ASKPASS_TOTP_ENV, seed);
         }
-        match &target.auth {
-            SshAuth::KeyFile(key) if target.totp_seed.is_some() => {
-                // Key, then a one-time code: keyboard-interactive must stay possible.
-                cmd.args(["-o", "IdentitiesOnly=yes"])
-                    .arg("-i")
-                    .arg(key)
-                    .args([
-                        "-o",
-                        "PreferredAuthentications=publickey,keyboard-interactive",
-                        "-o",
-                        "PasswordAuthentication=no",
-                    ]);
-            }
-            SshAuth::KeyFile(key) => {
-                cmd.args(["-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes"])
-                    .arg("-i")
-                    .arg(key)
-                    .args(["-o", "PreferredAuthentications=publickey"]);
-            }
-            SshAuth::Password(_) => {
-                cmd.args([
-                    "-o",
-                    "PreferredAuthentications=password,keyboard-interactive",
-                    "-o",
-                    "PubkeyAuthentication=no",
-                    "-o",
-                    "NumberOfPasswordPrompts=1",
-                ]);
-            }
-        }
         cmd.arg("--")
             .arg(&target.host)
             .stdin(std::process::Stdio::null())
@@ -315,11 +460,19 @@ impl Connection {
             .map_err(|_| Error::Transport(format!("connecting to {target:?}: timed out")))?
             .map_err(|e| Error::Transport(format!("starting ssh: {e}")))?;
         if !out.status.success() {
-            let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+            // What ssh said, its log, then its jump hops' (the last says why a hop refused).
+            let said: Vec<String> = [
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+                std::fs::read_to_string(&log).unwrap_or_default(),
+                std::fs::read_to_string(&jump_log).unwrap_or_default(),
+            ]
+            .iter()
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty())
+            .collect();
             return Err(Error::Transport(format!(
-                "connecting to {target:?}: {}{}",
-                String::from_utf8_lossy(&out.stderr).trim(),
-                log_text.trim()
+                "connecting to {target:?}: {}",
+                said.join("\n")
             )));
         }
         let session = Session::resume(ctl.clone().into_boxed_path(), Some(log.into_boxed_path()));
@@ -463,5 +616,58 @@ mod tests {
             Some("pw")
         );
         assert_eq!(askpass_answer("Password: ", None, seed, 59), None);
+    }
+
+    #[test]
+    fn the_jump_proxy_reaches_the_next_hop_with_the_clusters_options_and_hands_on_the_rest() {
+        let hop = |h: &str| JumpTarget {
+            host: h.into(),
+            port: 2200,
+            user: "me".into(),
+        };
+        let chain = JumpChain {
+            options: vec!["-i".into(), "/k/id".into()],
+            hops: vec![hop("outer"), hop("inner")],
+            log: Some("/ctl/jump.log".into()),
+        };
+        let exe = Path::new("/opt/sao 1%/bin/op");
+        let (argv, rest) = jump_proxy_argv(&chain, "login", "22", exe).unwrap();
+        assert_eq!(
+            argv,
+            [
+                "-i",
+                "/k/id",
+                "-p",
+                "2200",
+                "-l",
+                "me",
+                "-o",
+                "ProxyCommand='/opt/sao 1%%/bin/op' jump-proxy %h %p",
+                "-W",
+                "login:22",
+                "--",
+                "inner"
+            ]
+        );
+        let rest = rest.unwrap();
+        assert_eq!(rest.hops, [hop("outer")]);
+        assert_eq!(rest.log, chain.log, "every hop writes to the same log");
+        // The outermost hop is reached directly; an IPv6 address goes in brackets.
+        let (argv, rest) = jump_proxy_argv(&rest, "fd00::5", "2200", exe).unwrap();
+        assert!(rest.is_none());
+        assert!(
+            !argv.iter().any(|a| a.starts_with("ProxyCommand")),
+            "{argv:?}"
+        );
+        assert_eq!(argv[argv.len() - 3..], ["[fd00::5]:2200", "--", "outer"]);
+        // What ssh hands over is checked, not trusted.
+        assert!(jump_proxy_argv(&chain, "-oProxyCommand=x", "22", exe).is_err());
+        assert!(jump_proxy_argv(&chain, "login", "22; x", exe).is_err());
+        let empty = JumpChain {
+            options: vec![],
+            hops: vec![],
+            log: None,
+        };
+        assert!(jump_proxy_argv(&empty, "login", "22", exe).is_err());
     }
 }

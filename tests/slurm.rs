@@ -425,6 +425,70 @@ fn key_and_one_time_code_login() {
     assert!(waiting["status"]["jobId"].is_null(), "{waiting:#}");
 }
 
+#[test]
+fn jump_hosts_log_in_with_the_clusters_key_and_known_hosts() {
+    // The jump hosts are the test cluster's own sshd (it forwards TCP), twice: the login goes
+    // operator -> jump -> jump -> login node. The operator runs as root, whose ~/.ssh holds
+    // neither the key nor the host key: each hop gets in only with the cluster's keyPath and
+    // knownHosts. Key and known hosts sit under a path with blanks, a quote and `%` tokens,
+    // which ssh's token expansion, its config parsing and the hops' shell must leave intact.
+    let c = test_cluster();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let keys = tempfile::tempdir().unwrap();
+    let odd = keys.path().join("k e'y %h%%");
+    std::fs::create_dir(&odd).unwrap();
+    let key = odd.join("id");
+    std::fs::copy(&c.key, &key).unwrap();
+    let known_hosts = odd.join("known hosts");
+    std::fs::copy(&c.known_hosts, &known_hosts).unwrap();
+    let cluster = |jumps: &str| {
+        c.manifest("hpc", &remote_base("jump"))
+            .replace(
+                &format!("keyPath: {}", c.key),
+                &format!("keyPath: {:?}, jumpHosts: [{jumps}]", key.to_str().unwrap()),
+            )
+            .replace(
+                &format!("path: {}", c.known_hosts),
+                &format!("path: {:?}", known_hosts.to_str().unwrap()),
+            )
+    };
+    let hop = |host: &str| format!("{{host: {host}, port: {}}}", c.port);
+    write(
+        d,
+        "cluster.yaml",
+        &cluster(&format!("{}, {}", hop("127.0.0.1"), hop("127.0.0.1"))),
+    );
+    write(d, "j.yaml", &slurm_asset("j", "echo through two jumps", ""));
+    let out = std::process::Command::new(BIN)
+        .args(["standalone", "--once", "--dir"])
+        .arg(d)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let s = status(d, "j");
+    assert_eq!(s["logTail"]["stdout"], "through two jumps\n", "{s:#}");
+
+    // The jump's host key is checked strictly against knownHosts too: `localhost` is not in
+    // it (only [127.0.0.1]:port is), so the first hop is refused and nothing is submitted.
+    std::fs::remove_dir_all(d.join(".status")).unwrap();
+    write(d, "cluster.yaml", &cluster(&hop("localhost")));
+    let mut op = Operator::start(d);
+    let waiting = wait_for(d, "j", "a refused jump host", |o| {
+        o["status"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("cluster unreachable"))
+    });
+    op.sigkill();
+    let message = waiting["status"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("Host key verification failed"),
+        "{waiting:#}"
+    );
+    assert!(waiting["status"]["jobId"].is_null(), "{waiting:#}");
+}
+
 fn walk_text(dir: &std::path::Path) -> String {
     let mut s = String::new();
     for e in std::fs::read_dir(dir).unwrap().flatten() {

@@ -101,7 +101,8 @@ pub struct SshSettings {
     /// Known-hosts entries for strict host-key checking (the default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub known_hosts: Option<KnownHosts>,
-    /// Hosts to jump through, outermost first.
+    /// Hosts to jump through, outermost first. Each is logged in to with this cluster's key or
+    /// password and checked against its `knownHosts`, which must list them too.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub jump_hosts: Vec<JumpHost>,
     /// Further `ssh -o` options, name → value.

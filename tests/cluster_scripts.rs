@@ -16,7 +16,20 @@ impl Fake {
     fn start(dir: &Path, name: &str) -> Fake {
         let exe = dir.join(name);
         std::fs::copy("/bin/sleep", &exe).unwrap();
-        Fake(Command::new(&exe).arg("300").spawn().unwrap())
+        // A thread forking while the copy's fd was open holds it open for writing until its
+        // exec (the other test here runs scripts concurrently): executing the copy then fails
+        // with ETXTBSY for a moment, so retry.
+        let mut tries = 0;
+        loop {
+            match Command::new(&exe).arg("300").spawn() {
+                Ok(child) => return Fake(child),
+                Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy && tries < 100 => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => panic!("starting {}: {e}", exe.display()),
+            }
+        }
     }
 
     fn pid(&self) -> u32 {

@@ -160,6 +160,67 @@ fn metrics_arrive_after_an_accounting_outage() {
     assert_once_each(d, &names);
 }
 
+/// slurmdbd down while the operator first connects: accounting is asked again a minute later
+/// (not learnt "absent" for good), so a job that ends after it is back has its metrics.
+#[test]
+fn accounting_down_at_the_first_connect_is_used_once_it_is_back() {
+    let _lock = DAEMONS.lock().unwrap_or_else(|e| e.into_inner());
+    let _restore = Restore(START_SLURMDBD);
+    wait_until("sacct to answer", Duration::from_secs(60), sacct_answers);
+    let flag = format!("/tmp/sao-dbfirst-flag-{}", std::process::id());
+    let _ = std::fs::remove_file(&flag);
+    let (dir, names) = setup(
+        "dbfirst",
+        1,
+        &format!(
+            "while [ ! -e {flag} ]; do sleep 0.2; done\nend=$((SECONDS+3)); while [ $SECONDS -lt $end ]; do :; done\necho done"
+        ),
+    );
+    let d = dir.path();
+    assert!(stop("slurmdbd"));
+    wait_until("sacct to fail", Duration::from_secs(20), || {
+        !sacct_answers()
+    });
+    let started = Instant::now();
+    let _op = Operator::start(d);
+    wait_for(d, &names[0], "running", |o| phase(o) == "Running");
+    let cluster = d.join(".status/default/SlurmCluster/hpc.yaml");
+    let text = std::fs::read_to_string(&cluster).unwrap();
+    assert!(
+        text.contains("accountingAvailable: false"),
+        "the premise: the first connect found no accounting: {text}"
+    );
+    assert!(start_slurmdbd());
+    wait_until(
+        "sacct to answer again",
+        Duration::from_secs(60),
+        sacct_answers,
+    );
+    // The job ends after the operator has had its minute to ask again.
+    std::thread::sleep(Duration::from_secs(65).saturating_sub(started.elapsed()));
+    std::fs::write(&flag, "").unwrap();
+    let o = wait_for(d, &names[0], "metrics", |o| {
+        o["status"]["metrics"]["totalCpuSeconds"].as_f64().is_some()
+            || terminal(o)
+                && condition(o, "MetricsAvailable").is_some_and(|c| c["reason"] != "Awaiting")
+    });
+    let _ = std::fs::remove_file(&flag);
+    assert_eq!(phase(&o), "Succeeded", "{o:#}");
+    let cond = condition(&o, "MetricsAvailable").unwrap();
+    assert_eq!(cond["status"], "True", "{o:#}");
+    assert!(
+        o["status"]["metrics"]["elapsedSeconds"].as_f64().unwrap() >= 3.0,
+        "{o:#}"
+    );
+    // The cluster's status says so too.
+    wait_until(
+        "the cluster status to show accounting",
+        Duration::from_secs(60),
+        || std::fs::read_to_string(&cluster).is_ok_and(|t| t.contains("accountingAvailable: true")),
+    );
+    assert_once_each(d, &names);
+}
+
 #[test]
 fn a_controller_outage_is_no_failure() {
     let _lock = DAEMONS.lock().unwrap_or_else(|e| e.into_inner());

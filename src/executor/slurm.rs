@@ -41,6 +41,9 @@ const JOBID_FILE: &str = "jobid";
 const SUBMITTING_FILE: &str = ".submitting";
 /// How long an ended job may wait for its batch step's accounting record.
 const BATCH_RECORD_WAIT: jiff::SignedDuration = jiff::SignedDuration::from_secs(30);
+/// How often the facts are learnt again while accounting does not answer: one `sacct` a
+/// minute, which a cluster without accounting answers without asking any daemon.
+const ACCOUNTING_RECHECK: Duration = Duration::from_secs(60);
 /// Per-asset lock (beside the run dirs) held from the tag lookup to the `sbatch`.
 const SUBMIT_LOCK: &str = ".submit.lock";
 /// Per-asset fence: the highest leadership epoch that submitted for the asset.
@@ -95,7 +98,8 @@ pub struct SlurmExecutor {
     target: SshTarget,
     exe: PathBuf,
     conn: Mutex<Option<Arc<Connection>>>,
-    facts: Mutex<Option<ClusterFacts>>,
+    /// The facts and when they were learnt.
+    facts: Mutex<Option<(ClusterFacts, std::time::Instant)>>,
     pub counters: Arc<Counters>,
     shared: Mutex<SharedPoll>,
     /// How the last attempt to reach the cluster went (`None`: not tried yet).
@@ -299,7 +303,10 @@ impl SlurmExecutor {
 
     /// The cluster's facts, if a connection has learnt them (never connects).
     pub fn known_facts(&self) -> Option<ClusterFacts> {
-        self.facts.try_lock().ok().and_then(|f| f.clone())
+        self.facts
+            .try_lock()
+            .ok()
+            .and_then(|f| f.as_ref().map(|(f, _)| f.clone()))
     }
 
     async fn run(&self, script: &str) -> Result<crate::transport::RemoteOutput> {
@@ -345,9 +352,13 @@ impl SlurmExecutor {
         }
     }
 
-    /// Connects (if needed) and learns the cluster's facts, once.
+    /// Connects (if needed) and learns the cluster's facts: once, but while accounting does
+    /// not answer, again every [`ACCOUNTING_RECHECK`] (slurmdbd may have been down only
+    /// while the operator started).
     pub async fn facts(&self) -> Result<ClusterFacts> {
-        if let Some(f) = self.facts.lock().await.clone() {
+        if let Some((f, at)) = self.facts.lock().await.clone()
+            && (f.accounting || at.elapsed() < ACCOUNTING_RECHECK)
+        {
             return Ok(f);
         }
         let out = self
@@ -384,7 +395,7 @@ impl SlurmExecutor {
                 "could not read $HOME on the cluster".into(),
             ));
         }
-        *self.facts.lock().await = Some(facts.clone());
+        *self.facts.lock().await = Some((facts.clone(), std::time::Instant::now()));
         Ok(facts)
     }
 

@@ -41,6 +41,8 @@ const SLURM_POLL: Duration = Duration::from_secs(10);
 /// How often an asset waiting for its session's allocation asks again.
 const SESSION_WAIT: Duration = Duration::from_secs(1);
 const TRANSPORT_RETRY: Duration = Duration::from_secs(5);
+/// How often clusters found without accounting are probed again.
+const REPROBE: Duration = Duration::from_secs(30);
 /// When a job that just ended is observed again for its last figures (accounting records the
 /// end a moment after the exit file).
 const AGAIN_SOON: Duration = Duration::from_secs(2);
@@ -124,6 +126,9 @@ pub struct Driver {
     dirty: HashMap<PathBuf, Instant>,
     /// When to read the whole directory again (after a folder appeared).
     rescan_at: Option<Instant>,
+    /// When the clusters found without accounting are probed again (their status says so
+    /// until accounting answers; the worker asks the cluster again at most once a minute).
+    reprobe_at: Instant,
     executor: LocalExecutor,
     assets: BTreeMap<ObjectKey, AssetEntry>,
     /// The assets naming each session, kept with `assets` (see [`Driver::reindex_member`]):
@@ -289,6 +294,7 @@ pub async fn run(opts: Options) -> Result<Outcome> {
         probing: HashSet::new(),
         probes: HashMap::new(),
         rescan_at: None,
+        reprobe_at: Instant::now() + REPROBE,
         counters: Arc::new(Counters::default()),
         assets: BTreeMap::new(),
         members: BTreeMap::new(),
@@ -1486,6 +1492,19 @@ impl Driver {
     /// one batch per cluster, sent to the cluster's worker.
     async fn tick(&mut self) {
         let now = Instant::now();
+        if self.reprobe_at <= now {
+            self.reprobe_at = now + REPROBE;
+            let without_accounting: Vec<ObjectKey> = self
+                .probes
+                .iter()
+                .filter(|(_, p)| p.as_ref().is_ok_and(|f| !f.accounting))
+                .map(|(k, _)| k.clone())
+                .collect();
+            for key in without_accounting {
+                self.probes.remove(&key);
+                self.probe(&key);
+            }
+        }
         let env_due: Vec<(ObjectKey, u64)> = self
             .assets
             .iter()

@@ -9,6 +9,7 @@ pub mod conditions;
 pub mod controller;
 pub mod core;
 pub mod crdgen;
+pub mod credentials;
 pub mod environment;
 pub mod executor;
 pub mod files;

@@ -2,12 +2,12 @@
 //! and ConfigMaps it reads, into a backend (one Slurm executor per cluster) and a plan input.
 
 use super::{Context, POLL_LOCAL, POLL_SLURM};
-use crate::api::{ClusterMode, SlurmAssetSpec, SlurmCluster, SlurmClusterSpec};
+use crate::api::{ClusterMode, SecretKeyRef, SlurmAssetSpec, SlurmCluster, SlurmClusterSpec};
 use crate::backend::Backend;
+use crate::credentials::CredentialSource;
 use crate::executor::slurm::SlurmExecutor;
 use crate::jobscript::PlanContext;
 use crate::manifest::{StoreKind, describe, validate_cluster};
-use crate::transport::{SshAuth, SshTarget};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::Api;
 use std::path::PathBuf;
@@ -112,7 +112,12 @@ pub(super) async fn resolve(
         ClusterMode::Local => (Backend::Local(ctx.local.clone()), POLL_LOCAL),
         ClusterMode::Slurm => {
             let key = format!("{ns}/{}", spec.cluster_ref.clone().unwrap_or_default());
-            let target = ssh_target(&cluster, &secrets, &ctx.work_dir, &key).await?;
+            let credentials = SecretCredentials {
+                secrets: &secrets,
+                work: &ctx.work_dir,
+                cluster: &key,
+            };
+            let target = crate::credentials::ssh_target(&cluster, &credentials).await?;
             let mut map = ctx.slurm.lock().await;
             let ex = match map.get(&key) {
                 Some(ex) if *ex.target() == target => ex.clone(),
@@ -225,75 +230,49 @@ async fn secret_value(
         .map_err(|_| format!("{field}: Secret {name:?} key {key:?} is not UTF-8"))
 }
 
-/// SSH settings from the cluster spec and its Secrets. Key and known-hosts material go to
-/// private files (0600) in the operator's work directory; nothing is logged.
-async fn ssh_target(
-    c: &SlurmClusterSpec,
-    secrets: &Api<Secret>,
-    work: &std::path::Path,
-    key: &str,
-) -> Result<SshTarget, String> {
-    let ssh = c.ssh.clone().ok_or("spec.ssh: required in slurm mode")?;
-    let private = |name: &str, content: &str| -> Result<PathBuf, String> {
+/// Kubernetes mode's credentials: Secrets in the cluster's namespace, copied to private
+/// files (0600) in the operator's work directory; no local files or variables.
+struct SecretCredentials<'a> {
+    secrets: &'a Api<Secret>,
+    work: &'a std::path::Path,
+    /// The cluster's `namespace/name`, which names its private files.
+    cluster: &'a str,
+}
+
+impl CredentialSource for SecretCredentials<'_> {
+    async fn secret(&self, field: &str, r: &SecretKeyRef) -> Result<String, String> {
+        secret_value(self.secrets, &r.name, &r.key, field).await
+    }
+
+    fn env(&self, _: &str) -> Option<String> {
+        None
+    }
+
+    fn local_file(&self, field: &str, _: &str) -> Result<PathBuf, String> {
+        Err(format!(
+            "{field}: is for standalone mode (a file on the operator's host); use a Secret reference"
+        ))
+    }
+
+    fn private_file(&self, what: &str, content: &str) -> Result<PathBuf, String> {
         use std::os::unix::fs::DirBuilderExt;
-        let dir = work.join("ssh");
+        let dir = self.work.join("ssh");
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(&dir)
             .map_err(|e| format!("{}: {e}", dir.display()))?;
         let file = dir.join(format!(
-            "{}-{name}",
-            crate::manifest::hash_value(&serde_json::json!(key))
+            "{}-{what}",
+            crate::manifest::hash_value(&serde_json::json!(self.cluster))
         ));
-        let mut text = content.to_string();
-        if !text.ends_with('\n') {
-            text.push('\n');
-        }
         // Concurrent reconciles of one cluster's assets must not rewrite it under ssh's feet.
-        crate::files::write_private_once(&file, text.as_bytes())
+        crate::files::write_private_once(&file, content.as_bytes())
             .map_err(|e| format!("{}: {e}", file.display()))?;
         Ok(file)
-    };
-    let auth = if let Some(r) = &ssh.key_secret_ref {
-        let k = secret_value(secrets, &r.name, &r.key, "spec.ssh.keySecretRef").await?;
-        SshAuth::KeyFile(private("key", &k)?)
-    } else if let Some(r) = &ssh.password_secret_ref {
-        SshAuth::Password(
-            secret_value(secrets, &r.name, &r.key, "spec.ssh.passwordSecretRef").await?,
-        )
-    } else {
-        return Err("spec.ssh: set keySecretRef or passwordSecretRef".into());
-    };
-    let totp_seed = match &ssh.totp_secret_ref {
-        Some(r) => {
-            let field = "spec.ssh.totpSecretRef";
-            let seed = secret_value(secrets, &r.name, &r.key, field).await?;
-            crate::transport::totp_code(&seed, 0)
-                .map_err(|e| format!("{field}: Secret {:?} key {:?}: {e}", r.name, r.key))?;
-            Some(seed)
-        }
-        None => None,
-    };
-    let known_hosts = match &ssh.known_hosts {
-        Some(kh) if kh.secret_ref.is_some() => {
-            let r = kh.secret_ref.as_ref().expect("checked");
-            let text =
-                secret_value(secrets, &r.name, &r.key, "spec.ssh.knownHosts.secretRef").await?;
-            Some(private("known_hosts", &text)?)
-        }
-        Some(kh) if kh.entries.is_some() => Some(private(
-            "known_hosts",
-            &kh.entries.clone().unwrap_or_default().join("\n"),
-        )?),
-        Some(kh) => kh.path.as_ref().map(PathBuf::from),
-        None => None,
-    };
-    Ok(SshTarget::from_settings(
-        &ssh,
-        (ssh.host.clone(), ssh.port, ssh.user.clone()),
-        auth,
-        known_hosts,
-        totp_seed,
-    ))
+    }
+
+    fn mode(&self) -> StoreKind {
+        StoreKind::Kubernetes
+    }
 }

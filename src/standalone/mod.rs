@@ -6,29 +6,26 @@
 mod changes;
 pub mod clusters;
 mod index;
+mod persist;
+mod sessions;
 pub mod store;
 
-use crate::api::{
-    ClusterMode, Phase, SlurmAssetSpec, SlurmAssetStatus, SlurmClusterSpec, SlurmClusterStatus,
-};
-use crate::conditions;
+use crate::api::{ClusterMode, Phase, SlurmAssetSpec, SlurmAssetStatus, SlurmClusterSpec};
 use crate::core::{self, Action, Event, Input};
 use crate::environment::{EnvHost, EnvRequest, Sources};
 use crate::executor::local::LocalExecutor;
-use crate::executor::slurm::{ClusterFacts, Counters, SlurmExecutor};
+use crate::executor::slurm::{ClusterFacts, Counters};
 use crate::executor::{JobRef, JobTrack};
 use crate::jobscript::{PlanContext, RunId, RunPlan, plan};
 use crate::manifest::{Kind, Loaded, ManifestError, describe};
 use crate::worker::{ClusterWorker, PollItem, Reply, Request};
 use crate::{Error, Result};
 use changes::Change;
-use clusters::{platform, ssh_target};
 use index::ManifestIndex;
 use jiff::Timestamp;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 use store::{ObjectKey, Stored, WriteCache};
 use tokio::time::Instant;
@@ -688,148 +685,6 @@ impl Driver {
         self.reindex_member(&key, was);
     }
 
-    /// The session an asset's spec names.
-    fn session_of(&self, key: &ObjectKey) -> Option<ObjectKey> {
-        let name = self.assets.get(key)?.spec()?.session_ref.clone()?;
-        Some(ObjectKey {
-            kind: Kind::SlurmSession,
-            namespace: key.namespace.clone(),
-            name,
-        })
-    }
-
-    /// Moves `key` in [`Driver::members`] from the session it named (`was`) to the one it
-    /// names now.
-    fn reindex_member(&mut self, key: &ObjectKey, was: Option<ObjectKey>) {
-        let now = self.session_of(key);
-        if was == now {
-            return;
-        }
-        if let Some(w) = was
-            && let Some(set) = self.members.get_mut(&w)
-        {
-            set.remove(key);
-            if set.is_empty() {
-                self.members.remove(&w);
-            }
-        }
-        if let Some(n) = now {
-            self.members.entry(n).or_default().insert(key.clone());
-        }
-    }
-
-    /// Resolves the asset's cluster: an explicit `clusterRef`, else the implicit local cluster.
-    fn cluster_for(
-        &self,
-        key: &ObjectKey,
-        cluster_ref: Option<&str>,
-    ) -> std::result::Result<ResolvedCluster, String> {
-        let Some(name) = cluster_ref else {
-            return Ok(ResolvedCluster {
-                spec: SlurmClusterSpec::default(),
-                dir: self.dir.clone(),
-                key: None,
-                spec_hash: String::new(),
-            });
-        };
-        let ckey = ObjectKey {
-            kind: Kind::SlurmCluster,
-            namespace: key.namespace.clone(),
-            name: name.to_string(),
-        };
-        let Some(c) = self.clusters.get(&ckey) else {
-            return Err(format!(
-                "spec.clusterRef: SlurmCluster {name:?} not found in namespace {:?}",
-                key.namespace
-            ));
-        };
-        self.resolve_cluster(c, ckey)
-    }
-
-    /// A SlurmCluster manifest as its assets (and its probe) use it: the Python tool's
-    /// environment names fill what the manifest leaves out.
-    fn resolve_cluster(
-        &self,
-        c: &Loaded,
-        ckey: ObjectKey,
-    ) -> std::result::Result<ResolvedCluster, String> {
-        let Some(cluster) = c.cluster() else {
-            return Err(format!(
-                "spec.clusterRef: SlurmCluster {:?} is invalid: {}",
-                ckey.name,
-                c.spec
-                    .as_ref()
-                    .err()
-                    .map(|e| describe(e))
-                    .unwrap_or_default()
-            ));
-        };
-        let mut spec = cluster.clone();
-        if spec.mode == ClusterMode::Slurm {
-            if spec.remote_base.is_none() {
-                spec.remote_base = std::env::var("SLURM_DEPLOYMENT_BASE_PATH").ok();
-            }
-            if spec.environment.pre_deployed_env_path.is_none() {
-                spec.environment.pre_deployed_env_path =
-                    std::env::var("CI_DEPLOYED_ENVIRONMENT_PATH").ok();
-            }
-        }
-        let dir = c.file.parent().unwrap_or(&self.dir).to_path_buf();
-        // SSH settings that cannot work (a missing key file, an unset variable) make the
-        // cluster invalid for its assets, which run again once it is fixed, instead of each
-        // failing its submission for good. A cluster with a worker was checked when it got it.
-        let has_worker =
-            self.workers.contains_key(&ckey) && self.worker_specs.get(&ckey) == Some(&c.spec_hash);
-        if spec.mode == ClusterMode::Slurm && !has_worker {
-            ssh_target(&spec, &dir, &ckey)?;
-        }
-        Ok(ResolvedCluster {
-            spec,
-            dir,
-            key: Some(ckey),
-            spec_hash: c.spec_hash.clone(),
-        })
-    }
-
-    /// The worker of a Slurm cluster (`None` for local clusters), started on first use and
-    /// replaced when the connection settings change.
-    fn worker_for(
-        &mut self,
-        rc: &ResolvedCluster,
-    ) -> std::result::Result<Option<ObjectKey>, String> {
-        if rc.spec.mode != ClusterMode::Slurm {
-            return Ok(None);
-        }
-        let key = rc.key.clone().expect("slurm clusters are explicit");
-        // The hot path (every submit, poll and cancel): an unchanged manifest keeps its worker,
-        // without resolving SSH settings (files, environment) again.
-        if self.workers.contains_key(&key) && self.worker_specs.get(&key) == Some(&rc.spec_hash) {
-            return Ok(Some(key));
-        }
-        let target = ssh_target(&rc.spec, &rc.dir, &key)?;
-        self.worker_specs.insert(key.clone(), rc.spec_hash.clone());
-        if self
-            .workers
-            .get(&key)
-            .is_some_and(|w| *w.executor.target() == target)
-        {
-            return Ok(Some(key));
-        }
-        let ex = Arc::new(SlurmExecutor::new(
-            target,
-            self.exe.clone(),
-            self.counters.clone(),
-        ));
-        let worker = ClusterWorker::spawn(ex, key.clone(), self.replies.clone());
-        // The old worker (if any) finishes its queue and closes its connection.
-        self.workers.insert(key.clone(), worker);
-        // New settings, new answers.
-        self.polling.remove(&key);
-        self.probing.remove(&key);
-        self.probes.remove(&key);
-        Ok(Some(key))
-    }
-
     fn facts(&self, key: &ObjectKey) -> Facts {
         let entry = &self.assets[key];
         let spec = entry.spec();
@@ -1140,69 +995,6 @@ impl Driver {
         None
     }
 
-    /// Where the asset's step goes, when it names a session (`Ok(None)` otherwise). `Err`
-    /// says why not now, and whether to wait for the session (`true`) or fail (`false`).
-    fn session_target(
-        &self,
-        key: &ObjectKey,
-    ) -> std::result::Result<Option<crate::session::StepTarget>, (String, bool)> {
-        let Some(spec) = self.assets[key].spec() else {
-            return Ok(None);
-        };
-        let Some(name) = spec.session_ref.as_deref() else {
-            return Ok(None);
-        };
-        let skey = ObjectKey {
-            kind: Kind::SlurmSession,
-            namespace: key.namespace.clone(),
-            name: name.to_string(),
-        };
-        let Some(entry) = self.assets.get(&skey).filter(|e| !e.deleted) else {
-            return Err((
-                format!(
-                    "waiting for SlurmSession {name:?} (not found in namespace {:?})",
-                    key.namespace
-                ),
-                true,
-            ));
-        };
-        let Some(session) = &entry.session else {
-            return Err((format!("SlurmSession {name:?} is invalid"), false));
-        };
-        crate::session::place(spec, name, session, &self.session_status(&skey)).map(Some)
-    }
-
-    /// A session's status: its allocation's, with the assets that name it.
-    fn session_status(&self, skey: &ObjectKey) -> crate::api::SlurmSessionStatus {
-        let entry = &self.assets[skey];
-        let spec = entry.session.clone().unwrap_or_default();
-        let members: Vec<(String, Phase)> = self
-            .members
-            .get(skey)
-            .into_iter()
-            .flatten()
-            .filter_map(|k| self.assets.get(k).map(|a| (k.name.clone(), a.status.phase)))
-            .collect();
-        let limit = self
-            .cluster_for(skey, Some(&spec.cluster_ref))
-            .ok()
-            .and_then(|rc| spec.resources.merged_over(&rc.spec.queue).time_limit)
-            .and_then(|t| t.seconds());
-        let previous = entry
-            .session_status
-            .as_ref()
-            .map(|s| s.conditions.clone())
-            .unwrap_or_default();
-        crate::session::status(
-            &spec,
-            &previous,
-            &entry.status,
-            &members,
-            limit,
-            Timestamp::now(),
-        )
-    }
-
     /// The tag of the asset's current attempt.
     fn tag_of(&self, key: &ObjectKey) -> String {
         let s = &self.assets[key].status;
@@ -1494,16 +1286,7 @@ impl Driver {
         let now = Instant::now();
         if self.reprobe_at <= now {
             self.reprobe_at = now + REPROBE;
-            let without_accounting: Vec<ObjectKey> = self
-                .probes
-                .iter()
-                .filter(|(_, p)| p.as_ref().is_ok_and(|f| !f.accounting))
-                .map(|(k, _)| k.clone())
-                .collect();
-            for key in without_accounting {
-                self.probes.remove(&key);
-                self.probe(&key);
-            }
+            self.reprobe_without_accounting();
         }
         let env_due: Vec<(ObjectKey, u64)> = self
             .assets
@@ -1632,258 +1415,5 @@ impl Driver {
             self.workers[&ckey].send(Request::Poll(items));
         }
         self.write_operator_metrics();
-    }
-
-    /// `.status/operator-metrics.yaml`: counters of the operator's own work. Those of SSH,
-    /// the scheduler and uploads appear once a Slurm cluster is in use: with local clusters
-    /// alone they do not apply (a 0 would read as "none needed").
-    fn write_operator_metrics(&mut self) {
-        let c = &self.counters;
-        let env = &crate::environment::COUNTERS;
-        let mut v = serde_json::json!({
-            "envPacks": env.packs.load(Ordering::Relaxed),
-            "envCacheHits": env.hits.load(Ordering::Relaxed),
-        });
-        let slurm = !self.workers.is_empty()
-            || self
-                .clusters
-                .values()
-                .any(|l| l.cluster().is_some_and(|c| c.mode == ClusterMode::Slurm));
-        if slurm {
-            for (k, n) in [
-                ("sshConnects", &c.ssh_connects),
-                ("sshReconnects", &c.ssh_reconnects),
-                ("schedulerPolls", &c.scheduler_polls),
-                ("schedulerQueries", &c.scheduler_queries),
-                ("schedulerPollFailures", &c.scheduler_poll_failures),
-                ("exitNotices", &c.exit_notices),
-                ("remoteCommands", &c.remote_commands),
-                ("envUploads", &env.uploads),
-                ("envBytesUploaded", &env.bytes_uploaded),
-            ] {
-                v[k] = n.load(Ordering::Relaxed).into();
-            }
-        }
-        let path = self
-            .dir
-            .join(store::STATUS_DIR)
-            .join("operator-metrics.yaml");
-        if let Ok(text) = serde_saphyr::to_string(&v)
-            && let Err(e) = self.cache.write(&path, text)
-        {
-            warn!("{e}");
-        }
-    }
-
-    fn persist(&mut self, key: &ObjectKey) {
-        self.persist_one(key);
-        // A session lists its running and queued assets: it is written with them.
-        let session = self.assets[key]
-            .spec()
-            .and_then(|s| s.session_ref.clone())
-            .map(|name| ObjectKey {
-                kind: Kind::SlurmSession,
-                namespace: key.namespace.clone(),
-                name,
-            })
-            .filter(|k| self.assets.contains_key(k));
-        if let Some(skey) = session {
-            self.persist_one(&skey);
-        }
-    }
-
-    fn persist_one(&mut self, key: &ObjectKey) {
-        let session = (key.kind == Kind::SlurmSession).then(|| self.session_status(key));
-        let entry = self.assets.get_mut(key).expect("known");
-        let value = match &session {
-            Some(st) => {
-                entry.session_status = Some(st.clone());
-                serde_json::to_value(st)
-            }
-            None => serde_json::to_value(&entry.status),
-        };
-        let entry = &self.assets[key];
-        let status = match value {
-            Ok(v) => v,
-            Err(e) => {
-                error!("{key}: {e}");
-                return;
-            }
-        };
-        let stored = Stored {
-            uid: entry.uid.clone(),
-            generation: entry.generation,
-            spec_hash: entry.spec_hash.clone(),
-            deleted: entry.deleted,
-            cluster_ref: entry.cluster_ref.clone(),
-            status,
-        };
-        let finished_deleting = entry.deleted
-            && !matches!(
-                entry.status.phase,
-                Phase::Submitting
-                    | Phase::Queued
-                    | Phase::Running
-                    | Phase::Packing
-                    | Phase::Uploading
-            );
-        let deleted_at = finished_deleting.then(Timestamp::now);
-        let text = store::render_object(
-            key,
-            &stored,
-            entry.loaded.as_ref().map(|l| l.file.as_path()),
-            entry.loaded.as_ref().and_then(|l| l.asset_key.as_deref()),
-            entry.loaded.as_ref().map(|l| &l.labels),
-            deleted_at,
-        );
-        let path = store::status_path(&self.dir, key);
-        // A deletion timestamp changes every second; write it once, then leave the file be.
-        if finished_deleting && self.cache_has_deleted(&path) {
-            return;
-        }
-        match text.and_then(|t| self.cache.write(&path, t)) {
-            Ok(_) => {}
-            Err(e) => error!("{key}: writing status: {e}"),
-        }
-    }
-
-    fn cache_has_deleted(&self, path: &Path) -> bool {
-        store::read_stored_at(path).is_some_and(|s| s.deleted)
-    }
-
-    /// Starts a probe of a Slurm cluster unless one is under way or has succeeded.
-    fn probe(&mut self, key: &ObjectKey) {
-        // Probe through the same resolution the assets use (env defaults included).
-        let Some(Ok(rc)) = self
-            .clusters
-            .get(key)
-            .filter(|c| c.cluster().is_some())
-            .map(|c| self.resolve_cluster(c, key.clone()))
-        else {
-            return;
-        };
-        match self.worker_for(&rc) {
-            Ok(Some(ckey)) => {
-                if !self.probing.contains(&ckey)
-                    && !self.probes.get(&ckey).is_some_and(|p| p.is_ok())
-                {
-                    self.probing.insert(ckey.clone());
-                    self.workers[&ckey].send(Request::Probe);
-                }
-            }
-            Ok(None) => {}
-            Err(e) => {
-                self.probes.insert(key.clone(), Err(e));
-            }
-        }
-    }
-
-    fn write_cluster_status(&mut self, key: &ObjectKey) {
-        let obj = self.clusters[key].clone();
-        let slurm = self.probes.get(key).cloned();
-        let obj = &obj;
-        let stored_prev = store::read_stored(&self.dir, key);
-        let (uid, generation, mut status) = match stored_prev {
-            Some(s) if !s.deleted => {
-                let g = if s.spec_hash == obj.spec_hash {
-                    s.generation
-                } else {
-                    s.generation + 1
-                };
-                (
-                    s.uid,
-                    g,
-                    serde_json::from_value::<SlurmClusterStatus>(s.status).unwrap_or_default(),
-                )
-            }
-            _ => (
-                uuid::Uuid::new_v4().to_string(),
-                1,
-                SlurmClusterStatus::default(),
-            ),
-        };
-        let now = Timestamp::now();
-        let g = Some(generation);
-        status.observed_generation = g;
-        match &obj.spec {
-            Err(errors) => {
-                conditions::set(
-                    &mut status.conditions,
-                    "Invalid",
-                    true,
-                    "InvalidSpec",
-                    &describe(errors),
-                    g,
-                    now,
-                );
-            }
-            Ok(_) => {
-                conditions::set(
-                    &mut status.conditions,
-                    "Invalid",
-                    false,
-                    "Valid",
-                    "",
-                    g,
-                    now,
-                );
-                let spec = obj.cluster().expect("cluster");
-                match spec.mode {
-                    ClusterMode::Local => {
-                        conditions::set(
-                            &mut status.conditions,
-                            "Reachable",
-                            true,
-                            "LocalHost",
-                            "payloads run on the operator's host",
-                            g,
-                            now,
-                        );
-                        status.platform = Some(platform());
-                    }
-                    ClusterMode::Slurm => match slurm {
-                        Some(Ok(facts)) => {
-                            conditions::set(
-                                &mut status.conditions,
-                                "Reachable",
-                                true,
-                                "Connected",
-                                "",
-                                g,
-                                now,
-                            );
-                            status.platform = Some(facts.platform);
-                            status.slurm_version = Some(facts.slurm_version);
-                            status.accounting_available = Some(facts.accounting);
-                        }
-                        Some(Err(e)) => conditions::set(
-                            &mut status.conditions,
-                            "Reachable",
-                            false,
-                            "ConnectFailed",
-                            &e,
-                            g,
-                            now,
-                        ),
-                        None => {}
-                    },
-                }
-            }
-        }
-        let stored = Stored {
-            uid,
-            generation,
-            spec_hash: obj.spec_hash.clone(),
-            deleted: false,
-            cluster_ref: None,
-            status: serde_json::to_value(&status).unwrap_or_default(),
-        };
-        let path = store::status_path(&self.dir, key);
-        match store::render_object(key, &stored, Some(&obj.file), None, Some(&obj.labels), None)
-            .and_then(|t| self.cache.write(&path, t))
-        {
-            Ok(_) => {}
-            Err(e) => error!("{key}: writing status: {e}"),
-        }
     }
 }

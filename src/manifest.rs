@@ -1069,6 +1069,20 @@ pub fn validate_cluster(s: &SlurmClusterSpec, store: StoreKind) -> Vec<FieldErro
                 "keyPath, passwordEnv and totpEnv are for standalone mode; use a Secret reference",
             ));
         }
+        if store == StoreKind::Standalone {
+            for (field, set) in [
+                ("keySecretRef", ssh.key_secret_ref.is_some()),
+                ("passwordSecretRef", ssh.password_secret_ref.is_some()),
+                ("totpSecretRef", ssh.totp_secret_ref.is_some()),
+            ] {
+                if set {
+                    errors.push(field_err(
+                        format!("spec.ssh.{field}"),
+                        "Secret references need Kubernetes mode; use keyPath, passwordEnv or totpEnv",
+                    ));
+                }
+            }
+        }
         if ssh.totp_secret_ref.is_some() && ssh.totp_env.is_some() {
             errors.push(field_err(
                 "spec.ssh",
@@ -1457,6 +1471,35 @@ mod tests {
             "{e}"
         );
         assert_eq!(kh("{path: /kh}", StoreKind::Standalone), "");
+    }
+
+    #[test]
+    fn standalone_refuses_ssh_secret_references_at_admission() {
+        let cluster = |ssh: &str| {
+            let y = format!(
+                "apiVersion: dagster-slurm.io/v1alpha1\nkind: SlurmCluster\nmetadata: {{name: c}}\nspec:\n  mode: slurm\n  ssh: {{host: h, user: u, {ssh}}}\n"
+            );
+            let l = parse_file(Path::new("/m/c.yaml"), &y, StoreKind::Standalone)
+                .pop()
+                .unwrap()
+                .unwrap();
+            l.spec.err().map(|e| describe(&e)).unwrap_or_default()
+        };
+        let r = "{name: s, key: k}";
+        for (field, ssh) in [
+            ("keySecretRef", format!("keySecretRef: {r}")),
+            ("passwordSecretRef", format!("passwordSecretRef: {r}")),
+            ("totpSecretRef", format!("keyPath: /k, totpSecretRef: {r}")),
+        ] {
+            let e = cluster(&ssh);
+            assert!(
+                e.contains(&format!(
+                    "spec.ssh.{field}: Secret references need Kubernetes mode"
+                )),
+                "{field}: {e}"
+            );
+        }
+        assert_eq!(cluster("keyPath: /k, totpEnv: T"), "");
     }
 
     #[test]

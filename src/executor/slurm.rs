@@ -356,11 +356,33 @@ impl SlurmExecutor {
     /// not answer, again every [`ACCOUNTING_RECHECK`] (slurmdbd may have been down only
     /// while the operator started).
     pub async fn facts(&self) -> Result<ClusterFacts> {
-        if let Some((f, at)) = self.facts.lock().await.clone()
-            && (f.accounting || at.elapsed() < ACCOUNTING_RECHECK)
-        {
-            return Ok(f);
+        let known = {
+            let mut known = self.facts.lock().await;
+            match known.as_mut() {
+                Some((f, at)) if f.accounting || at.elapsed() < ACCOUNTING_RECHECK => {
+                    return Ok(f.clone());
+                }
+                Some((f, at)) => {
+                    // This caller asks again; the others keep the answer they have meanwhile.
+                    *at = std::time::Instant::now();
+                    Some(f.clone())
+                }
+                None => None,
+            }
+        };
+        match (self.learn_facts().await, known) {
+            (Ok(facts), _) => {
+                *self.facts.lock().await = Some((facts.clone(), std::time::Instant::now()));
+                Ok(facts)
+            }
+            // A failed re-check leaves what was known.
+            (Err(_), Some(facts)) => Ok(facts),
+            (Err(e), None) => Err(e),
         }
+    }
+
+    /// Asks the cluster for its facts (one SSH command).
+    async fn learn_facts(&self) -> Result<ClusterFacts> {
         let out = self
             .run(
                 "printf 'HOME=%s\\n' \"$HOME\"; printf 'ARCH=%s\\n' \"$(uname -m)\"; \
@@ -395,7 +417,6 @@ impl SlurmExecutor {
                 "could not read $HOME on the cluster".into(),
             ));
         }
-        *self.facts.lock().await = Some((facts.clone(), std::time::Instant::now()));
         Ok(facts)
     }
 

@@ -112,9 +112,14 @@ pub fn ray_functions(
     };
     let head_override = ray.head_address.as_deref().map(quote).unwrap_or_default();
     let timeout = ray.start_timeout_secs();
+    let raylet_wait = timeout.max(30);
     format!(
         r#"# Ray: a head here, a worker on every other node; torn down before the exit file.
 export RAY_USAGE_STATS_ENABLED=0
+# A busy node's raylet can take longer than Ray's own 30 s to register with the head: let
+# `ray start` wait as long as the launcher does, never less than Ray's own default (unless the
+# payload's env says otherwise).
+export RAY_raylet_start_wait_time_s=${{RAY_raylet_start_wait_time_s:-{raylet_wait}}}
 # Per job and short: Ray's socket paths live under it and must stay under 108 bytes.
 __sao_ray_tmp=/tmp/sao-ray-${{SLURM_JOB_ID:-local-$$}}{tmp_suffix}
 __sao_ray_group=''
@@ -504,6 +509,10 @@ mod tests {
         assert!(f.contains("--num-gpus=2"));
         assert!(f.contains("--include-dashboard=false"));
         assert!(!f.contains("dashboard_port"));
+        assert!(
+            f.contains("RAY_raylet_start_wait_time_s:-120}"),
+            "a busy node's raylet waits as long as the launcher (120 s by default)"
+        );
     }
 
     #[test]
